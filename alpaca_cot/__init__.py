@@ -1,0 +1,1 @@
+"""Alpaca-CoT: instruction fine-tuning of causal language models on named instruction data."""

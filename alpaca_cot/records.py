@@ -1,0 +1,101 @@
+"""The unified record format, and reading it from JSON / JSONL files with precise errors.
+
+A record is either single-turn::
+
+    {"instruction": str, "input": str (optional, default ""), "output": str}
+
+or multi-turn (a list of turns, optionally opened by one system turn)::
+
+    {"messages": [{"role": "system" | "user" | "assistant", "content": str}, ...]}
+
+where user and assistant turns alternate, starting with user. Training records end with an
+assistant turn; prediction inputs may end with a user turn. Other keys are kept untouched
+(predict.py copies them to its output).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from typing import Any
+
+from alpaca_cot.errors import UserError
+
+ROLES = ("system", "user", "assistant")
+
+
+class DataError(UserError):
+    """A record or file that cannot be used; the message names the file, line/index and field."""
+
+
+def validate_record(record: Any, where: str, *, need_answer: bool = True) -> dict:
+    """Return the record normalised (missing ``input`` becomes ""), or raise DataError at ``where``."""
+    if not isinstance(record, dict):
+        raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}")
+    if "messages" in record:
+        messages = record["messages"]
+        if not isinstance(messages, list) or not messages:
+            raise DataError(f"{where}: field 'messages' must be a non-empty list of turns")
+        expected = "user"
+        for i, turn in enumerate(messages):
+            field = f"messages[{i}]"
+            if not isinstance(turn, dict):
+                raise DataError(f"{where}: field '{field}' must be an object with role and content")
+            role, content = turn.get("role"), turn.get("content")
+            if role not in ROLES:
+                raise DataError(f"{where}: field '{field}.role' is {role!r}; valid roles: {', '.join(ROLES)}")
+            if not isinstance(content, str):
+                raise DataError(f"{where}: field '{field}.content' must be a string")
+            if role == "system" and i == 0:
+                continue
+            if role != expected:
+                raise DataError(f"{where}: field '{field}.role' is {role!r} but {expected!r} was expected "
+                                "(user and assistant turns alternate, starting with user)")
+            expected = "assistant" if role == "user" else "user"
+        if need_answer and messages[-1]["role"] != "assistant":
+            raise DataError(f"{where}: field 'messages' must end with an assistant turn")
+        return record
+    for key in ("instruction", "output") if need_answer else ("instruction",):
+        if key not in record:
+            raise DataError(f"{where}: missing field '{key}' (a record needs instruction, input, output "
+                            "or a 'messages' list)")
+    for key in ("instruction", "input", "output"):
+        if key in record and not isinstance(record[key], str):
+            raise DataError(f"{where}: field '{key}' must be a string, got {type(record[key]).__name__}")
+    if not record.get("input"):
+        record = {**record, "input": ""}
+    return record
+
+
+def iter_json_records(path: str) -> Iterator[tuple[str, Any]]:
+    """Yield ``(location, raw_object)`` from a JSON array or a JSON Lines file (any extension)."""
+    with open(path, encoding="utf-8-sig") as f:
+        text = f.read()
+    head = text.lstrip()[:1]
+    if head == "[":
+        try:
+            items = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{e.lineno}: invalid JSON ({e.msg}, column {e.colno})") from None
+        for i, item in enumerate(items):
+            yield f"{path}: record {i}", item
+        return
+    # JSON Lines: split on \n only, since real files carry U+2028 inside strings.
+    for lineno, line in enumerate(text.split("\n"), start=1):
+        if not line.strip():
+            continue
+        try:
+            yield f"{path}:{lineno}", json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{lineno}: invalid JSON ({e.msg}, column {e.colno})") from None
+
+
+def read_records(path: str, *, need_answer: bool = True) -> list[dict]:
+    """Read and validate every record of one unified-format file."""
+    if not os.path.isfile(path):
+        raise DataError(f"{path}: no such file")
+    records = [validate_record(obj, where, need_answer=need_answer) for where, obj in iter_json_records(path)]
+    if not records:
+        raise DataError(f"{path}: the file holds no records")
+    return records
