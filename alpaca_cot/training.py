@@ -1,0 +1,273 @@
+"""The fine-tuning run: data -> tokens -> model + PEFT -> HF Trainer -> adapter, metrics, plot."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import resource
+import shutil
+import time
+from typing import Any
+
+import torch
+import transformers
+
+from alpaca_cot.adapters import apply_peft, build_peft_config, resolve_target_modules
+from alpaca_cot.config import FinetuneArgs
+from alpaca_cot.datasets import load_data
+from alpaca_cot.errors import UserError
+from alpaca_cot.io import write_json_atomic
+from alpaca_cot.loading import load_model, load_tokenizer, resolve_dtype
+from alpaca_cot.registry import get_model_spec
+from alpaca_cot.templates import Template, get_template
+from alpaca_cot.tokenize import IGNORE_INDEX, Encoded, count_trainable, encode_records
+
+METRICS_FILE = "metrics.json"
+LOSS_PLOT = "loss_curve.png"
+
+
+def is_main_process() -> bool:
+    """Rank 0 (or no launcher): the process that prints and writes outputs."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def log(message: str) -> None:
+    """Print on the main process only."""
+    if is_main_process():
+        print(message, flush=True)
+
+
+class PadCollator:
+    """Right-pads a batch; labels pad with -100. ``input_ids`` and ``labels`` lists in, tensors out."""
+
+    def __init__(self, pad_id: int):
+        self.pad_id = pad_id
+
+    def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
+        width = max(len(f["input_ids"]) for f in features)
+        ids = torch.full((len(features), width), self.pad_id, dtype=torch.long)
+        labels = torch.full((len(features), width), IGNORE_INDEX, dtype=torch.long)
+        mask = torch.zeros((len(features), width), dtype=torch.long)
+        for row, f in enumerate(features):
+            n = len(f["input_ids"])
+            ids[row, :n] = torch.tensor(f["input_ids"])
+            labels[row, :n] = torch.tensor(f["labels"])
+            mask[row, :n] = 1
+        return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+class CountingTrainer(transformers.Trainer):
+    """Trainer that counts real and padded tokens and the seconds spent in training steps."""
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.real_tokens = 0
+        self.batch_tokens = 0
+        self.step_seconds = 0.0
+
+    def training_step(self, model: Any, inputs: dict, num_items_in_batch: Any = None) -> torch.Tensor:
+        started = time.perf_counter()
+        self.real_tokens += int(inputs["attention_mask"].sum())
+        self.batch_tokens += int(inputs["attention_mask"].numel())
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        self.step_seconds += time.perf_counter() - started
+        return loss
+
+
+class AdaLoraCallback(transformers.TrainerCallback):
+    """AdaLoRA re-allocates ranks from gradients after each optimizer step, before they are zeroed."""
+
+    def __init__(self, model: Any):
+        self.model = model
+
+    def on_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.model.base_model.update_and_allocate(state.global_step)
+
+
+def split_records(records: list[dict], val_set_size: float, seed: int) -> tuple[list[dict], list[dict]]:
+    """Shuffle with ``seed``; hold out ``val_set_size`` records (a count, or a fraction when < 1)."""
+    order = list(range(len(records)))
+    random.Random(seed).shuffle(order)
+    n_val = int(round(val_set_size * len(records))) if 0 < val_set_size < 1 else int(val_set_size)
+    if n_val >= len(records):
+        raise UserError(f"--val_set_size {val_set_size:g} leaves no training records out of {len(records)}; "
+                        "pass a smaller count, a fraction such as 0.05, or 0 for no evaluation.")
+    shuffled = [records[i] for i in order]
+    return shuffled[n_val:], shuffled[:n_val]
+
+
+def encode_split(records: list[dict], template: Template, tokenizer: Any, args: FinetuneArgs,
+                 split: str) -> list[dict]:
+    """Tokenize a split; records left without trainable tokens are reported, then left out."""
+    encoded: list[Encoded] = encode_records(records, template, tokenizer, args.cutoff_len, args.train_on_inputs)
+    kept = [{"input_ids": e.input_ids, "labels": e.labels} for e in encoded if count_trainable(e) > 0]
+    if len(kept) < len(encoded):
+        log(f"{split}: {len(encoded) - len(kept)} of {len(encoded)} records have no answer tokens left after "
+            f"truncation to --cutoff_len {args.cutoff_len} (their prompt fills it); they are left out.")
+    return kept
+
+
+def prepare_output_dir(args: FinetuneArgs) -> None:
+    """Refuse to overwrite a previous run unless resuming or asked to."""
+    out = args.output_dir
+    if os.path.isdir(out) and os.listdir(out) and not args.resume_from_checkpoint:
+        if not args.overwrite_output_dir:
+            raise UserError(f"--output_dir {out} already holds files; pass --resume_from_checkpoint to continue "
+                            "that run, --overwrite_output_dir to replace it, or choose another --output_dir.")
+        if is_main_process():
+            shutil.rmtree(out)
+    if args.resume_from_checkpoint is True and not transformers.trainer_utils.get_last_checkpoint(out or "."):
+        raise UserError(f"--resume_from_checkpoint: {out} holds no checkpoint-* folder to resume from.")
+    os.makedirs(out, exist_ok=True)
+
+
+def run_finetune(args: FinetuneArgs) -> dict:
+    """Train as ``args`` say; write adapter, tokenizer, arguments, template, metrics and loss plot."""
+    spec = get_model_spec(args.model_type)
+    dtype, note = resolve_dtype(args.compute_dtype)
+    if note:
+        log(note)
+    prepare_output_dir(args)
+    tokenizer = load_tokenizer(args.model_name_or_path, spec, args.trust_remote_code)
+    template = get_template(args.template or _default_template(spec.template, tokenizer), tokenizer)
+
+    records = load_data(args.data)
+    if args.max_samples:
+        records = records[: int(args.max_samples)]
+    train_records, val_records = split_records(records, args.val_set_size, args.seed)
+    train_data = encode_split(train_records, template, tokenizer, args, "train")
+    val_data = encode_split(val_records, template, tokenizer, args, "validation") if val_records else []
+    if not train_data:
+        raise UserError("No training record has answer tokens within --cutoff_len; raise --cutoff_len.")
+    log(f"data: {len(train_data)} training and {len(val_data)} validation records from {', '.join(args.data)}; "
+        f"template {template.name}")
+
+    full = args.peft_type == "full"
+    model = load_model(args.model_name_or_path, spec, dtype=torch.float32 if full else dtype,
+                       quantization_bit=args.quantization_bit, trust_remote_code=args.trust_remote_code)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    per_step = args.per_gpu_train_batch_size * args.gradient_accumulation_steps * world
+    total_steps = args.max_steps if args.max_steps > 0 else math.ceil(len(train_data) / per_step * args.epochs)
+    targets = resolve_target_modules(model, spec, args.lora_target_modules) \
+        if args.peft_type in ("lora", "adalora") else []
+    peft_config = build_peft_config(args, targets, total_steps)
+    model = apply_peft(model, peft_config, quantized=args.quantization_bit is not None,
+                       gradient_checkpointing=args.gradient_checkpointing)
+    if is_main_process() and hasattr(model, "print_trainable_parameters"):
+        model.print_trainable_parameters()
+    model.config.use_cache = False  # the KV cache only costs memory in training
+
+    every = max(1, total_steps // 5)
+    training_args = transformers.TrainingArguments(
+        output_dir=args.output_dir,
+        per_device_train_batch_size=args.per_gpu_train_batch_size,
+        per_device_eval_batch_size=args.per_gpu_train_batch_size,
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        num_train_epochs=args.epochs,
+        max_steps=args.max_steps,
+        learning_rate=args.learning_rate,
+        warmup_steps=int(args.warmup_ratio * total_steps),
+        bf16=dtype == torch.bfloat16,
+        fp16=dtype == torch.float16,
+        logging_steps=args.logging_steps,
+        eval_strategy="steps" if val_data else "no",
+        eval_steps=args.eval_steps or every,
+        save_strategy="steps",
+        save_steps=args.save_steps or every,
+        save_total_limit=2,
+        report_to=[] if args.report_to == "none" else args.report_to.split(","),
+        seed=args.seed,
+        remove_unused_columns=False,
+        ddp_find_unused_parameters=False if world > 1 else None,
+        use_cpu=not torch.cuda.is_available(),
+        disable_tqdm=not is_main_process(),
+    )
+    trainer = CountingTrainer(model=model, args=training_args, train_dataset=train_data,
+                              eval_dataset=val_data or None, data_collator=PadCollator(tokenizer.pad_token_id),
+                              processing_class=tokenizer,
+                              callbacks=[AdaLoraCallback(model)] if args.peft_type == "adalora" else None)
+    metrics: dict[str, Any] = {"train_records": len(train_data), "validation_records": len(val_data),
+                               "world_size": world, "dtype": str(dtype).removeprefix("torch."),
+                               "template": template.name, "total_steps": total_steps}
+    if val_data and not args.resume_from_checkpoint:
+        metrics["eval_loss_before"] = trainer.evaluate()["eval_loss"]
+        log(f"eval loss before training: {metrics['eval_loss_before']:.4f}")
+    result = trainer.train(resume_from_checkpoint=args.resume_from_checkpoint or None)
+    metrics.update(train_loss=result.training_loss, train_runtime_s=result.metrics["train_runtime"],
+                   steps=trainer.state.global_step)
+    if val_data:
+        metrics["eval_loss_after"] = trainer.evaluate()["eval_loss"]
+        log(f"eval loss after training: {metrics['eval_loss_after']:.4f}")
+    metrics.update(_throughput(trainer, world))
+    log(f"throughput: {metrics['effective_tokens_per_s']:.0f} effective (non-padding) tokens/s over "
+        f"{metrics['train_step_seconds']:.1f} s of training steps; padding {metrics['padding_fraction']:.1%}")
+    if trainer.is_world_process_zero():
+        save_outputs(args, trainer, tokenizer, template, metrics)
+    return metrics
+
+
+def _default_template(name: str, tokenizer: Any) -> str:
+    if name == "chat" and not getattr(tokenizer, "chat_template", None):
+        log("This tokenizer has no chat template: using the alpaca template (pass --template to choose).")
+        return "alpaca"
+    return name
+
+
+def _throughput(trainer: CountingTrainer, world: int) -> dict[str, float]:
+    counts = torch.tensor([trainer.real_tokens, trainer.batch_tokens], dtype=torch.float64)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(counts)
+    real, total = counts.tolist()
+    seconds = max(trainer.step_seconds, 1e-9)
+    peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    out = {"effective_tokens": real, "effective_tokens_per_s": real / seconds, "train_step_seconds": seconds,
+           "padding_fraction": 1 - real / total if total else 0.0, "peak_rss_mb": peak_rss_mb}
+    if torch.cuda.is_available():
+        out["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    return out
+
+
+def save_outputs(args: FinetuneArgs, trainer: transformers.Trainer, tokenizer: Any, template: Template,
+                 metrics: dict) -> None:
+    """Adapter (safetensors), tokenizer, arguments, template, metrics, loss plot: staged, then moved in."""
+    out = args.output_dir
+    staging = os.path.join(out, ".saving")
+    shutil.rmtree(staging, ignore_errors=True)
+    trainer.model.save_pretrained(staging, safe_serialization=True)
+    tokenizer.save_pretrained(staging)
+    template.save(staging)
+    args.save(staging)
+    write_json_atomic(os.path.join(staging, METRICS_FILE), metrics)
+    plot_loss(trainer.state.log_history, os.path.join(staging, LOSS_PLOT))
+    for name in os.listdir(staging):
+        os.replace(os.path.join(staging, name), os.path.join(out, name))
+    os.rmdir(staging)
+    log(f"saved to {out}: {', '.join(sorted(n for n in os.listdir(out) if not n.startswith('checkpoint')))}")
+
+
+def plot_loss(history: list[dict], path: str) -> None:
+    """Training (and evaluation) loss against step, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for key, label in (("loss", "train"), ("eval_loss", "eval")):
+        points = [(h["step"], h[key]) for h in history if key in h]
+        if points:
+            ax.plot(*zip(*points, strict=True), marker="o" if key == "eval_loss" else None, label=label)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def read_metrics(output_dir: str) -> dict:
+    """The metrics JSON of a finished run."""
+    with open(os.path.join(output_dir, METRICS_FILE), encoding="utf-8") as f:
+        return json.load(f)
