@@ -151,3 +151,49 @@ def _fix_cpu_4bit(model: Any) -> None:
     for module in model.modules():
         if isinstance(module, bnb.nn.Linear4bit) and hasattr(module, "support_avx512bf16_for_cpu"):
             module.support_avx512bf16_for_cpu = False
+
+
+ADAPTER_CONFIG = "adapter_config.json"
+
+
+def load_for_inference(lora_dir: str | None = None, *, model_type: str | None = None,
+                       model_name_or_path: str | None = None, size: str | None = None,
+                       compute_dtype: str = "auto", quantization_bit: int | None = None,
+                       trust_remote_code: bool = False) -> tuple[Any, Any, Any]:
+    """(model, tokenizer, template) for generation, in eval mode.
+
+    With ``lora_dir`` (an output folder of uniform_finetune.py) the run's saved arguments give the
+    base model, type and template, so nothing else is needed; explicit arguments override them.
+    A full fine-tune's folder holds the model itself. Remote code runs only with
+    ``trust_remote_code`` passed now, whatever the saved run used.
+    """
+    from alpaca_cot.config import FinetuneArgs
+    from alpaca_cot.registry import default_checkpoint, get_model_spec
+    from alpaca_cot.templates import TEMPLATE_FILE, Template, get_template
+
+    saved = FinetuneArgs.load(lora_dir) if lora_dir else None
+    model_type = model_type or (saved.model_type if saved else "llama")
+    spec = get_model_spec(model_type)
+    base = model_name_or_path or (saved.model_name_or_path if saved else None)
+    if base is None:
+        base = default_checkpoint(model_type, size)
+    dtype, note = resolve_dtype(compute_dtype)
+    if note:
+        print(note)
+    is_adapter = bool(lora_dir) and os.path.isfile(os.path.join(lora_dir, ADAPTER_CONFIG))
+    weights = base if (is_adapter or not lora_dir) else lora_dir
+    tokenizer = load_tokenizer(lora_dir or base, spec, trust_remote_code)
+    tokenizer.padding_side = "left"  # batched generation continues every row from its last token
+    model = load_model(weights, spec, dtype=dtype, quantization_bit=quantization_bit,
+                       trust_remote_code=trust_remote_code)
+    if is_adapter:
+        import peft
+
+        model = peft.PeftModel.from_pretrained(model, lora_dir)
+    model.eval()
+    if lora_dir and os.path.isfile(os.path.join(lora_dir, TEMPLATE_FILE)):
+        template = Template.load(lora_dir)
+    else:
+        name = spec.template if (spec.template != "chat" or tokenizer.chat_template) else "alpaca"
+        template = get_template(name, tokenizer)
+    return model, tokenizer, template

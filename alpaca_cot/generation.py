@@ -1,0 +1,158 @@
+"""One generator for every script: prompts from the run's template, batched or streamed output."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+import transformers
+
+from alpaca_cot.templates import Template
+
+
+@dataclass
+class SamplingParams:
+    """Decoding settings; the defaults are the ones the original Alpaca-CoT documented."""
+
+    max_new_tokens: int = 256
+    do_sample: bool = True
+    temperature: float = 1.0
+    top_p: float = 0.9
+    top_k: int = 0  # 0 = no top-k cut
+    num_beams: int = 1
+    no_repeat_ngram_size: int = 6
+    repetition_penalty: float = 1.8
+    seed: int | None = None
+
+    def generation_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for ``model.generate`` (sampling knobs only when sampling)."""
+        kw = {k: v for k, v in asdict(self).items() if k != "seed"}
+        if not self.do_sample or self.temperature == 0:
+            kw.update(do_sample=False)
+            for key in ("temperature", "top_p", "top_k"):
+                kw.pop(key)
+        elif not self.top_k:
+            kw.pop("top_k")
+        return kw
+
+
+class Generator:
+    """Wraps (model, tokenizer, template): records or message lists in, answers out."""
+
+    def __init__(self, model: Any, tokenizer: Any, template: Template):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.template = template
+        self.device = next(model.parameters()).device
+        self.lock = threading.Lock()  # one model: requests are served one at a time, in order
+        stop = {tokenizer.eos_token_id}
+        if template.kind == "chat":
+            marker = template._end_marker(tokenizer)
+            ids = tokenizer(marker, add_special_tokens=False)["input_ids"] if marker else []
+            if len(ids) == 1:
+                stop.add(ids[0])
+        self.stop_ids = sorted(i for i in stop if i is not None)
+
+    def prompt(self, record: dict) -> str:
+        """The inference prompt of a unified record (single-turn or ``messages``)."""
+        return self.template.render_prompt(record, self.tokenizer)
+
+    def context_window(self) -> int:
+        """How many tokens the model attends to."""
+        config = getattr(self.model, "config", None)
+        for key in ("max_position_embeddings", "n_positions", "seq_length"):
+            value = getattr(config, key, None)
+            if isinstance(value, int) and value > 0:
+                return value
+        return 2048
+
+    def _encode(self, prompts: list[str]) -> dict[str, torch.Tensor]:
+        batch = self.tokenizer(prompts, return_tensors="pt", padding=True,
+                               add_special_tokens=self.template.add_special_tokens)
+        return {k: v.to(self.device) for k, v in batch.items() if k in ("input_ids", "attention_mask")}
+
+    def _generate_kwargs(self, params: SamplingParams) -> dict[str, Any]:
+        if params.seed is not None:
+            torch.manual_seed(params.seed)
+        return {**params.generation_kwargs(), "eos_token_id": self.stop_ids,
+                "pad_token_id": self.tokenizer.pad_token_id, "use_cache": True}
+
+    @torch.inference_mode()
+    def generate(self, records: list[dict], params: SamplingParams | None = None,
+                 batch_size: int = 8) -> list[str]:
+        """Answers for ``records``, in order: batches of similar length, left-padded, KV cache on."""
+        params = params or SamplingParams()
+        prompts = [self.prompt(r) for r in records]
+        lengths = [len(ids) for ids in self.tokenizer(prompts, add_special_tokens=False)["input_ids"]]
+        order = sorted(range(len(prompts)), key=lambda i: -lengths[i])
+        answers: list[str] = [""] * len(prompts)
+        for start in range(0, len(order), batch_size):
+            chunk = order[start:start + batch_size]
+            batch = self._encode([prompts[i] for i in chunk])
+            with self.lock:
+                out = self.model.generate(**batch, **self._generate_kwargs(params))
+            new = out[:, batch["input_ids"].shape[1]:]
+            for row, i in enumerate(chunk):
+                answers[i] = self.template.cut_response(self.tokenizer.decode(new[row], skip_special_tokens=True))
+        return answers
+
+    def stream(self, record: dict, params: SamplingParams | None = None,
+               stop_event: threading.Event | None = None) -> Iterator[str]:
+        """Yield answer text pieces as they are generated; setting ``stop_event`` ends generation.
+
+        Text that could begin a template stop string is held back until it is known not to.
+        """
+        params = params or SamplingParams()
+        stop_event = stop_event or threading.Event()
+        batch = self._encode([self.prompt(record)])
+        streamer = transformers.TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
+        stopping = transformers.StoppingCriteriaList([_EventStop(stop_event)])
+        error: list[BaseException] = []
+
+        def work() -> None:
+            try:
+                with torch.inference_mode(), self.lock:
+                    self.model.generate(**batch, **self._generate_kwargs(params), streamer=streamer,
+                                        stopping_criteria=stopping)
+            except BaseException as e:  # re-raised in the consumer's thread below
+                error.append(e)
+                streamer.end()
+
+        thread = threading.Thread(target=work, daemon=True)
+        thread.start()
+        stops = self.template.stop_strings
+        hold = max((len(s) for s in stops), default=1) - 1
+        text, emitted = "", 0
+        try:
+            for piece in streamer:
+                text += piece
+                if emitted == 0:
+                    text = text.lstrip()
+                hits = [text.find(s) for s in stops if s in text]
+                if hits:
+                    if min(hits) > emitted:
+                        yield text[emitted:min(hits)].rstrip()
+                    emitted = len(text)
+                    break
+                safe = len(text) - hold
+                if safe > emitted:
+                    yield text[emitted:safe]
+                    emitted = safe
+            if emitted < len(text):
+                yield text[emitted:].rstrip()
+        finally:
+            stop_event.set()  # a consumer that stops early (client gone) frees the model
+            thread.join()
+        if error:
+            raise error[0]
+
+
+class _EventStop(transformers.StoppingCriteria):
+    def __init__(self, event: threading.Event):
+        self.event = event
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any) -> bool:
+        return self.event.is_set()

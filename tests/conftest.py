@@ -1,0 +1,63 @@
+"""Shared fixtures: paths into ../shared (skipped cleanly when absent) and a small trained adapter."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHARED = os.environ.get("ALPACA_COT_SHARED", os.path.join(os.path.dirname(ROOT), "shared"))
+PYTHON = sys.executable
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def shared_path(*parts: str) -> str:
+    """A path under ../shared, or skip the test with the reason."""
+    path = os.path.join(SHARED, *parts)
+    if not os.path.exists(path):
+        pytest.skip(f"{path} is absent (the shared data and models folder is not beside the project)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def stories_dir() -> str:
+    """The real 260K-parameter Llama (TinyStories) in HF format."""
+    return shared_path("models", "stories260K-hf")
+
+
+@pytest.fixture(scope="session")
+def alpaca_file(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """200 real English Alpaca records (the original Stanford data) in the unified format."""
+    src = shared_path("data", "raw", "alpaca_chinese_dataset", "alpaca_data-0-3252-英文.json")
+    with open(src, encoding="utf-8") as f:
+        records = json.load(f)[:200]
+    path = tmp_path_factory.mktemp("data") / "alpaca200.json"
+    path.write_text(json.dumps(records, ensure_ascii=False), encoding="utf-8")
+    return str(path)
+
+
+def run_script(script: str, *args: str, timeout: int = 600, env: dict | None = None,
+               check: bool = True) -> subprocess.CompletedProcess:
+    """Run a top-level script as a user would, from the project root."""
+    proc = subprocess.run([PYTHON, os.path.join(ROOT, script), *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, **(env or {})})
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{script} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+    return proc
+
+
+@pytest.fixture(scope="session")
+def trained_adapter(stories_dir: str, alpaca_file: str, tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A LoRA adapter trained by uniform_finetune.py on stories260K-hf and real Alpaca rows."""
+    out = tmp_path_factory.mktemp("adapter") / "run"
+    run_script("uniform_finetune.py", "--model_type", "llama", "--model_name_or_path", stories_dir,
+               "--data", alpaca_file, "--val_set_size", "16", "--epochs", "1", "--per_gpu_train_batch_size", "8",
+               "--learning_rate", "3e-3", "--lora_target_modules", "q_proj", "v_proj", "--output_dir", str(out),
+               "--compute_dtype", "fp32")
+    return str(out)
