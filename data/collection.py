@@ -1,0 +1,198 @@
+"""The instruction-data collection: convert sources to the unified format, check, curate, fetch.
+
+Usage: python3 data/collection.py VERB [ARGS] [--FLAGS]   (python3 data/collection.py VERB --help)
+
+    convert INPUT OUTPUT          source file or folder -> one unified .json/.jsonl file
+    validate PATH...              a report per unified file: validity, trainable or not
+    stats                         the statistics table (Markdown) and relative-size chart (PNG)
+    mix OUTPUT SOURCE[:WEIGHT]... weighted mix of names, files or folders
+    dedup INPUT OUTPUT            drop exact or normalized duplicates
+    decontaminate INPUT OUTPUT --eval_file FILE   drop records sharing n-grams with an eval set
+    download NAME                 fetch a registered dataset from the Hugging Face dataset
+    formats                       the source formats convert knows
+
+For example, to train with ``--data cot`` from the FLAN CoT files present:
+    python3 data/collection.py convert ../shared/data/raw/flan_v2_cot data/CoT_data.json
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import random
+import sys
+from collections.abc import Callable
+from typing import Any
+
+if sys.path[0] == os.path.dirname(os.path.abspath(__file__)):
+    # Run as a script: import the project's packages (alpaca_cot, data) from the repository root.
+    sys.path[0] = os.path.dirname(sys.path[0])
+
+import fire  # noqa: E402
+
+from alpaca_cot.io import write_text_atomic  # noqa: E402
+from alpaca_cot.records import DataError  # noqa: E402
+from data import catalog, curation  # noqa: E402
+from data.converters import FORMATS, convert_file, fill_placeholders, source_files  # noqa: E402
+from data.storage import check_file, check_writable, load_records, write_records  # noqa: E402
+
+LIST_LIMIT = 50  # bad records listed before "... and N more"
+
+
+def convert(input: str, output: str, format: str | None = None, seed: int = 42, skip_bad: bool = False,
+            fill: str | dict | None = None, overwrite: bool = False) -> None:
+    """Convert a source file, or every source file of a folder, into one unified-format file.
+
+    The format of each file is detected from its content unless --format names it (see `formats`).
+    Records that cannot be converted stop the conversion with their file:line and field, unless
+    --skip_bad leaves them out. --fill name=X,author=Y fills {{name}}/{{author}} template slots.
+    --seed chooses the chain-of-thought phrasings reproducibly."""
+    check_writable(output, overwrite)
+    records, bad = [], []
+    for path in source_files(input):
+        converted, report = convert_file(path, format, seed=seed)
+        print(report.summary())
+        for line in report.repaired:
+            print(f"  repaired: {line}")
+        for line in report.notes:
+            print(f"  note: {line}")
+        records += converted
+        bad += report.bad
+    if bad and not skip_bad:
+        raise DataError(f"{len(bad)} records cannot be converted:\n{_listing(bad)}\n"
+                        "Nothing was written; pass --skip_bad to leave these records out.")
+    if bad:
+        print(f"skipped {len(bad)} bad records:\n{_listing(bad)}")
+    if fill:
+        records = fill_placeholders(records, _parse_fill(fill))
+    if not records:
+        raise DataError(f"{input}: no records to write")
+    write_records(output, records, overwrite=overwrite)
+    print(f"wrote {len(records)} records to {output}")
+
+
+def validate(*paths: str) -> None:
+    """Check unified-format files (or folders of .json/.jsonl files) and print a report per file:
+    valid records, single-/multi-turn, trainable or not, errors with file:line and field."""
+    if not paths:
+        raise DataError("validate needs at least one file or folder")
+    files = [f for path in paths for f in (source_files(path) if os.path.isdir(path) else [path])]
+    failed = 0
+    for path in files:
+        check = check_file(path)
+        print("\n".join(check.lines()))
+        failed += bool(check.errors)
+    if failed:
+        raise DataError(f"{failed} of {len(files)} files have invalid records")
+
+
+def stats(out_dir: str = "data/stats", overwrite: bool = False) -> None:
+    """Regenerate the statistics table of the collection (Markdown, also printed) from the registry
+    and the files present under data/, and the relative-size chart (PNG)."""
+    table_path, chart_path = os.path.join(out_dir, "statistics.md"), os.path.join(out_dir, "relative_size.png")
+    check_writable(table_path, overwrite)
+    check_writable(chart_path, overwrite)
+    table = catalog.render_table()
+    print(table)
+    write_text_atomic(table_path, table)
+    catalog.render_chart(chart_path)
+    print(f"wrote {table_path} and {chart_path}")
+
+
+def mix(output: str, *sources: str, total: int | None = None, seed: int = 42, overwrite: bool = False) -> None:
+    """Mix sources into one shuffled file. A SOURCE is a registry name, a file or a folder, with an
+    optional :WEIGHT. Without --total a weight scales its source (0.5 = half, 2 = twice); with
+    --total the weights are proportions of --total records. Sampling is seeded by --seed."""
+    if not sources:
+        raise DataError("mix needs at least one source, e.g. `mix data/mixed.json alpaca:1 cot:0.5`")
+    check_writable(output, overwrite)
+    specs = [curation.parse_source(str(spec)) for spec in sources]
+    pools = [load_records(source) for source, _ in specs]
+    counts = curation.mix_counts([len(pool) for pool in pools], [weight for _, weight in specs], total)
+    rng = random.Random(seed)
+    mixed = []
+    for (source, weight), pool, count in zip(specs, pools, counts, strict=True):
+        mixed += curation.sample(pool, count, rng)
+        print(f"{source}: {count} records from {len(pool)} (weight {weight:g})")
+    rng.shuffle(mixed)
+    write_records(output, mixed, overwrite=overwrite)
+    print(f"wrote {len(mixed)} records to {output}")
+
+
+def dedup(input: str, output: str, mode: str = "normalized", overwrite: bool = False) -> None:
+    """Drop duplicate records, keeping the first: --mode exact compares texts as they are,
+    normalized (default) after Unicode normalization, case folding and removing punctuation."""
+    check_writable(output, overwrite)
+    records = load_records(input, need_answer=False)
+    kept = curation.dedup(records, mode)
+    write_records(output, kept, overwrite=overwrite)
+    print(f"removed {len(records) - len(kept)} duplicates ({mode}) of {len(records)} records; "
+          f"wrote {len(kept)} to {output}")
+
+
+def decontaminate(input: str, output: str, eval_file: str, n: int = 13, overwrite: bool = False) -> None:
+    """Drop records that share an n-gram of --n tokens with a prompt of --eval_file (a unified file
+    or any source format `convert` reads; CoT questions are taken without a phrasing). CJK
+    characters are single tokens; a prompt shorter than --n tokens must appear whole."""
+    check_writable(output, overwrite)
+    records = load_records(input, need_answer=False)
+    prompts = []
+    for path in source_files(eval_file):
+        converted, report = convert_file(path, plain=True)
+        prompts += [curation.prompt_text(record) for record in converted]
+        if report.bad:
+            print(f"note: {len(report.bad)} rows of {path} could not be read as prompts and are not used")
+    kept, dropped = curation.decontaminate(records, prompts, n)
+    write_records(output, kept, overwrite=overwrite)
+    print(f"dropped {len(dropped)} of {len(records)} records sharing a {n}-gram with the {len(prompts)} prompts "
+          f"of {eval_file}; wrote {len(kept)} to {output}")
+    if dropped:
+        print("dropped record indices: " + ", ".join(map(str, dropped[:LIST_LIMIT]))
+              + (" ..." if len(dropped) > LIST_LIMIT else ""))
+
+
+def download(name: str, overwrite: bool = False) -> None:
+    """Fetch a registered dataset (or each part of a combination) from the Hugging Face dataset
+    QingyiSi/Alpaca-CoT into data/, so that `--data NAME` finds it."""
+    paths = catalog.download(name, overwrite=overwrite)
+    print(f"downloaded {len(paths)} files:\n" + "\n".join(f"  {path}" for path in paths))
+
+
+def formats() -> None:
+    """List the source formats `convert` knows, in the order detection tries them."""
+    for fmt in FORMATS.values():
+        keys = "fields " + ", ".join(sorted(fmt.keys)) if fmt.keys else "tab-separated lines"
+        trainable = "" if fmt.trainable else " [no outputs: not trainable]"
+        print(f"{fmt.name} ({keys}){trainable}\n    {fmt.description}")
+
+
+def _listing(lines: list[str]) -> str:
+    shown = "\n".join(f"  {line}" for line in lines[:LIST_LIMIT])
+    return shown + (f"\n  ... and {len(lines) - LIST_LIMIT} more" if len(lines) > LIST_LIMIT else "")
+
+
+def _parse_fill(fill: str | dict) -> dict[str, str]:
+    if isinstance(fill, dict):
+        return {str(k): str(v) for k, v in fill.items()}
+    pairs = [item.partition("=") for item in str(fill).split(",") if item.strip()]
+    if any(not sep for _, sep, _ in pairs):
+        raise DataError(f"--fill {fill!r}: expected KEY=VALUE pairs separated by commas, e.g. name=Bot,author=Me")
+    return {key.strip(): value.strip() for key, _, value in pairs}
+
+
+def _cli(verb: Callable) -> Callable:
+    """A verb that reports a DataError as one line on stderr with exit status 1, not a traceback."""
+    @functools.wraps(verb)
+    def run(*args: Any, **kwargs: Any) -> None:
+        try:
+            verb(*args, **kwargs)
+        except DataError as e:
+            print(f"error: {e}", file=sys.stderr)
+            sys.exit(1)
+    return run
+
+
+VERBS = {verb.__name__: _cli(verb) for verb in (convert, validate, stats, mix, dedup, decontaminate, download, formats)}
+
+if __name__ == "__main__":
+    fire.Fire(VERBS)

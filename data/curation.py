@@ -1,0 +1,125 @@
+"""Curating unified records: weighted mixing, de-duplication, and decontamination against an
+evaluation set by shared n-grams."""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+import unicodedata
+from collections.abc import Iterable
+
+from alpaca_cot.records import DataError
+from data.storage import record_texts
+
+# Word tokens for decontamination: a CJK character is a token by itself, other scripts split on
+# non-word characters; everything is case-folded.
+_TOKEN = re.compile(r"[\u3400-\u9fff\uf900-\ufaff]|[^\W_]+")
+
+
+def parse_source(spec: str) -> tuple[str, float]:
+    """``NAME_OR_PATH[:WEIGHT]`` -> (source, weight); the weight defaults to 1."""
+    source, sep, weight = spec.rpartition(":")
+    if not sep:
+        return spec, 1.0
+    try:
+        value = float(weight)
+    except ValueError:
+        return spec, 1.0  # a ':' inside a path, not a weight
+    if value < 0:
+        raise DataError(f"mix source {spec!r}: the weight must not be negative")
+    return source, value
+
+
+def mix_counts(sizes: list[int], weights: list[float], total: int | None) -> list[int]:
+    """How many records to take from each source.
+
+    Without ``total`` a weight scales its source (0.5 = half of it, 2 = every record twice). With
+    ``total`` the weights are proportions of ``total``, rounded so the counts add up exactly."""
+    if total is None:
+        return [round(size * weight) for size, weight in zip(sizes, weights, strict=True)]
+    if sum(weights) <= 0:
+        raise DataError("mix: the weights must not all be zero")
+    shares = [total * weight / sum(weights) for weight in weights]
+    counts = [int(share) for share in shares]
+    by_remainder = sorted(range(len(shares)), key=lambda i: shares[i] - counts[i], reverse=True)
+    for i in by_remainder[:total - sum(counts)]:
+        counts[i] += 1
+    return counts
+
+
+def sample(records: list[dict], count: int, rng: random.Random) -> list[dict]:
+    """``count`` records: whole copies of ``records`` first, the remainder drawn without replacement."""
+    if count and not records:
+        raise DataError("mix: cannot sample from a source without records")
+    copies, remainder = divmod(count, len(records)) if records else (0, 0)
+    return records * copies + rng.sample(records, remainder)
+
+
+def normalize(text: str) -> str:
+    """Text compared by normalized de-duplication: NFKC, case-folded, punctuation and spacing removed."""
+    text = unicodedata.normalize("NFKC", text).casefold()
+    return " ".join("".join(c if c.isalnum() else " " for c in text).split())
+
+
+def dedup(records: list[dict], mode: str = "normalized") -> list[dict]:
+    """The records with duplicates removed, first occurrence kept. ``exact`` compares the texts as
+    they are; ``normalized`` compares them after ``normalize``."""
+    if mode not in ("exact", "normalized"):
+        raise DataError(f"dedup: --mode is {mode!r}; use exact or normalized")
+    seen, kept = set(), []
+    for record in records:
+        texts = record_texts(record)
+        key = json.dumps(texts if mode == "exact" else [normalize(t) for t in texts], ensure_ascii=False)
+        if key not in seen:
+            seen.add(key)
+            kept.append(record)
+    return kept
+
+
+def prompt_text(record: dict) -> str:
+    """What an evaluation record asks: instruction and input, or every user turn."""
+    if "messages" in record:
+        return "\n".join(turn["content"] for turn in record["messages"] if turn["role"] == "user")
+    return "\n".join(part for part in (record["instruction"], record.get("input", "")) if part)
+
+
+def tokens(text: str) -> list[str]:
+    """Tokens for n-gram overlap (see ``_TOKEN``)."""
+    return _TOKEN.findall(text.casefold())
+
+
+def ngrams(texts: Iterable[str], n: int) -> set[tuple[str, ...]]:
+    """The n-grams of the evaluation prompts; a prompt shorter than ``n`` tokens counts whole."""
+    grams = set()
+    for text in texts:
+        words = tokens(text)
+        if 0 < len(words) < n:
+            grams.add(tuple(words))
+        grams.update(tuple(words[i:i + n]) for i in range(len(words) - n + 1))
+    return grams
+
+
+def contaminated(record: dict, grams: set[tuple[str, ...]], lengths: set[int]) -> bool:
+    """Whether any text of the record contains one of ``grams`` (of the given lengths)."""
+    for text in record_texts(record):
+        words = tokens(text)
+        for n in lengths:
+            if any(tuple(words[i:i + n]) in grams for i in range(len(words) - n + 1)):
+                return True
+    return False
+
+
+def decontaminate(records: list[dict], eval_prompts: list[str], n: int = 13) -> tuple[list[dict], list[int]]:
+    """The records that share no n-gram with the evaluation prompts, and the indices of those dropped."""
+    if n < 1:
+        raise DataError(f"decontaminate: --n is {n}; it must be at least 1")
+    grams = ngrams(eval_prompts, n)
+    lengths = {len(gram) for gram in grams}
+    kept, dropped = [], []
+    for i, record in enumerate(records):
+        if contaminated(record, grams, lengths):
+            dropped.append(i)
+        else:
+            kept.append(record)
+    return kept, dropped

@@ -1,0 +1,112 @@
+"""Unified-format files: writing them safely, reading them back, and checking them."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass, field
+
+from alpaca_cot.datasets import resolve_data
+from alpaca_cot.io import write_text_atomic
+from alpaca_cot.records import DataError, iter_json_records, validate_record
+
+PLACEHOLDER = re.compile(r"\{\{\s*\w+\s*\}\}")  # template slots such as {{name}} (LLaMA-Factory identity data)
+
+
+def check_writable(path: str, overwrite: bool) -> None:
+    """Refuse to replace an existing output unless asked to, before any work is done."""
+    if os.path.exists(path) and not overwrite:
+        raise DataError(f"{path} already exists; pass --overwrite to replace it")
+
+
+def write_records(path: str, records: list[dict], *, overwrite: bool = False) -> None:
+    """Write records atomically (a crash never leaves half a file): a JSON array with one record
+    per line for .json, JSON Lines for .jsonl."""
+    check_writable(path, overwrite)
+    lines = [json.dumps(record, ensure_ascii=False) for record in records]
+    body = "\n".join(lines) + "\n" if path.endswith(".jsonl") else "[\n" + ",\n".join(lines) + "\n]\n"
+    write_text_atomic(path, body)
+
+
+def load_records(source: str, *, need_answer: bool = True) -> list[dict]:
+    """Every record of a unified-format source: a file, a folder or a registry name (as ``--data``)."""
+    records = []
+    for path in resolve_data([source]):
+        records.extend(validate_record(obj, where, need_answer=need_answer) for where, obj in iter_json_records(path))
+    return records
+
+
+def record_texts(record: dict) -> list[str]:
+    """The texts of a record in order: instruction, input, output, or every turn's content."""
+    if "messages" in record:
+        return [turn["content"] for turn in record["messages"]]
+    return [record.get(key, "") for key in ("instruction", "input", "output")]
+
+
+@dataclass
+class FileCheck:
+    """What ``validate`` found in one unified-format file."""
+
+    path: str
+    single: int = 0
+    multi: int = 0
+    unanswered: int = 0  # records without an output / ending with a user turn
+    errors: list[str] = field(default_factory=list)
+    empty: list[str] = field(default_factory=list)  # locations of empty answers
+    placeholders: list[str] = field(default_factory=list)  # locations of {{...}} template slots
+
+    def lines(self, limit: int = 20) -> list[str]:
+        """The report: counts, whether the file is trainable, then errors and warnings."""
+        total = self.single + self.multi
+        lines = [f"{self.path}: {total} valid records ({self.single} single-turn, {self.multi} multi-turn)"]
+        if total and self.unanswered == total:
+            lines.append("  not trainable: instruction-only, no record has an answer "
+                         "(usable as prediction inputs, i.e. need_answer=False)")
+        elif self.unanswered:
+            lines.append(f"  not trainable as it is: {self.unanswered} records have no answer")
+        elif total:
+            lines.append("  trainable: every record has an answer")
+        if self.empty:
+            lines.append(f"  warning: {len(self.empty)} records have an empty answer (first: {self.empty[0]})")
+        if self.placeholders:
+            lines.append(f"  warning: {len(self.placeholders)} records contain template placeholders such as "
+                         f"{{{{name}}}} (first: {self.placeholders[0]})")
+        if self.errors:
+            lines.append(f"  {len(self.errors)} invalid records:")
+            lines += [f"    {error}" for error in self.errors[:limit]]
+            if len(self.errors) > limit:
+                lines.append(f"    ... and {len(self.errors) - limit} more")
+        return lines
+
+
+def check_file(path: str) -> FileCheck:
+    """Validate every record of a unified-format file, counting kinds, answers and problems."""
+    check = FileCheck(path)
+    try:
+        rows = list(iter_json_records(path))
+    except DataError as e:
+        check.errors.append(str(e))
+        return check
+    for where, obj in rows:
+        try:
+            record = validate_record(obj, where, need_answer=False)
+        except DataError as e:
+            check.errors.append(str(e))
+            continue
+        if "messages" in record:
+            check.multi += 1
+            last = record["messages"][-1]
+            answer = last["content"] if last["role"] == "assistant" else None
+        else:
+            check.single += 1
+            answer = record.get("output")
+        if answer is None:
+            check.unanswered += 1
+        elif not answer.strip():
+            check.empty.append(where)
+        if PLACEHOLDER.search(json.dumps(record, ensure_ascii=False)):
+            check.placeholders.append(where)
+    if not rows:
+        check.errors.append(f"{path}: the file holds no records")
+    return check
