@@ -15,7 +15,8 @@ import socket
 import tempfile
 from urllib.parse import urlparse
 
-from alpaca_cot.datasets import DATA_DIR, HF_DATASET, load_registry
+from alpaca_cot import datasets
+from alpaca_cot.datasets import HF_DATASET, load_registry
 from alpaca_cot.records import DataError
 from data.storage import check_writable
 
@@ -35,7 +36,7 @@ def entry_files(name: str, registry: dict[str, dict]) -> list[str]:
     entry = registry[name]
     if "combine" in entry:
         return [path for part in entry["combine"] for path in entry_files(part, registry)]
-    return [os.path.join(DATA_DIR, path) for path in entry.get("files", [])]
+    return [os.path.join(datasets.DATA_DIR, path) for path in entry.get("files", [])]
 
 
 def count_records(path: str) -> int:
@@ -121,7 +122,7 @@ def download(name: str, *, overwrite: bool = False) -> list[str]:
     if not hf_files:
         raise DataError(f"{name!r} has no file in the Hugging Face dataset {HF_DATASET} yet "
                         f"(status: {entry.get('status', 'unknown')}).")
-    targets = [os.path.join(DATA_DIR, files[i] if len(files) == len(hf_files) else hf.rstrip("/"))
+    targets = [os.path.join(datasets.DATA_DIR, files[i] if len(files) == len(hf_files) else hf.rstrip("/"))
                for i, hf in enumerate(hf_files)]
     for target, hf in zip(targets, hf_files, strict=True):
         if not hf.endswith("/"):
@@ -151,7 +152,7 @@ def _require_hub(name: str) -> None:
 def _fetch(name: str, hf_path: str, target: str, overwrite: bool) -> list[str]:
     from huggingface_hub import hf_hub_download, snapshot_download
 
-    with tempfile.TemporaryDirectory(dir=DATA_DIR, prefix=".download-") as tmp:
+    with tempfile.TemporaryDirectory(dir=datasets.DATA_DIR, prefix=".download-") as tmp:
         try:
             if hf_path.endswith("/"):
                 snapshot_download(HF_DATASET, repo_type="dataset", allow_patterns=f"{hf_path}**", local_dir=tmp)

@@ -37,6 +37,11 @@ def load_records(source: str, *, need_answer: bool = True) -> list[dict]:
     return records
 
 
+def has_placeholder(record: dict) -> bool:
+    """Whether a text of the record holds a template slot such as ``{{name}}``."""
+    return any("{{" in text and PLACEHOLDER.search(text) for text in record_texts(record))
+
+
 def record_texts(record: dict) -> list[str]:
     """The texts of a record in order: instruction, input, output, or every turn's content."""
     if "messages" in record:
@@ -105,7 +110,7 @@ def check_file(path: str) -> FileCheck:
             check.unanswered += 1
         elif not answer.strip():
             check.empty.append(where)
-        if PLACEHOLDER.search(json.dumps(record, ensure_ascii=False)):
+        if has_placeholder(record):
             check.placeholders.append(where)
     if not rows:
         check.errors.append(f"{path}: the file holds no records")

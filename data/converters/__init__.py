@@ -29,7 +29,7 @@ from data.converters.instruct import (
     convert_self_instruct,
 )
 from data.converters.reading import Report, Unreadable, iter_rows
-from data.storage import PLACEHOLDER
+from data.storage import PLACEHOLDER, has_placeholder
 
 SOURCE_EXTENSIONS = (".json", ".jsonl", ".tsv", ".gz")
 DETECT_ROWS = 100  # rows whose fields are pooled to detect a format (real files mix keys)
@@ -132,7 +132,7 @@ def convert_file(path: str, format: str | None = None, *, seed: int = 42,
             if isinstance(row, dict):
                 report.ignored_fields.update(key for key in row if key not in fmt.fields)
     report.records = len(records)
-    with_placeholders = sum(1 for r in records if PLACEHOLDER.search(str(r)))
+    with_placeholders = sum(map(has_placeholder, records))
     if with_placeholders:
         report.notes.append(f"{path}: {with_placeholders} records contain template placeholders such as "
                             "{{name}}; fill them with --fill name=...,author=...")
