@@ -123,8 +123,11 @@ def prepare_output_dir(args: FinetuneArgs) -> None:
     os.makedirs(out, exist_ok=True)
 
 
-def run_finetune(args: FinetuneArgs) -> dict:
-    """Train as ``args`` say; write adapter, tokenizer, arguments, template, metrics and loss plot."""
+def run_finetune(args: FinetuneArgs) -> tuple[dict, Any]:
+    """Train as ``args`` say; write adapter, tokenizer, arguments, template, metrics and loss plot.
+
+    Returns the metrics and the trained model (a PeftModel unless ``--peft_type full``).
+    """
     spec = get_model_spec(args.model_type)
     dtype, note = resolve_dtype(args.compute_dtype)
     if note:
@@ -201,11 +204,13 @@ def run_finetune(args: FinetuneArgs) -> dict:
         metrics["eval_loss_after"] = trainer.evaluate()["eval_loss"]
         log(f"eval loss after training: {metrics['eval_loss_after']:.4f}")
     metrics.update(_throughput(trainer, world))
+    if world > 1:
+        metrics["replicas_in_sync"] = _replicas_in_sync(trainer.model)
     log(f"throughput: {metrics['effective_tokens_per_s']:.0f} effective (non-padding) tokens/s over "
         f"{metrics['train_step_seconds']:.1f} s of training steps; padding {metrics['padding_fraction']:.1%}")
     if trainer.is_world_process_zero():
         save_outputs(args, trainer, tokenizer, template, metrics)
-    return metrics
+    return metrics, trainer.model
 
 
 def _default_template(name: str, tokenizer: Any) -> str:
@@ -227,6 +232,21 @@ def _throughput(trainer: CountingTrainer, world: int) -> dict[str, float]:
     if torch.cuda.is_available():
         out["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20
     return out
+
+
+def _replicas_in_sync(model: Any) -> bool:
+    """Whether every rank ends with bit-identical trainable weights (DDP should guarantee it)."""
+    digest = torch.zeros(2, dtype=torch.float64)
+    for p in model.parameters():
+        if p.requires_grad:
+            flat = p.detach().double().flatten()
+            digest += torch.stack([flat.sum(), (flat * torch.arange(1, flat.numel() + 1, dtype=torch.float64)).sum()])
+    gathered = [torch.zeros_like(digest) for _ in range(torch.distributed.get_world_size())]
+    torch.distributed.all_gather(gathered, digest)
+    same = all(torch.equal(g, gathered[0]) for g in gathered)
+    if not same:
+        log(f"warning: trainable weights differ between ranks after training: {[g.tolist() for g in gathered]}")
+    return same
 
 
 def save_outputs(args: FinetuneArgs, trainer: transformers.Trainer, tokenizer: Any, template: Template,

@@ -1,0 +1,77 @@
+"""Every --model_type trains a few steps on a tiny model built from config."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+from safetensors.torch import load_file
+
+from alpaca_cot.config import FinetuneArgs
+from alpaca_cot.errors import UserError
+from alpaca_cot.loading import LoadError
+from alpaca_cot.registry import MODEL_REGISTRY, get_model_spec
+from alpaca_cot.training import run_finetune
+from tests.conftest import shared_path
+from tests.fixtures.remote_code import write_remote_model
+from tests.fixtures.tiny_models import NATIVE, write_tiny_model
+
+REMOTE = {"chatglm": "query_key_value", "chatglm2": "query_key_value", "moss": "qkv_proj",
+          "baichuan": "W_pack", "internlm": "wqkv"}
+
+
+def test_registry_covers_the_issue_types() -> None:
+    assert set(NATIVE) | set(REMOTE) == set(MODEL_REGISTRY)
+
+
+def test_unknown_type_lists_known_ones() -> None:
+    with pytest.raises(UserError) as e:
+        get_model_spec("llama3000")
+    assert "llama, chatglm" in str(e.value) and "auto" in str(e.value)
+
+
+def _train(tmp_path, model_dir: str, model_type: str, data: str, **extra) -> dict:
+    extra.setdefault("cutoff_len", 512)
+    args = FinetuneArgs(model_type=model_type, model_name_or_path=model_dir, data=[data], val_set_size=0,
+                        max_steps=2, per_gpu_train_batch_size=4, output_dir=str(tmp_path / "out"),
+                        compute_dtype="fp32", logging_steps=1, **extra)
+    metrics, model = run_finetune(args)
+    assert metrics["steps"] == 2
+    weights = load_file(str(tmp_path / "out" / "adapter_model.safetensors"))
+    assert any("lora_B" in k and v.abs().sum() > 0 for k, v in weights.items()), "LoRA B stayed zero"
+    return metrics
+
+
+@pytest.mark.parametrize("model_type", sorted(NATIVE))
+def test_native_type_trains(tmp_path, model_type: str, alpaca_file: str) -> None:
+    # qwen2 gets the real Qwen tokenizer, so its registry default (the chat template) is exercised.
+    tok = shared_path("models", "qwen3-tokenizer" if model_type == "qwen2" else "stories260K-hf")
+    model_dir = write_tiny_model(str(tmp_path / "model"), model_type, tok)
+    metrics = _train(tmp_path, model_dir, model_type, alpaca_file)
+    expected = "chat" if model_type == "qwen2" else "alpaca"
+    assert metrics["template"] == expected
+
+
+@pytest.mark.parametrize("model_type", sorted(REMOTE))
+def test_remote_code_type_trains_only_when_trusted(tmp_path, model_type: str, alpaca_file: str) -> None:
+    tok = shared_path("models", "stories260K-hf")
+    model_dir = write_remote_model(str(tmp_path / "model"), REMOTE[model_type], tok)
+    with pytest.raises(LoadError, match="--trust_remote_code"):
+        _train(tmp_path, model_dir, model_type, alpaca_file)
+    # MOSS prompts open with its long meta instruction: leave room for it.
+    _train(tmp_path, model_dir, model_type, alpaca_file, trust_remote_code=True, cutoff_len=1024)
+    assert os.path.isfile(tmp_path / "out" / "template.json")
+
+
+def test_chatglm_type_on_native_glm_maps_seed_target_names(tmp_path, alpaca_file: str) -> None:
+    # The seed's `--lora_target_modules query_key_value` means q/k/v_proj in native GLM checkpoints.
+    model_dir = write_tiny_model(str(tmp_path / "model"), "glm", shared_path("models", "stories260K-hf"))
+    _train(tmp_path, model_dir, "chatglm", alpaca_file, lora_target_modules=["query_key_value"])
+    weights = load_file(str(tmp_path / "out" / "adapter_model.safetensors"))
+    assert {k.split(".")[-3] for k in weights if "lora_A" in k} == {"q_proj", "k_proj", "v_proj"}
+
+
+def test_wrong_target_lists_the_linear_layers(tmp_path, alpaca_file: str) -> None:
+    model_dir = write_tiny_model(str(tmp_path / "model"), "llama", shared_path("models", "stories260K-hf"))
+    with pytest.raises(UserError, match="its linear layers are: down_proj, gate_proj"):
+        _train(tmp_path, model_dir, "llama", alpaca_file, lora_target_modules=["query_key_value"])
