@@ -30,6 +30,7 @@ if sys.path[0] == os.path.dirname(os.path.abspath(__file__)):
 
 import fire  # noqa: E402
 
+from alpaca_cot import datasets  # noqa: E402
 from alpaca_cot.io import write_text_atomic  # noqa: E402
 from alpaca_cot.records import DataError  # noqa: E402
 from data import catalog, curation  # noqa: E402
@@ -86,9 +87,11 @@ def validate(*paths: str) -> None:
         raise DataError(f"{failed} of {len(files)} files have invalid records")
 
 
-def stats(out_dir: str = "data/stats", overwrite: bool = False) -> None:
+def stats(out_dir: str | None = None, overwrite: bool = False) -> None:
     """Regenerate the statistics table of the collection (Markdown, also printed) from the registry
-    and the files present under data/, and the relative-size chart (PNG)."""
+    and the files present under data/, and the relative-size chart (PNG), in --out_dir (default
+    data/stats)."""
+    out_dir = out_dir or os.path.join(datasets.DATA_DIR, "stats")
     table_path, chart_path = os.path.join(out_dir, "statistics.md"), os.path.join(out_dir, "relative_size.png")
     check_writable(table_path, overwrite)
     check_writable(chart_path, overwrite)

@@ -48,7 +48,7 @@ class Format:
 
     @property
     def description(self) -> str:
-        """The first sentence of the converter's docstring."""
+        """The first paragraph of the converter's docstring, on one line."""
         return " ".join((self.convert.__doc__ or "").split("\n\n")[0].split())
 
 
@@ -148,7 +148,7 @@ def source_files(src: str) -> list[str]:
         return [src]
     if not os.path.isdir(src):
         raise DataError(f"{src}: no such file or folder")
-    files = sorted(os.path.join(root, name) for root, dirs, names in os.walk(src) for name in names
+    files = sorted(os.path.join(root, name) for root, _, names in os.walk(src) for name in names
                    if name.endswith(SOURCE_EXTENSIONS) and not name.startswith("."))
     if not files:
         raise DataError(f"{src}: the folder holds no {', '.join(SOURCE_EXTENSIONS)} files")
@@ -157,12 +157,14 @@ def source_files(src: str) -> list[str]:
 
 def fill_placeholders(records: list[dict], values: dict[str, str]) -> list[dict]:
     """Records with ``{{key}}`` replaced by ``values[key]`` in every string (LLaMA-Factory identity data)."""
-    def fill(value: Any) -> Any:
-        if isinstance(value, str):
-            return PLACEHOLDER.sub(lambda m: values.get(m.group(0)[2:-2].strip(), m.group(0)), value)
-        if isinstance(value, list):
-            return [fill(v) for v in value]
-        if isinstance(value, dict):
-            return {k: fill(v) for k, v in value.items()}
-        return value
-    return [fill(record) for record in records]
+    return [_fill(record, values) for record in records]
+
+
+def _fill(value: Any, values: dict[str, str]) -> Any:
+    if isinstance(value, str):
+        return PLACEHOLDER.sub(lambda m: values.get(m.group(0)[2:-2].strip(), m.group(0)), value)
+    if isinstance(value, list):
+        return [_fill(v, values) for v in value]
+    if isinstance(value, dict):
+        return {k: _fill(v, values) for k, v in value.items()}
+    return value

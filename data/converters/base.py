@@ -16,7 +16,7 @@ TOOL_RESPONSE = "<tool_response>\n{}\n</tool_response>"
 class BadRecord(ValueError):
     """A source row that cannot become a record; ``field`` names the offending source field."""
 
-    def __init__(self, field: str, why: str):
+    def __init__(self, field: str, why: str) -> None:
         super().__init__(f"field '{field}' {why}")
         self.field, self.why = field, why
 

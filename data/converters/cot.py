@@ -133,7 +133,7 @@ def convert_flan_cot(row: list[str], ctx: Context) -> list[dict]:
 def convert_gsm8k(row: dict, ctx: Context) -> list[dict]:
     """GSM8K ``{question, answer}``: the answer holds the steps, with ``<<calc=result>>`` annotations
     (removed here), and a final ``#### N`` line that is the answer."""
-    question = text(row, "question")
+    question = text(row, "question").strip()
     steps, marker, final = text(row, "answer").rpartition("####")
     if not marker or not final.strip() or not steps.strip():
         raise BadRecord("answer", "has no steps followed by a final '#### N' line")
@@ -146,7 +146,7 @@ _OPTION = re.compile(r"^\(?([A-Z])\)\s*(.*)$", re.DOTALL)
 
 def convert_aqua(row: dict, ctx: Context) -> list[dict]:
     """AQuA-RAT ``{question, options: ["A)..", ...], rationale, correct}``, written like FLAN's aqua."""
-    question, rationale, correct = text(row, "question"), text(row, "rationale"), text(row, "correct")
+    question, rationale, correct = (text(row, key).strip() for key in ("question", "rationale", "correct"))
     options = []
     for i, option in enumerate(row.get("options") or []):
         match = _OPTION.match(option.strip()) if isinstance(option, str) else None
