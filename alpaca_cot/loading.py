@@ -88,7 +88,8 @@ def _check_remote_code(path: str, spec: ModelSpec, trust_remote_code: bool) -> b
 
 def load_tokenizer(path: str, spec: ModelSpec, trust_remote_code: bool = False) -> Any:
     """The tokenizer, with a pad token chosen by the registry's pad-token rule."""
-    _check_remote_code(path, spec, trust_remote_code)  # the clear sentence comes before any custom code
+    if not os.path.isdir(path) or os.path.isfile(os.path.join(path, "config.json")):  # adapter folders have none
+        _check_remote_code(path, spec, trust_remote_code)  # the clear sentence comes before any custom code
     cls = getattr(transformers, spec.tokenizer_class)
     try:
         tokenizer = cls.from_pretrained(path, trust_remote_code=trust_remote_code)
