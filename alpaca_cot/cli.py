@@ -18,7 +18,7 @@ def normalize_argv(argv: list[str]) -> list[str]:
 
     ``--lora_target_modules q_proj v_proj`` becomes ``--lora_target_modules=q_proj,v_proj``;
     ``--local-rank=N`` / ``--local_rank N`` (added by ``torch.distributed.launch``) is removed,
-    its value kept in ``LOCAL_RANK`` where the launcher did not set it.
+    its value kept in ``LOCAL_RANK`` where a launcher ran us but did not set it.
     """
     out: list[str] = []
     i = 0
@@ -29,7 +29,7 @@ def normalize_argv(argv: list[str]) -> list[str]:
         if name == "local_rank":
             if not has_value and i + 1 < len(argv) and not argv[i + 1].startswith("--"):
                 value, i = argv[i + 1], i + 1
-            if value:
+            if value and "WORLD_SIZE" in os.environ:  # launched: keep the rank even if the launcher only passed argv
                 os.environ.setdefault("LOCAL_RANK", value)
         elif name in LIST_FLAGS and not has_value:
             values = []

@@ -10,6 +10,7 @@ from typing import Any
 import torch
 import transformers
 
+from alpaca_cot.errors import UserError
 from alpaca_cot.templates import Template
 
 
@@ -26,6 +27,30 @@ class SamplingParams:
     no_repeat_ngram_size: int = 6
     repetition_penalty: float = 1.8
     seed: int | None = None
+
+    def __post_init__(self) -> None:
+        # fire and JSON clients pass numbers as str or int, booleans as "false"; coerce, then check.
+        try:
+            for name in ("max_new_tokens", "top_k", "num_beams", "no_repeat_ngram_size"):
+                setattr(self, name, int(getattr(self, name)))
+            for name in ("temperature", "top_p", "repetition_penalty"):
+                setattr(self, name, float(getattr(self, name)))
+            if self.seed is not None:
+                self.seed = int(self.seed)
+        except (TypeError, ValueError) as e:
+            raise UserError(f"Sampling settings must be numbers: {e}") from None
+        if isinstance(self.do_sample, str):
+            self.do_sample = self.do_sample.strip().lower() in ("1", "true", "yes")
+        checks = [(self.max_new_tokens >= 1, "--max_new_tokens must be at least 1"),
+                  (self.temperature >= 0, "--temperature must be 0 or more"),
+                  (0 < self.top_p <= 1, "--top_p must be in (0, 1]"),
+                  (self.top_k >= 0, "--top_k must be 0 (off) or more"),
+                  (self.num_beams >= 1, "--num_beams must be at least 1"),
+                  (self.no_repeat_ngram_size >= 0, "--no_repeat_ngram_size must be 0 (off) or more"),
+                  (self.repetition_penalty > 0, "--repetition_penalty must be above 0 (1.0 = off)")]
+        for ok, message in checks:
+            if not ok:
+                raise UserError(message)
 
     def generation_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for ``model.generate`` (sampling knobs only when sampling)."""
@@ -69,6 +94,11 @@ class Generator:
                 return value
         return 2048
 
+    def prompt_length(self, record: dict) -> int:
+        """How many tokens the inference prompt of ``record`` takes."""
+        ids = self.tokenizer(self.prompt(record), add_special_tokens=self.template.add_special_tokens)["input_ids"]
+        return len(ids)
+
     def _encode(self, prompts: list[str]) -> dict[str, torch.Tensor]:
         batch = self.tokenizer(prompts, return_tensors="pt", padding=True,
                                add_special_tokens=self.template.add_special_tokens)
@@ -80,32 +110,49 @@ class Generator:
         return {**params.generation_kwargs(), "eos_token_id": self.stop_ids,
                 "pad_token_id": self.tokenizer.pad_token_id, "use_cache": True}
 
-    @torch.inference_mode()
     def generate(self, records: list[dict], params: SamplingParams | None = None,
                  batch_size: int = 8) -> list[str]:
         """Answers for ``records``, in order: batches of similar length, left-padded, KV cache on."""
+        answers: list[str] = [""] * len(records)
+        for batch in self.generate_batches(records, params, batch_size):
+            for i, answer in batch:
+                answers[i] = answer
+        return answers
+
+    @torch.inference_mode()
+    def generate_batches(self, records: list[dict], params: SamplingParams | None = None,
+                         batch_size: int = 8) -> Iterator[list[tuple[int, str]]]:
+        """Yield each batch's ``(index into records, answer)`` pairs as soon as it is done.
+
+        Batches hold prompts of similar length, longest first (little padding; a batch that does
+        not fit in memory fails at once rather than at the end).
+        """
         params = params or SamplingParams()
         prompts = [self.prompt(r) for r in records]
         lengths = [len(ids) for ids in self.tokenizer(prompts, add_special_tokens=False)["input_ids"]]
         order = sorted(range(len(prompts)), key=lambda i: -lengths[i])
-        answers: list[str] = [""] * len(prompts)
         for start in range(0, len(order), batch_size):
             chunk = order[start:start + batch_size]
             batch = self._encode([prompts[i] for i in chunk])
             with self.lock:
                 out = self.model.generate(**batch, **self._generate_kwargs(params))
             new = out[:, batch["input_ids"].shape[1]:]
-            for row, i in enumerate(chunk):
-                answers[i] = self.template.cut_response(self.tokenizer.decode(new[row], skip_special_tokens=True))
-        return answers
+            yield [(i, self.template.cut_response(self.tokenizer.decode(new[row], skip_special_tokens=True)))
+                   for row, i in enumerate(chunk)]
 
     def stream(self, record: dict, params: SamplingParams | None = None,
                stop_event: threading.Event | None = None) -> Iterator[str]:
         """Yield answer text pieces as they are generated; setting ``stop_event`` ends generation.
 
         Text that could begin a template stop string is held back until it is known not to.
+        Beam search cannot stream in transformers: its answer comes as one piece.
         """
         params = params or SamplingParams()
+        if params.num_beams > 1:
+            answer = self.generate([record], params, batch_size=1)[0]
+            if answer:
+                yield answer
+            return
         stop_event = stop_event or threading.Event()
         batch = self._encode([self.prompt(record)])
         streamer = transformers.TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)

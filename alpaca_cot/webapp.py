@@ -1,0 +1,492 @@
+"""The web service in one FastAPI app: the original API, an OpenAI-compatible API, a Gradio chat page.
+
+Routes: ``POST /`` ``{"prompt"}`` -> ``{"response", "status", "time"}`` and ``GET /query/{query}`` (the
+original's); ``GET /v1/models``, ``POST /v1/chat/completions``, ``POST /v1/completions`` (OpenAI's shapes,
+streaming as server-sent events); the chat page at ``/ui/`` (``GET /`` redirects there).
+
+One model serves every client: requests wait in a first-come-first-served queue in front of the
+``Generator``; a client that disconnects, waiting or mid-answer, leaves the queue or stops its generation.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import copy
+import dataclasses
+import datetime
+import hmac
+import json
+import os
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Sequence
+from typing import Annotated, Any, Literal
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, RedirectResponse, Response, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+from starlette.exceptions import HTTPException
+
+from alpaca_cot.generation import Generator, SamplingParams
+
+UI_PATH = "/ui"
+DISCONNECT_POLL_S = 0.25  # how often a non-streaming request checks that its client is still there
+
+
+class APIError(Exception):
+    """An error answered in OpenAI's shape ``{"error": {"message", "type", "param", "code"}}``."""
+
+    def __init__(self, status: int, message: str, *, type: str = "invalid_request_error",
+                 param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+
+    def response(self) -> JSONResponse:
+        """The JSON response for this error."""
+        body = {"message": self.message, "type": self.type, "param": self.param, "code": self.code}
+        headers = {"WWW-Authenticate": "Bearer"} if self.status == 401 else None
+        return JSONResponse({"error": body}, status_code=self.status, headers=headers)
+
+
+# ---- requests -----------------------------------------------------------------------------------
+class TextPart(BaseModel):
+    """One part of a message's content; only text is understood."""
+
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(BaseModel):
+    """A chat turn; ``developer`` is OpenAI's newer name for ``system``."""
+
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[TextPart]
+    name: str | None = None
+
+
+class StreamOptions(BaseModel):
+    """``stream_options``: ``include_usage`` adds a last chunk with the token counts."""
+
+    include_usage: bool = False
+
+
+class SamplingRequest(BaseModel):
+    """Fields shared by both completion endpoints; unknown fields are refused, as OpenAI does."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str
+    max_tokens: int | None = Field(None, ge=1)
+    temperature: float | None = Field(None, ge=0, le=2)  # 0 = greedy
+    top_p: float | None = Field(None, gt=0, le=1)
+    n: int = 1
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    stop: Annotated[list[Annotated[str, Field(min_length=1)]], Field(max_length=4)] = []  # or one string
+    seed: int | None = None
+    presence_penalty: float = 0
+    frequency_penalty: float = 0
+    logprobs: bool | int | None = None
+    user: str | None = None
+    # Hugging Face sampling knobs (vLLM's names; the openai client sends them through extra_body)
+    top_k: int | None = Field(None, ge=0)
+    repetition_penalty: float | None = Field(None, gt=0)
+    no_repeat_ngram_size: int | None = Field(None, ge=0)
+
+    @field_validator("n")
+    @classmethod
+    def _one_choice(cls, n: int) -> int:
+        if n != 1:
+            raise ValueError("only n=1 is supported (one model serves requests one at a time)")
+        return n
+
+    @field_validator("stop", mode="before")
+    @classmethod
+    def _stop_list(cls, stop: Any) -> Any:
+        return [stop] if isinstance(stop, str) else [] if stop is None else stop
+
+    @field_validator("presence_penalty", "frequency_penalty")
+    @classmethod
+    def _no_penalty(cls, value: float) -> float:
+        if value:
+            raise ValueError("not supported; use repetition_penalty (Hugging Face's, >1 penalises repeats)")
+        return value
+
+    @field_validator("logprobs")
+    @classmethod
+    def _no_logprobs(cls, value: bool | int | None) -> None:
+        if value:
+            raise ValueError("log probabilities are not supported")
+        return None
+
+
+class ChatCompletionRequest(SamplingRequest):
+    """``POST /v1/chat/completions``."""
+
+    messages: Annotated[list[ChatMessage], Field(min_length=1)]
+    max_completion_tokens: int | None = Field(None, ge=1)
+
+
+class CompletionRequest(SamplingRequest):
+    """``POST /v1/completions``: the prompt is one instruction, rendered by the run's template."""
+
+    prompt: str | Annotated[list[str], Field(min_length=1, max_length=1)]
+    echo: bool = False
+
+    @field_validator("echo")
+    @classmethod
+    def _no_echo(cls, echo: bool) -> bool:
+        if echo:
+            raise ValueError("echo is not supported")
+        return echo
+
+
+class PromptRequest(BaseModel):
+    """The original API's body."""
+
+    prompt: str
+
+
+# ---- the model queue ----------------------------------------------------------------------------
+def text_of(content: str | list[Any]) -> str:
+    """Message content (a string, or OpenAI/Gradio text parts) as one string."""
+    if isinstance(content, str):
+        return content
+    parts = (part if isinstance(part, dict) else part.model_dump() for part in content)
+    return "".join(part.get("text", "") for part in parts if part.get("type") == "text")
+
+
+def record_from_messages(messages: list[dict]) -> dict:
+    """A unified record: one user turn is a single-turn instruction (as Alpaca data trains it)."""
+    turns = [{"role": "system" if m["role"] == "developer" else m["role"], "content": m["content"]}
+             for m in messages]
+    if len(turns) == 1 and turns[0]["role"] == "user":
+        return {"instruction": turns[0]["content"], "input": ""}
+    return {"messages": turns}
+
+
+class ModelService:
+    """One ``Generator`` shared by every client, behind a first-come-first-served queue."""
+
+    def __init__(self, generator: Generator, defaults: SamplingParams, model_id: str):
+        self.generator = generator
+        self.defaults = defaults
+        self.model_id = model_id
+        self.window = generator.context_window()
+        # Counting uses its own tokenizer: a fast tokenizer used by two threads at once (this one and
+        # the generation thread) can fail with "Already borrowed".
+        self.tokenizer = copy.deepcopy(generator.tokenizer)
+        self._turn = asyncio.Lock()  # asyncio locks wake waiters in arrival order
+
+    def params(self, **overrides: Any) -> SamplingParams:
+        """The server's defaults with the request's non-None values."""
+        return dataclasses.replace(self.defaults, **{k: v for k, v in overrides.items() if v is not None})
+
+    def prompt_tokens(self, record: dict) -> int:
+        """Token count of ``record``'s prompt."""
+        add_special = self.generator.template.add_special_tokens
+        return len(self.tokenizer(self.generator.prompt(record), add_special_tokens=add_special)["input_ids"])
+
+    def completion_tokens(self, text: str, params: SamplingParams) -> int:
+        """Token count of an answer, re-tokenized (which can exceed the generated count by a token or two)."""
+        return min(len(self.tokenizer(text, add_special_tokens=False)["input_ids"]), params.max_new_tokens)
+
+    def budget(self, prompt_tokens: int, max_tokens: int | None) -> int:
+        """New tokens to allow: ``max_tokens`` if it fits the context window, else a 400."""
+        room = self.window - prompt_tokens
+        if room < 1 or (max_tokens is not None and max_tokens > room):
+            asked = f" and {max_tokens} new tokens" if max_tokens is not None else ""
+            raise APIError(400, f"This model's maximum context length is {self.window} tokens; the prompt has "
+                                f"{prompt_tokens} tokens{asked}. Shorten the messages or lower max_tokens.",
+                           param="messages", code="context_length_exceeded")
+        return max_tokens if max_tokens is not None else min(self.defaults.max_new_tokens, room)
+
+    def fit_messages(self, messages: list[dict], max_new_tokens: int) -> list[dict]:
+        """Drop the oldest turns (a system turn stays) until the prompt leaves room for the answer."""
+        head = messages[:1] if messages[0]["role"] == "system" else []
+        turns = messages[len(head):]
+        while len(turns) > 1 and self.prompt_tokens(record_from_messages(head + turns)) + max_new_tokens > self.window:
+            turns = turns[2:] if len(turns) > 2 else turns[1:]
+        return head + turns
+
+    async def stream(self, record: dict, params: SamplingParams, stop: Sequence[str] = ()) -> AsyncIterator[str]:
+        """Answer text pieces, after waiting for this request's turn; cut at the first ``stop`` string.
+
+        Closing the iterator (a client gone) stops generation at the next token; the model is handed
+        to the next request only once its generation thread has finished.
+        """
+        loop = asyncio.get_running_loop()
+        pieces: asyncio.Queue[Any] = asyncio.Queue()
+        halt = threading.Event()
+        end = object()
+        await self._turn.acquire()  # cancelled while waiting = left the queue, nothing to undo
+
+        def call(fn: Any, *args: Any) -> None:
+            with contextlib.suppress(RuntimeError):  # the event loop is gone: the server is shutting down
+                loop.call_soon_threadsafe(fn, *args)
+
+        def work() -> None:
+            try:
+                for piece in self.generator.stream(record, params, halt):
+                    call(pieces.put_nowait, piece)
+                call(pieces.put_nowait, end)
+            except Exception as e:  # raised again in the request's task below
+                call(pieces.put_nowait, e)
+            finally:
+                call(self._turn.release)
+
+        threading.Thread(target=work, daemon=True).start()
+        text, sent = "", 0
+        try:
+            while (item := await pieces.get()) is not end:
+                if isinstance(item, Exception):
+                    raise item
+                text += item
+                cut = min((at for at in (text.find(s) for s in stop) if at >= 0), default=-1)
+                if cut >= 0:
+                    if cut > sent:
+                        yield text[sent:cut]
+                    return
+                safe = len(text) - _pending(text, stop)
+                if safe > sent:
+                    yield text[sent:safe]
+                    sent = safe
+            if len(text) > sent:
+                yield text[sent:]
+        finally:
+            halt.set()
+
+
+def _pending(text: str, stops: Sequence[str]) -> int:
+    """Length of the longest end of ``text`` that begins a stop string: held back until decided."""
+    return max((k for s in stops for k in range(1, min(len(s), len(text) + 1)) if text.endswith(s[:k])), default=0)
+
+
+async def _unless_disconnected(request: Request, work: Awaitable[Any]) -> Any:
+    """``await work``, cancelling it when the client goes away (then None)."""
+    task = asyncio.ensure_future(work)
+    while True:
+        done, _ = await asyncio.wait({task}, timeout=DISCONNECT_POLL_S)
+        if done:
+            return task.result()
+        if await request.is_disconnected():
+            task.cancel()
+            return None
+
+
+async def _join(pieces: AsyncIterator[str]) -> str:
+    return "".join([piece async for piece in pieces])
+
+
+def _sse(events: AsyncIterator[dict]) -> StreamingResponse:
+    async def lines() -> AsyncIterator[str]:
+        try:
+            async for event in events:
+                yield f"data: {json.dumps(event, ensure_ascii=False)}\n\n"
+        except Exception as e:  # the 200 header is gone: the error travels as an event
+            error = {"message": str(e), "type": "server_error", "param": None, "code": None}
+            yield f"data: {json.dumps({'error': error}, ensure_ascii=False)}\n\n"
+        yield "data: [DONE]\n\n"
+
+    return StreamingResponse(lines(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+
+# ---- the app ------------------------------------------------------------------------------------
+def _param_name(loc: tuple) -> str | None:
+    """``("body", "messages", 0, "content", "str")`` -> ``messages[0].content`` (union member names dropped)."""
+    name = ""
+    for part in loc[1:] if loc[:1] == ("body",) else loc:
+        if isinstance(part, int):
+            name += f"[{part}]"
+        elif part not in ("str", "int", "float", "bool") and "[" not in part and not part.startswith("function-"):
+            name += f".{part}" if name else part
+    return name or None
+
+
+def _validation_error(exc: RequestValidationError) -> APIError:
+    errors = exc.errors()
+    # A list given where a union also takes a string fails both members; the list member's error says more.
+    first = next((e for e in errors if e.get("loc", ())[-1:] != ("str",)), errors[0])
+    param = _param_name(tuple(first.get("loc", ())))
+    if first["type"] == "extra_forbidden":
+        return APIError(400, f"Unrecognized request argument supplied: {param}", param=param)
+    if first["type"] == "json_invalid":
+        return APIError(400, "The body of the request is not valid JSON.")
+    message = first["msg"].removeprefix("Value error, ")
+    return APIError(400, f"Invalid value for '{param}': {message}" if param else message, param=param)
+
+
+def create_app(generator: Generator, defaults: SamplingParams | None = None, *, model_id: str = "alpaca-cot",
+               api_key: str | None = None, ui: bool = True) -> FastAPI:
+    """The web service over ``generator``; with ``api_key``, the API wants ``Authorization: Bearer KEY``
+    and the chat page a login whose password is the key."""
+    service = ModelService(generator, defaults or SamplingParams(), model_id)
+    app = FastAPI(title="Alpaca-CoT", docs_url=None, redoc_url=None)
+    app.state.service = service
+
+    @app.exception_handler(APIError)
+    async def _api_error(request: Request, exc: APIError) -> JSONResponse:
+        return exc.response()
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        return _validation_error(exc).response()
+
+    @app.exception_handler(HTTPException)
+    async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:
+        return APIError(exc.status_code, f"{exc.detail}: {request.method} {request.url.path}").response()
+
+    def authorize(request: Request) -> None:
+        if api_key is None:
+            return
+        scheme, _, given = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not given:
+            raise APIError(401, "No API key was given: send the header 'Authorization: Bearer KEY'.",
+                           code="invalid_api_key")
+        if not hmac.compare_digest(given.encode(), api_key.encode()):
+            raise APIError(401, "Incorrect API key provided.", code="invalid_api_key")
+
+    def check_model(model: str) -> None:
+        if model != service.model_id:
+            raise APIError(404, f"The model '{model}' does not exist; this server serves '{service.model_id}'.",
+                           param="model", code="model_not_found")
+
+    def usage(prompt_tokens: int, completion_tokens: int) -> dict:
+        return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                "total_tokens": prompt_tokens + completion_tokens}
+
+    def finish_reason(text: str, params: SamplingParams) -> str:
+        return "length" if service.completion_tokens(text, params) >= params.max_new_tokens else "stop"
+
+    async def answer(request: Request, req: SamplingRequest, record: dict, kind: str) -> Response:
+        """Run one OpenAI request; ``kind`` is "chat.completion" or "text_completion"."""
+        check_model(req.model)
+        prompt_tokens = service.prompt_tokens(record)
+        max_tokens = req.max_completion_tokens if isinstance(req, ChatCompletionRequest) else None
+        params = service.params(max_new_tokens=service.budget(prompt_tokens, max_tokens or req.max_tokens),
+                                temperature=req.temperature, top_p=req.top_p, top_k=req.top_k, seed=req.seed,
+                                repetition_penalty=req.repetition_penalty,
+                                no_repeat_ngram_size=req.no_repeat_ngram_size)
+        prefix = "chatcmpl" if kind == "chat.completion" else "cmpl"
+        head = {"id": f"{prefix}-{uuid.uuid4().hex}", "created": int(time.time()), "model": service.model_id}
+
+        def choice(text: str, finish: str | None, chunk: bool, role: bool = False) -> dict:
+            out: dict[str, Any] = {"index": 0}
+            if kind == "text_completion":
+                out["text"] = text
+            elif chunk:  # deltas: the role once, then text, then an empty delta with the finish reason
+                out["delta"] = {"role": "assistant", "content": text} if role else {"content": text} if text else {}
+            else:
+                out["message"] = {"role": "assistant", "content": text}
+            return {**out, "logprobs": None, "finish_reason": finish}
+
+        pieces = service.stream(record, params, req.stop)
+        if not req.stream:
+            text = await _unless_disconnected(request, _join(pieces))
+            if text is None:
+                return Response(status_code=499)  # nobody is listening
+            return JSONResponse({**head, "object": kind, "choices": [choice(text, finish_reason(text, params), False)],
+                                 "usage": usage(prompt_tokens, service.completion_tokens(text, params))})
+
+        async def events() -> AsyncIterator[dict]:
+            chunk = {**head, "object": "chat.completion.chunk" if kind == "chat.completion" else kind}
+            if kind == "chat.completion":
+                yield {**chunk, "choices": [choice("", None, True, role=True)]}
+            text = ""
+            async for piece in pieces:
+                text += piece
+                yield {**chunk, "choices": [choice(piece, None, True)]}
+            yield {**chunk, "choices": [choice("", finish_reason(text, params), True)]}
+            if req.stream_options and req.stream_options.include_usage:
+                yield {**chunk, "choices": [], "usage": usage(prompt_tokens, service.completion_tokens(text, params))}
+
+        return _sse(events())
+
+    api = [Depends(authorize)]
+
+    @app.get("/v1/models", dependencies=api)
+    async def models() -> dict:
+        created = int(time.time())
+        return {"object": "list",
+                "data": [{"id": service.model_id, "object": "model", "created": created, "owned_by": "alpaca-cot"}]}
+
+    @app.post("/v1/chat/completions", dependencies=api)
+    async def chat_completions(request: Request, req: ChatCompletionRequest) -> Response:
+        messages = [{"role": m.role, "content": text_of(m.content)} for m in req.messages]
+        return await answer(request, req, record_from_messages(messages), "chat.completion")
+
+    @app.post("/v1/completions", dependencies=api)
+    async def completions(request: Request, req: CompletionRequest) -> Response:
+        prompt = req.prompt if isinstance(req.prompt, str) else req.prompt[0]
+        return await answer(request, req, {"instruction": prompt, "input": ""}, "text_completion")
+
+    async def respond(request: Request, prompt: str) -> str | None:
+        record = {"instruction": prompt, "input": ""}
+        params = service.params(max_new_tokens=service.budget(service.prompt_tokens(record), None))
+        return await _unless_disconnected(request, _join(service.stream(record, params)))
+
+    @app.post("/", dependencies=api)
+    async def original(request: Request, req: PromptRequest) -> Response:
+        response = await respond(request, req.prompt)
+        if response is None:
+            return Response(status_code=499)
+        now = datetime.datetime.now().strftime("%Y-%m-%d %H:%M:%S")
+        return JSONResponse({"response": response, "status": 200, "time": now})
+
+    @app.get("/query/{query}", dependencies=api)
+    async def query(request: Request, query: str) -> Response:
+        start = time.perf_counter()
+        response = await respond(request, query)
+        if response is None:
+            return Response(status_code=499)
+        return JSONResponse({"query": query, "answer": response, "time": time.perf_counter() - start})
+
+    if ui:
+        _mount_ui(app, service, api_key)
+    return app
+
+
+def _mount_ui(app: FastAPI, service: ModelService, api_key: str | None) -> None:
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no calls home from a local server
+    import gradio as gr
+
+    d = service.defaults
+
+    async def chat(message: str, history: list[dict], max_new_tokens: float, temperature: float, top_p: float,
+                   repetition_penalty: float) -> AsyncIterator[str]:
+        messages = [{"role": m["role"], "content": text_of(m["content"])} for m in history]
+        messages.append({"role": "user", "content": message})
+        params = service.params(max_new_tokens=int(max_new_tokens), temperature=temperature, top_p=top_p,
+                                repetition_penalty=repetition_penalty)
+        messages = service.fit_messages(messages, params.max_new_tokens)
+        if service.prompt_tokens(record_from_messages(messages)) + params.max_new_tokens > service.window:
+            raise gr.Error(f"The message and the answer do not fit the model's {service.window}-token context; "
+                           "shorten the message or lower max new tokens.")
+        answer = ""
+        async for piece in service.stream(record_from_messages(messages), params):
+            answer += piece
+            yield answer
+
+    sliders = [
+        gr.Slider(1, service.window, value=min(d.max_new_tokens, service.window), step=1, label="max new tokens"),
+        gr.Slider(0, 2, value=d.temperature, step=0.05, label="temperature (0 = greedy)"),
+        gr.Slider(0.05, 1, value=d.top_p, step=0.05, label="top p"),
+        gr.Slider(1, 3, value=d.repetition_penalty, step=0.05, label="repetition penalty"),
+    ]
+    page = gr.ChatInterface(chat, additional_inputs=sliders, additional_inputs_accordion="Sampling",
+                            title=f"Alpaca-CoT · {service.model_id}", analytics_enabled=False,
+                            chatbot=gr.Chatbot(label=service.model_id, height=480, buttons=["copy", "copy_all"]))
+
+    def login(username: str, password: str) -> bool:
+        return hmac.compare_digest(password.encode(), (api_key or "").encode())
+
+    gr.mount_gradio_app(app, page, path=UI_PATH, auth=login if api_key else None,
+                        auth_message="Log in with any user name and the server's API key as the password.",
+                        ssr_mode=False, footer_links=[])
+
+    @app.get("/", include_in_schema=False)
+    async def home() -> RedirectResponse:
+        return RedirectResponse(f"{UI_PATH}/")
