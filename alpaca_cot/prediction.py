@@ -65,8 +65,8 @@ def read_predictions(path: str) -> list[dict]:
         except json.JSONDecodeError:
             record = None
         if not isinstance(record, dict) or PREDICTION_FIELD not in record:
-            raise UserError(f"{path}:{lineno}: not a prediction line (a JSON object with a "
-                            f"'{PREDICTION_FIELD}' field); pass --overwrite to replace the file, or another --result_dir")
+            raise UserError(f"{path}:{lineno}: not a prediction line (a JSON object with a '{PREDICTION_FIELD}' "
+                            "field); pass --overwrite to replace the file, or another --result_dir")
         done.append(record)
     return done
 
@@ -89,7 +89,7 @@ class PredictionRun:
                 self.todo.append(i)
         extra = sum(left.values())
         if extra:
-            raise UserError(f"{path} holds {extra} predictions of records that are not in --data (another data "
+            raise UserError(f"{path} holds predictions of {extra} records that are not in --data (another data "
                             "set or --max_samples?); pass --overwrite to replace it, or another --result_dir")
         self.new: list[dict] = []
 
