@@ -176,6 +176,9 @@ def run_finetune(args: FinetuneArgs) -> tuple[dict, Any]:
         fp16=dtype == torch.float16,
         logging_steps=args.logging_steps,
         eval_strategy="steps" if val_data else "no",
+        # Evaluate before training inside train(): a trainer.evaluate() call before train() leaves
+        # the model unwrapped by DDP in transformers 5 (ranks then drift apart; see tests/test_ddp.py).
+        eval_on_start=bool(val_data) and not args.resume_from_checkpoint,
         eval_steps=args.eval_steps or every,
         save_strategy="steps",
         save_steps=args.save_steps or every,
@@ -194,10 +197,11 @@ def run_finetune(args: FinetuneArgs) -> tuple[dict, Any]:
     metrics: dict[str, Any] = {"train_records": len(train_data), "validation_records": len(val_data),
                                "world_size": world, "dtype": str(dtype).removeprefix("torch."),
                                "template": template.name, "total_steps": total_steps}
-    if val_data and not args.resume_from_checkpoint:
-        metrics["eval_loss_before"] = trainer.evaluate()["eval_loss"]
-        log(f"eval loss before training: {metrics['eval_loss_before']:.4f}")
     result = trainer.train(resume_from_checkpoint=args.resume_from_checkpoint or None)
+    first_eval = next((h for h in trainer.state.log_history if "eval_loss" in h), None)
+    if first_eval is not None and first_eval["step"] == 0:
+        metrics["eval_loss_before"] = first_eval["eval_loss"]
+        log(f"eval loss before training: {metrics['eval_loss_before']:.4f}")
     metrics.update(train_loss=result.training_loss, train_runtime_s=result.metrics["train_runtime"],
                    steps=trainer.state.global_step)
     if val_data:

@@ -238,7 +238,11 @@ class ModelService:
             finally:
                 call(self._turn.release)
 
-        threading.Thread(target=work, daemon=True).start()
+        try:
+            threading.Thread(target=work, daemon=True).start()
+        except BaseException:
+            self._turn.release()
+            raise
         text, sent = "", 0
         try:
             while (item := await pieces.get()) is not end:
