@@ -1,0 +1,150 @@
+"""server.py: the chat session (history within the context window) and the script on a pseudo-terminal."""
+
+from __future__ import annotations
+
+import os
+import pty
+import re
+import select
+import signal
+import threading
+import time
+
+import pytest
+import torch
+
+from alpaca_cot.chat import ChatSession
+from alpaca_cot.errors import UserError
+from alpaca_cot.generation import Generator, SamplingParams
+from alpaca_cot.loading import load_for_inference
+from tests.conftest import PYTHON, ROOT
+
+PARAMS = SamplingParams(do_sample=False, max_new_tokens=24)
+
+
+@pytest.fixture(scope="module")
+def generator(trained_adapter: str):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield Generator(*load_for_inference(trained_adapter, compute_dtype="fp32"))
+    torch.set_num_threads(threads)
+
+
+def test_history_drops_the_oldest_exchanges_to_fit(generator: Generator) -> None:
+    system = [{"role": "system", "content": "You are a helpful assistant."}]
+    history = [turn for i in range(6) for turn in ({"role": "user", "content": f"Question number {i}?"},
+                                                   {"role": "assistant", "content": f"This is answer {i}."})]
+    new = {"role": "user", "content": "And the last question?"}
+    fits = generator.prompt_length({"messages": system + history[-4:] + [new]})  # two exchanges kept
+    session = ChatSession(generator, PARAMS, context_window=fits + PARAMS.max_new_tokens,
+                          system=system[0]["content"])
+    session.turns = list(history)
+    assert session.ask(new["content"]) == 4
+    assert session.turns == history[-4:] + [new]
+    answer = "".join(session.answer())
+    assert session.turns[-1] == {"role": "assistant", "content": answer} and answer
+    session.clear()
+    assert session.turns == [] and session.system == system
+
+
+def test_a_message_too_long_for_the_window_is_refused(generator: Generator) -> None:
+    session = ChatSession(generator, PARAMS, context_window=300)
+    session.turns = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}]
+    with pytest.raises(UserError, match="Send a shorter message"):
+        session.ask("word " * 300)
+    assert len(session.turns) == 2  # as it was
+    with pytest.raises(UserError, match="leaves no room"):
+        ChatSession(generator, PARAMS, context_window=PARAMS.max_new_tokens)
+
+
+def test_a_stopped_answer_stays_in_the_history(generator: Generator) -> None:
+    session = ChatSession(generator, SamplingParams(do_sample=False, max_new_tokens=400, repetition_penalty=1.0,
+                                                    no_repeat_ngram_size=0))
+    session.ask("Tell me a long story.")
+    stop = threading.Event()
+    pieces = []
+    for piece in session.answer(stop):
+        pieces.append(piece)
+        stop.set()
+    assert session.turns[-1] == {"role": "assistant", "content": "".join(pieces).strip()}
+
+
+class Terminal:
+    """A script on a pseudo-terminal, driven as a user at a keyboard would (Ctrl-C included)."""
+
+    def __init__(self, *argv: str):
+        self.pid, self.fd = pty.fork()
+        if self.pid == 0:  # the child: the pty is its controlling terminal
+            os.chdir(ROOT)
+            os.execve(PYTHON, [PYTHON, *argv], {**os.environ, "OMP_NUM_THREADS": "1"})
+        self.seen = ""  # everything read so far
+        self.unread = ""
+
+    def expect(self, text: str, timeout: float = 240) -> str:
+        """Read until ``text`` appears; returns what came before it."""
+        deadline = time.time() + timeout
+        while text not in self.unread:
+            ready, _, _ = select.select([self.fd], [], [], max(0.0, deadline - time.time()))
+            if not ready:
+                raise AssertionError(f"no {text!r} after {timeout} s; the terminal shows:\n{self.seen[-2000:]}")
+            try:
+                data = os.read(self.fd, 4096).decode("utf-8", "replace").replace("\r\n", "\n")
+            except OSError:  # EIO: the child closed the terminal
+                raise AssertionError(f"exited before {text!r}; the terminal shows:\n{self.seen[-3000:]}") from None
+            self.seen += data
+            self.unread += data
+        before, _, self.unread = self.unread.partition(text)
+        return before
+
+    def type(self, line: str) -> None:
+        os.write(self.fd, line.encode() + b"\r")
+
+    def interrupt(self) -> None:
+        os.write(self.fd, b"\x03")  # the terminal sends SIGINT to the foreground process
+
+    def exit_status(self, timeout: float = 60) -> int:
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            pid, status = os.waitpid(self.pid, os.WNOHANG)
+            if pid:
+                return os.waitstatus_to_exitcode(status)
+            time.sleep(0.05)
+        os.kill(self.pid, signal.SIGKILL)
+        raise AssertionError("the script did not exit")
+
+    def close(self) -> None:
+        try:
+            os.kill(self.pid, signal.SIGKILL)
+            os.waitpid(self.pid, 0)
+        except (ProcessLookupError, ChildProcessError):
+            pass
+        os.close(self.fd)
+
+
+def test_chat_on_a_terminal(trained_adapter: str) -> None:
+    # The seed's command line. Answers may run to 1500 tokens, so that Ctrl-C always lands mid-answer;
+    # a 1700-token window then leaves 200 for the prompt: a few exchanges fit, older ones are dropped.
+    term = Terminal(os.path.join(ROOT, "server.py"), "--model_type", "chatglm", "--size", "6b", "--lora_dir",
+                    trained_adapter, "--max_new_tokens", "1500", "--context_window", "1700")
+    try:
+        assert "'clear' empties the history" in term.expect("User: ")
+        messages = ["Hello there.", "Tell me a story about a dog.", "What happened next?", "And then?", "Thanks!"]
+        for message in messages:
+            term.type(message)
+            term.expect("Assistant: ")
+            term.expect(" ")  # streaming: text arrives while the answer is still being generated
+            term.interrupt()
+            answer = term.expect(" [stopped]")
+            assert answer.strip() and "Traceback" not in answer
+            term.expect("User: ")
+        assert re.search(r"\(dropped the \d+ oldest exchanges? to fit the 1700-token context window\)", term.seen)
+        term.interrupt()  # at the prompt Ctrl-C only discards the line, as in a shell
+        term.expect("User: ")
+        term.type("clear")
+        term.expect("History cleared.")
+        term.expect("User: ")
+        term.type("stop")
+        assert term.exit_status() == 0
+        assert "Traceback" not in term.seen
+    finally:
+        term.close()
