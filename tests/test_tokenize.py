@@ -28,7 +28,8 @@ def test_seed_alpaca_text_is_exact(llama_tok) -> None:
         "request.\n\n### Instruction:\nName a color.\n\n### Response:")
     with_input = template.render_prompt({"instruction": "Add.", "input": "2 and 3"})
     assert with_input.startswith("Below is an instruction that describes a task, paired with an input that "
-                                 "provides further context.") and with_input.endswith("### Input:\n2 and 3\n\n### Response:")
+                                 "provides further context.")
+    assert with_input.endswith("### Input:\n2 and 3\n\n### Response:")
 
 
 def test_single_turn_mask_counts(llama_tok) -> None:
