@@ -1,0 +1,101 @@
+"""The reference: an alpaca-lora-style LoRA loop (HF Trainer, DataCollatorForSeq2Seq, pad to longest).
+
+Usage:
+  OMP_NUM_THREADS=2 .venv/bin/python benchmarks/reference_loop.py --output_dir benchmarks/runs/ref \
+      [--group_by_length] [--n_records 200]
+
+Follows tloen/alpaca-lora's finetune.py: its Alpaca prompts, prompt tokens masked with -100, EOS
+appended when the text fits, DataCollatorForSeq2Seq, LoRA on q_proj and v_proj, no gradient
+checkpointing, fp32. Differences, so that every contender trains alike: right padding (not left),
+no pad_to_multiple_of, and the warm-up and schedule of uniform_finetune.py (10% linear warm-up,
+then linear decay) instead of 100 warm-up steps that a 25-step run would never leave.
+Writes metrics.json (effective tokens/s, padding fraction, peak RSS, train loss, steps) and the adapter.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any
+
+import torch
+import transformers
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from measure import count_tokens, summarize, write_metrics  # noqa: E402
+from workload import build_workload, load_bench_records  # noqa: E402
+
+IGNORE_INDEX = -100
+# alpaca-lora's templates/alpaca.json
+PROMPT_INPUT = ("Below is an instruction that describes a task, paired with an input that provides further context. "
+                "Write a response that appropriately completes the request.\n\n"
+                "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n")
+PROMPT_NO_INPUT = ("Below is an instruction that describes a task. "
+                   "Write a response that appropriately completes the request.\n\n"
+                   "### Instruction:\n{instruction}\n\n### Response:\n")
+
+
+def render_prompt(record: dict) -> str:
+    """alpaca-lora's Prompter.generate_prompt without the answer."""
+    fmt = PROMPT_INPUT if record.get("input") else PROMPT_NO_INPUT
+    return fmt.format(instruction=record["instruction"], input=record.get("input", ""))
+
+
+def tokenize_record(record: dict, tokenizer: Any, cutoff_len: int) -> dict[str, list[int]]:
+    """alpaca-lora's generate_and_tokenize_prompt with train_on_inputs=False."""
+    prompt = render_prompt(record)
+    ids = tokenizer(prompt + record["output"], truncation=True, max_length=cutoff_len)["input_ids"]
+    if ids[-1] != tokenizer.eos_token_id and len(ids) < cutoff_len:
+        ids.append(tokenizer.eos_token_id)
+    n_prompt = len(tokenizer(prompt, truncation=True, max_length=cutoff_len)["input_ids"])
+    return {"input_ids": ids, "attention_mask": [1] * len(ids),
+            "labels": [IGNORE_INDEX] * n_prompt + ids[n_prompt:]}
+
+
+def run_reference(output_dir: str, model_dir: str, records: list[dict], group_by_length: bool = False,
+                  batch_size: int = 8, cutoff_len: int = 512, learning_rate: float = 3e-4, threads: int = 2,
+                  seed: int = 42) -> dict[str, Any]:
+    """Train one epoch over ``records``; return (and write) the metrics."""
+    import peft
+
+    torch.set_num_threads(threads)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
+    tokenizer.padding_side = "right"
+    data = [tokenize_record(r, tokenizer, cutoff_len) for r in records]
+    model = transformers.LlamaForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    model.config.use_cache = False
+    lora = peft.LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], lora_dropout=0.05,
+                           bias="none", task_type="CAUSAL_LM")
+    model = peft.get_peft_model(model, lora)
+    counts, timer = count_tokens(tokenizer.pad_token_id)
+    args = transformers.TrainingArguments(
+        output_dir=output_dir, per_device_train_batch_size=batch_size, num_train_epochs=1,
+        learning_rate=learning_rate, warmup_steps=int(0.1 * -(-len(data) // batch_size)), logging_steps=10,
+        optim="adamw_torch", save_strategy="no", report_to=[], seed=seed, use_cpu=True,
+        train_sampling_strategy="group_by_length" if group_by_length else "random", disable_tqdm=True)
+    collator = transformers.DataCollatorForSeq2Seq(tokenizer, padding=True, return_tensors="pt")
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=data, data_collator=collator,
+                                   processing_class=tokenizer, callbacks=[timer])
+    result = trainer.train()
+    model.save_pretrained(output_dir)
+    metrics = summarize(counts, result.training_loss, train_records=len(data), dtype="float32",
+                        group_by_length=group_by_length)
+    write_metrics(output_dir, metrics)
+    return metrics
+
+
+def main(output_dir: str = os.path.join("benchmarks", "runs", "reference"), group_by_length: bool = False,
+         n_records: int = 200, threads: int = 2) -> None:
+    """Run the reference loop on the first N workload records; print its numbers."""
+    workload = build_workload(int(n_records))
+    metrics = run_reference(output_dir, workload.model_dir, load_bench_records(int(n_records)),
+                            group_by_length=bool(group_by_length), threads=int(threads))
+    print(f"reference{' (grouped)' if group_by_length else ''}: {metrics['effective_tokens_per_s']:.0f} effective "
+          f"tokens/s, padding {metrics['padding_fraction']:.1%}, peak RSS {metrics['peak_rss_mb']:.0f} MB, "
+          f"loss {metrics['train_loss']:.4f}, {metrics['steps']} steps; metrics in {output_dir}")
+
+
+if __name__ == "__main__":
+    import fire
+
+    fire.Fire(main)
