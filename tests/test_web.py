@@ -1,0 +1,360 @@
+"""web.py: the openai client (plain and streaming) and the original API against the real script,
+errors in OpenAI's shape, auth, and one model shared fairly (queue order, disconnects)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import socket
+import statistics
+import subprocess
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import pytest
+
+from tests.conftest import PYTHON, ROOT
+
+openai = pytest.importorskip("openai", reason="the openai client is a test dependency (requirements-dev.txt)")
+
+KEY = "test-key-123"
+QUESTION = "Give three tips for staying healthy."
+
+
+def free_port() -> int:
+    """A TCP port free on the loopback interface now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def http(method: str, url: str, body: Any = None, key: str | None = None, timeout: float = 120) -> tuple[int, Any]:
+    """(status, parsed JSON body) of one request."""
+    data = body if isinstance(body, bytes) or body is None else json.dumps(body).encode()
+    headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {key}"} if key else {})}
+    request = urllib.request.Request(url, data=data, headers=headers, method=method)
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return response.status, json.load(response)
+    except urllib.error.HTTPError as e:
+        return e.code, json.load(e)
+
+
+def answers(url: str) -> bool:
+    """Whether a server answers at ``url`` (a 401 counts: it is up and wants a key)."""
+    try:
+        urllib.request.urlopen(f"{url}/v1/models", timeout=5)
+    except urllib.error.HTTPError:
+        return True
+    except OSError:
+        return False
+    return True
+
+
+@contextmanager
+def serve_web(lora_dir: str, log: str, *args: str) -> Iterator[str]:
+    """Run web.py as a user would, on a free loopback port; yield its base URL once it answers."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    with open(log, "w") as out:
+        proc = subprocess.Popen([PYTHON, os.path.join(ROOT, "web.py"), "--lora_dir", lora_dir, "--port", str(port),
+                                 *args], cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
+                                env={**os.environ, "HF_HUB_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False"})
+    try:
+        deadline = time.monotonic() + 240
+        while not answers(url):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                with open(log) as f:
+                    raise AssertionError(f"web.py did not start (exit {proc.poll()}):\n{f.read()[-5000:]}")
+            time.sleep(0.5)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.fixture(scope="module")
+def web_url(trained_adapter: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """web.py with an API key, serving the adapter trained by the session fixture."""
+    log = str(tmp_path_factory.mktemp("web") / "web.log")
+    with serve_web(trained_adapter, log, "--api_key", KEY, "--max_new_tokens", "32", "--ui", "False") as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def client(web_url: str) -> openai.OpenAI:
+    """The official openai client, pointed at web.py."""
+    return openai.OpenAI(base_url=f"{web_url}/v1", api_key=KEY, max_retries=0, timeout=120)
+
+
+# ---- the real script, through the openai client --------------------------------------------------
+def test_models_lists_the_served_adapter(client: openai.OpenAI) -> None:
+    assert [m.id for m in client.models.list()] == ["run"]  # the --lora_dir folder's name
+
+
+def test_chat_completion_plain_and_streamed_agree(client: openai.OpenAI) -> None:
+    ask = {"model": "run", "messages": [{"role": "user", "content": QUESTION}], "max_tokens": 16, "temperature": 0}
+    plain = client.chat.completions.create(**ask)
+    answer = plain.choices[0].message.content
+    assert plain.object == "chat.completion" and plain.choices[0].message.role == "assistant"
+    assert answer and plain.choices[0].finish_reason in ("stop", "length")
+    assert plain.usage.prompt_tokens > 0 and 0 < plain.usage.completion_tokens <= 16
+    assert plain.usage.total_tokens == plain.usage.prompt_tokens + plain.usage.completion_tokens
+
+    chunks = list(client.chat.completions.create(**ask, stream=True, stream_options={"include_usage": True}))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert streamed == answer  # greedy: the same text, piece by piece
+    assert sum(bool(c.choices and c.choices[0].delta.content) for c in chunks) > 1
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == plain.choices[0].finish_reason
+    assert chunks[-1].usage.completion_tokens == plain.usage.completion_tokens
+
+
+def test_completion_plain_and_streamed_agree(client: openai.OpenAI) -> None:
+    ask = {"model": "run", "prompt": QUESTION, "max_tokens": 12, "temperature": 0}
+    plain = client.completions.create(**ask)
+    assert plain.object == "text_completion" and plain.choices[0].text
+    streamed = "".join(c.choices[0].text for c in client.completions.create(**ask, stream=True))
+    assert streamed == plain.choices[0].text
+
+
+def test_stop_strings_cut_the_answer(client: openai.OpenAI) -> None:
+    ask = {"model": "run", "messages": [{"role": "user", "content": QUESTION}], "max_tokens": 24, "temperature": 0}
+    full = client.chat.completions.create(**ask).choices[0].message.content
+    word = full.split()[2]
+    cut = client.chat.completions.create(**ask, stop=[word]).choices[0].message.content
+    assert cut == full[:full.index(word)] and word not in cut
+    streamed = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(
+        **ask, stop=word, stream=True) if c.choices)
+    assert streamed == cut
+
+
+def test_sampling_extensions_pass_through(client: openai.OpenAI) -> None:
+    ask = {"model": "run", "messages": [{"role": "user", "content": QUESTION}], "max_tokens": 10, "seed": 7}
+    extra = {"top_k": 5, "repetition_penalty": 1.2, "no_repeat_ngram_size": 3}
+    first = client.chat.completions.create(**ask, extra_body=extra).choices[0].message.content
+    again = client.chat.completions.create(**ask, extra_body=extra).choices[0].message.content
+    assert first and first == again  # sampling with a seed repeats
+
+
+def test_multi_turn_chat(client: openai.OpenAI) -> None:
+    messages = [{"role": "system", "content": "You tell stories."}, {"role": "user", "content": "Hello"},
+                {"role": "assistant", "content": "Once upon a time."}, {"role": "user", "content": QUESTION}]
+    reply = client.chat.completions.create(model="run", messages=messages, max_tokens=8)
+    assert reply.choices[0].message.content
+
+
+def test_original_api(web_url: str) -> None:
+    status, body = http("POST", f"{web_url}/", {"prompt": QUESTION}, key=KEY)
+    assert status == 200 and set(body) == {"response", "status", "time"}
+    assert body["status"] == 200 and isinstance(body["response"], str) and body["response"]
+    assert re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d", body["time"])
+    status, body = http("GET", f"{web_url}/query/Hello", key=KEY)
+    assert status == 200 and body["query"] == "Hello" and body["answer"] and body["time"] > 0
+
+
+def test_auth_wants_the_key(web_url: str) -> None:
+    for key, message in ((None, "No API key"), ("wrong", "Incorrect API key")):
+        for method, path, body in (("GET", "/v1/models", None), ("POST", "/", {"prompt": "hi"}),
+                                   ("POST", "/v1/chat/completions", {"model": "run", "messages": []})):
+            status, answer = http(method, web_url + path, body, key=key)
+            assert status == 401 and answer["error"]["code"] == "invalid_api_key"
+            assert answer["error"]["message"].startswith(message)
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=f"{web_url}/v1", api_key="wrong", max_retries=0).models.list()
+
+
+def test_time_to_first_token(client: openai.OpenAI) -> None:
+    """Streaming through the openai client: seconds from the request to the first text (median of 5)."""
+    ask = {"model": "run", "messages": [{"role": "user", "content": QUESTION}], "max_tokens": 16, "stream": True}
+    times = []
+    for _ in range(5):
+        start = time.perf_counter()
+        for chunk in client.chat.completions.create(**ask):
+            if chunk.choices and chunk.choices[0].delta.content:
+                times.append(time.perf_counter() - start)
+                break
+    print(f"web.py time to first token: median {statistics.median(times) * 1000:.0f} ms, "
+          f"min {min(times) * 1000:.0f} ms over {len(times)} streamed requests")
+    assert len(times) == 5 and statistics.median(times) < 10
+
+
+# ---- in process: validation, no-key mode, queue order and disconnects ---------------------------
+@pytest.fixture(scope="module")
+def generator(trained_adapter: str) -> Any:
+    """The Generator web.py builds, loaded in this process."""
+    from alpaca_cot.generation import Generator
+    from alpaca_cot.loading import load_for_inference
+
+    return Generator(*load_for_inference(trained_adapter, compute_dtype="fp32"))
+
+
+@pytest.fixture(scope="module")
+def local(generator: Any) -> Iterator[Any]:
+    """A test client on the app without an API key."""
+    from fastapi.testclient import TestClient
+
+    from alpaca_cot.generation import SamplingParams
+    from alpaca_cot.webapp import create_app
+
+    with TestClient(create_app(generator, SamplingParams(max_new_tokens=8), model_id="run", ui=False)) as c:
+        yield c
+
+
+CHAT = {"model": "run", "messages": [{"role": "user", "content": "Hi"}]}
+
+
+@pytest.mark.parametrize("path, body, status, param, code", [
+    ("/v1/chat/completions", {"messages": CHAT["messages"]}, 400, "model", None),
+    ("/v1/chat/completions", {**CHAT, "model": "gpt-4"}, 404, "model", "model_not_found"),
+    ("/v1/chat/completions", {**CHAT, "messages": []}, 400, "messages", None),
+    ("/v1/chat/completions", {**CHAT, "messages": [{"role": "bot", "content": "Hi"}]}, 400, "messages[0].role", None),
+    ("/v1/chat/completions", {**CHAT, "messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, 400,
+     "messages[0].content[0].type", None),
+    ("/v1/chat/completions", {**CHAT, "temperature": 2.5}, 400, "temperature", None),
+    ("/v1/chat/completions", {**CHAT, "top_p": 0}, 400, "top_p", None),
+    ("/v1/chat/completions", {**CHAT, "max_tokens": 0}, 400, "max_tokens", None),
+    ("/v1/chat/completions", {**CHAT, "max_tokens": 100000}, 400, "messages", "context_length_exceeded"),
+    ("/v1/chat/completions", {**CHAT, "n": 2}, 400, "n", None),
+    ("/v1/chat/completions", {**CHAT, "stop": ["a", "b", "c", "d", "e"]}, 400, "stop", None),
+    ("/v1/chat/completions", {**CHAT, "stream": "often"}, 400, "stream", None),
+    ("/v1/chat/completions", {**CHAT, "presence_penalty": 0.5}, 400, "presence_penalty", None),
+    ("/v1/chat/completions", {**CHAT, "logprobs": True}, 400, "logprobs", None),
+    ("/v1/chat/completions", {**CHAT, "tools": []}, 400, "tools", None),
+    ("/v1/chat/completions", b"{not json", 400, None, None),
+    ("/v1/completions", {"model": "run", "prompt": ["one", "two"]}, 400, "prompt", None),
+    ("/v1/completions", {"model": "run", "prompt": "Hi", "echo": True}, 400, "echo", None),
+    ("/", {"question": "Hi"}, 400, "prompt", None),
+])
+def test_invalid_requests_get_openai_errors(local: Any, path: str, body: Any, status: int, param: str | None,
+                                            code: str | None) -> None:
+    response = local.post(path, **({"content": body} if isinstance(body, bytes) else {"json": body}))
+    error = response.json()["error"]
+    assert response.status_code == status, error
+    assert set(error) == {"message", "type", "param", "code"} and error["message"]
+    assert error["type"] == "invalid_request_error" and (error["param"], error["code"]) == (param, code)
+    if param == "tools":
+        assert error["message"] == "Unrecognized request argument supplied: tools"
+
+
+def test_without_a_key_the_api_is_open(local: Any) -> None:
+    assert local.get("/v1/models").json()["data"][0]["id"] == "run"
+    reply = local.post("/v1/chat/completions", json=CHAT)
+    assert reply.status_code == 200 and reply.json()["usage"]["completion_tokens"] <= 8
+    assert local.post("/", json={"prompt": "Hi"}).json()["status"] == 200
+    assert local.get("/nowhere").json()["error"]["message"] == "Not Found: GET /nowhere"
+
+
+def test_chat_history_is_trimmed_to_the_context_window(generator: Any) -> None:
+    from alpaca_cot.generation import SamplingParams
+    from alpaca_cot.webapp import ModelService, record_from_messages
+
+    service = ModelService(generator, SamplingParams(), "run")
+    service.window = 400  # tokens; a long conversation below takes about 1000
+    system = {"role": "system", "content": "You tell stories."}
+    turns = [{"role": role, "content": f"{role} message number {i} about a cat and a dog"}
+             for i in range(20) for role in ("user", "assistant")]
+    history = [system, *turns, {"role": "user", "content": QUESTION}]
+    fitted = service.fit_messages(history, 20)
+    assert fitted[0] == system and fitted[1]["role"] == "user" and fitted[-1] == history[-1]
+    assert fitted[1:] == history[len(history) - len(fitted) + 1:]  # the latest turns, whole exchanges
+    assert service.prompt_tokens(record_from_messages(fitted)) + 20 <= service.window
+    one_more = [system, *history[len(history) - len(fitted) - 1:]]
+    assert service.prompt_tokens(record_from_messages(one_more)) + 20 > service.window
+
+
+@contextmanager
+def slow_model(generator: Any, seconds_per_token: float = 0.02) -> Iterator[list[str]]:
+    """Make every forward pass slow and EOS impossible (answers run to max_tokens); yield the list of
+    instructions the Generator starts on, in order."""
+    eos = generator.tokenizer.eos_token_id
+
+    def hook(module: Any, args: Any, output: Any) -> Any:
+        time.sleep(seconds_per_token)
+        output.logits[..., eos] = float("-inf")
+        return output
+
+    started: list[str] = []
+    real_stream = generator.stream
+
+    def stream(record: dict, *args: Any) -> Iterator[str]:
+        started.append(record["instruction"])
+        return real_stream(record, *args)
+
+    causal_lm = generator.model.get_base_model()  # generate() calls the model under the adapter wrapper
+    handle = causal_lm.register_forward_hook(hook)
+    generator.stream = stream
+    try:
+        yield started
+    finally:
+        handle.remove()
+        del generator.stream
+
+
+@contextmanager
+def serve_in_thread(generator: Any) -> Iterator[str]:
+    """The app without key under uvicorn in a thread, so that clients really connect and disconnect."""
+    import uvicorn
+
+    from alpaca_cot.generation import SamplingParams
+    from alpaca_cot.webapp import create_app
+
+    app = create_app(generator, SamplingParams(max_new_tokens=8), model_id="run", ui=False)
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.05)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+
+
+def ask(url: str, instruction: str, max_tokens: int, timeout: float = 120) -> str:
+    """A non-streaming completion's text."""
+    status, body = http("POST", f"{url}/v1/completions", {"model": "run", "prompt": instruction,
+                                                          "max_tokens": max_tokens}, timeout=timeout)
+    assert status == 200, body
+    return body["choices"][0]["text"]
+
+
+def test_disconnects_free_the_model_and_the_queue_keeps_order(generator: Any) -> None:
+    import httpx
+
+    with slow_model(generator) as started, serve_in_thread(generator) as url:
+        # A streams a long answer (1500 tokens at 20 ms each: 30 s) and hangs up after its first piece.
+        with httpx.Client(timeout=60) as http_client, http_client.stream(
+                "POST", f"{url}/v1/completions", json={"model": "run", "prompt": "A", "max_tokens": 1500,
+                                                       "stream": True}) as stream:
+            lines = stream.iter_lines()
+            assert any(line.startswith("data: {") and '"text": ""' not in line for line in lines)
+            # B queues behind A and gives up before its turn; C and D queue after it, in that order.
+            with pytest.raises(OSError):
+                ask(url, "B", 4, timeout=0.5)
+            time.sleep(1)  # the server notices within DISCONNECT_POLL_S
+            results: dict[str, str] = {}
+            workers = []
+            for name in ("C", "D"):
+                workers.append(threading.Thread(target=lambda n=name: results.setdefault(n, ask(url, n, 4))))
+                workers[-1].start()
+                time.sleep(0.3)  # C arrives first
+        hung_up = time.perf_counter()
+        for worker in workers:
+            worker.join(timeout=60)
+        served_in = time.perf_counter() - hung_up
+    assert started == ["A", "C", "D"]  # B left the queue; the rest were served in arrival order
+    assert set(results) == {"C", "D"}
+    assert served_in < 5, f"C and D waited {served_in:.1f} s after A hung up: A's generation went on"
