@@ -51,6 +51,7 @@ def main(
     learning_rate: float = 3e-4,
     warmup_ratio: float = 0.1,
     gradient_checkpointing: bool = False,
+    packing: bool = True,
     logging_steps: int = 10,
     eval_steps: int | None = None,
     save_steps: int | None = None,
@@ -67,6 +68,10 @@ def main(
     every linear layer. --peft_type: lora | adalora | prompt | p_tuning | prefix | full.
     --compute_dtype: auto (bf16 where the hardware runs it fast, else fp32) | fp32 | bf16 | fp16.
     --quantization_bit 8|4 trains LoRA over a bitsandbytes-quantized base (QLoRA).
+    --packing (default on where the model supports it) trains padding-free: each batch of
+    --per_gpu_train_batch_size records becomes one row, attention stays within each record, so
+    the number of optimizer steps is what the batch size says. --packing False pads instead (and
+    groups records of similar length). --gradient_checkpointing trades speed for memory.
     --resume_from_checkpoint alone resumes from the latest checkpoint in --output_dir.
     --val_set_size is a record count, or a fraction when below 1. --size is accepted for seed
     compatibility and ignored when --model_name_or_path is given.

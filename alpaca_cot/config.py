@@ -56,6 +56,7 @@ class FinetuneArgs:
     learning_rate: float = 3e-4
     warmup_ratio: float = 0.1
     gradient_checkpointing: bool = False
+    packing: bool = True
     logging_steps: int = 10
     eval_steps: int | None = None
     save_steps: int | None = None
@@ -72,6 +73,8 @@ class FinetuneArgs:
         if not self.model_name_or_path:
             raise UserError("Pass --model_name_or_path: a local model folder or a Hugging Face hub id.")
         self.model_name_or_path = str(self.model_name_or_path)
+        if os.path.isdir(self.model_name_or_path):  # saved runs must work from any folder
+            self.model_name_or_path = os.path.abspath(self.model_name_or_path)
         self.data = as_list(self.data) or []
         if not self.data:
             raise UserError("Pass --data: a dataset name from data/registry.json or one or more file paths.")

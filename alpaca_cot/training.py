@@ -20,6 +20,7 @@ from alpaca_cot.datasets import load_data
 from alpaca_cot.errors import UserError
 from alpaca_cot.io import write_json_atomic
 from alpaca_cot.loading import load_model, load_tokenizer, resolve_dtype
+from alpaca_cot.packing import VARLEN_ATTENTION, PackCollator, supports_packing
 from alpaca_cot.registry import get_model_spec
 from alpaca_cot.templates import Template, get_template
 from alpaca_cot.tokenize import IGNORE_INDEX, Encoded, count_trainable, encode_records
@@ -69,8 +70,9 @@ class CountingTrainer(transformers.Trainer):
 
     def training_step(self, model: Any, inputs: dict, num_items_in_batch: Any = None) -> torch.Tensor:
         started = time.perf_counter()
-        self.real_tokens += int(inputs["attention_mask"].sum())
-        self.batch_tokens += int(inputs["attention_mask"].numel())
+        mask = inputs.get("attention_mask")  # packed batches have none: every position is a real token
+        self.real_tokens += int(mask.sum()) if mask is not None else inputs["input_ids"].numel()
+        self.batch_tokens += inputs["input_ids"].numel()
         loss = super().training_step(model, inputs, num_items_in_batch)
         self.step_seconds += time.perf_counter() - started
         return loss
@@ -148,8 +150,13 @@ def run_finetune(args: FinetuneArgs) -> tuple[dict, Any]:
         f"template {template.name}")
 
     full = args.peft_type == "full"
+    packing = args.packing and not args.trust_remote_code and \
+        supports_packing(getattr(transformers, spec.model_class), args.peft_type)
+    if args.packing and not packing:
+        log("--packing is not available for this model or --peft_type; batches are padded and length-grouped.")
     model = load_model(args.model_name_or_path, spec, dtype=torch.float32 if full else dtype,
-                       quantization_bit=args.quantization_bit, trust_remote_code=args.trust_remote_code)
+                       quantization_bit=args.quantization_bit, trust_remote_code=args.trust_remote_code,
+                       attn_implementation=VARLEN_ATTENTION if packing else None)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     per_step = args.per_gpu_train_batch_size * args.gradient_accumulation_steps * world
     total_steps = args.max_steps if args.max_steps > 0 else math.ceil(len(train_data) / per_step * args.epochs)
@@ -185,18 +192,21 @@ def run_finetune(args: FinetuneArgs) -> tuple[dict, Any]:
         save_total_limit=2,
         report_to=[] if args.report_to == "none" else args.report_to.split(","),
         seed=args.seed,
+        # Packed rows have no padding to save; otherwise batch records of similar length.
+        train_sampling_strategy="random" if packing else "group_by_length",
         remove_unused_columns=False,
         ddp_find_unused_parameters=False if world > 1 else None,
         use_cpu=not torch.cuda.is_available(),
         disable_tqdm=not is_main_process(),
     )
+    collator = PackCollator() if packing else PadCollator(tokenizer.pad_token_id)
     trainer = CountingTrainer(model=model, args=training_args, train_dataset=train_data,
-                              eval_dataset=val_data or None, data_collator=PadCollator(tokenizer.pad_token_id),
+                              eval_dataset=val_data or None, data_collator=collator,
                               processing_class=tokenizer,
                               callbacks=[AdaLoraCallback(model)] if args.peft_type == "adalora" else None)
     metrics: dict[str, Any] = {"train_records": len(train_data), "validation_records": len(val_data),
                                "world_size": world, "dtype": str(dtype).removeprefix("torch."),
-                               "template": template.name, "total_steps": total_steps}
+                               "template": template.name, "total_steps": total_steps, "packing": packing}
     result = trainer.train(resume_from_checkpoint=args.resume_from_checkpoint or None)
     first_eval = next((h for h in trainer.state.log_history if "eval_loss" in h), None)
     if first_eval is not None and first_eval["step"] == 0:

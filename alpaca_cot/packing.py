@@ -1,0 +1,77 @@
+"""Padding-free batches: a batch's samples flattened into one row, attention computed per sample.
+
+Inputs ``[s1 s2 s3]`` in one row with ``position_ids`` restarting at 0 for each sample; labels are
+-100 at each sample's first token, so no sample learns to predict across a boundary. The
+attention function ``varlen_sdpa`` runs causal SDPA on each sample's slice (from the cumulative
+lengths ``cu_seq_lens_q``), so the cost is that of the samples, not of one row-long quadratic mask,
+and no sample attends to another. Linear layers see only real tokens: no padding at all.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from transformers import AttentionInterface
+from transformers.masking_utils import AttentionMaskInterface
+
+from alpaca_cot.tokenize import IGNORE_INDEX
+
+VARLEN_ATTENTION = "varlen_sdpa"
+
+
+def varlen_sdpa_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                          attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
+                          cu_seq_lens_q: torch.Tensor | None = None, **kwargs: Any) -> tuple[torch.Tensor, None]:
+    """Causal attention per packed sample; query/key/value are (1, heads, tokens, head_dim)."""
+    groups = query.shape[1] // key.shape[1]
+    if groups > 1:  # grouped-query attention: share each key/value head across its query heads
+        key = key.repeat_interleave(groups, dim=1)
+        value = value.repeat_interleave(groups, dim=1)
+    if cu_seq_lens_q is None:  # an ordinary (unpacked) call, e.g. generation: plain causal SDPA
+        bounds = [0, query.shape[2]]
+    else:
+        bounds = cu_seq_lens_q.tolist()
+    outputs = [
+        torch.nn.functional.scaled_dot_product_attention(
+            query[:, :, a:b], key[:, :, a:b], value[:, :, a:b], is_causal=True, scale=scaling,
+            dropout_p=dropout if module.training else 0.0)
+        for a, b in zip(bounds[:-1], bounds[1:], strict=True)
+    ]
+    return torch.cat(outputs, dim=2).transpose(1, 2).contiguous(), None
+
+
+def _no_mask(*args: Any, **kwargs: Any) -> None:
+    return None  # causality and sample boundaries are handled inside varlen_sdpa_attention
+
+
+AttentionInterface.register(VARLEN_ATTENTION, varlen_sdpa_attention)
+AttentionMaskInterface.register(VARLEN_ATTENTION, _no_mask)
+
+
+def supports_packing(model_class: type, peft_type: str) -> bool:
+    """Packing needs the transformers attention interface (not old or remote-code models) and real tokens
+    only (prompt/prefix tuning add virtual tokens to every sample)."""
+    return bool(getattr(model_class, "_supports_attention_backend", False)) and peft_type in ("lora", "adalora",
+                                                                                             "full")
+
+
+class PackCollator:
+    """Flattens a batch of ``{"input_ids", "labels"}`` samples into one padding-free row."""
+
+    def __call__(self, features: list[dict]) -> dict[str, Any]:
+        ids: list[int] = []
+        labels: list[int] = []
+        positions: list[int] = []
+        bounds = [0]
+        for f in features:
+            n = len(f["input_ids"])
+            ids += f["input_ids"]
+            labels += [IGNORE_INDEX] + list(f["labels"][1:])
+            positions += range(n)
+            bounds.append(bounds[-1] + n)
+        cu = torch.tensor(bounds, dtype=torch.int32)
+        longest = max(b - a for a, b in zip(bounds[:-1], bounds[1:], strict=True))
+        return {"input_ids": torch.tensor([ids]), "labels": torch.tensor([labels]),
+                "position_ids": torch.tensor([positions]), "cu_seq_lens_q": cu, "cu_seq_lens_k": cu,
+                "max_length_q": longest, "max_length_k": longest}
