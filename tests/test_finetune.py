@@ -45,7 +45,10 @@ def test_seed_argv_becomes_fire_argv(monkeypatch) -> None:
 def test_main_run_learns_and_saves_everything(trained_adapter: str) -> None:
     metrics = json.load(open(os.path.join(trained_adapter, "metrics.json")))
     assert metrics["eval_loss_after"] < metrics["eval_loss_before"] - 0.05
-    assert metrics["effective_tokens_per_s"] > 0 and 0 <= metrics["padding_fraction"] < 1
+    assert metrics["effective_tokens_per_s"] > 0
+    # Packing is on by default: no padding, and one optimizer step per batch of 8 records.
+    assert metrics["packing"] is True and metrics["padding_fraction"] == 0
+    assert metrics["steps"] == -(-metrics["train_records"] // 8)
     for name in ("adapter_config.json", "tokenizer.json", "finetune_args.json", "template.json", "loss_curve.png"):
         assert os.path.isfile(os.path.join(trained_adapter, name)), name
     with open(os.path.join(trained_adapter, "loss_curve.png"), "rb") as f:
