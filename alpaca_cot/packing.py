@@ -5,6 +5,9 @@ Inputs ``[s1 s2 s3]`` in one row with ``position_ids`` restarting at 0 for each 
 attention function ``varlen_sdpa`` runs causal SDPA on each sample's slice (from the cumulative
 lengths ``cu_seq_lens_q``), so the cost is that of the samples, not of one row-long quadratic mask,
 and no sample attends to another. Linear layers see only real tokens: no padding at all.
+
+The output head runs only where a label follows (``logits_to_keep``): prompt positions never
+need logits, and the head (hidden x vocabulary) is a large share of a small model's cost.
 """
 
 from __future__ import annotations
@@ -72,6 +75,20 @@ class PackCollator:
             bounds.append(bounds[-1] + n)
         cu = torch.tensor(bounds, dtype=torch.int32)
         longest = max(b - a for a, b in zip(bounds[:-1], bounds[1:], strict=True))
-        return {"input_ids": torch.tensor([ids]), "labels": torch.tensor([labels]),
+        label_tensor = torch.tensor([labels])
+        # Position p predicts the token at p + 1: keep the positions whose next label counts.
+        keep = (label_tensor[0, 1:] != IGNORE_INDEX).nonzero().flatten()
+        return {"input_ids": torch.tensor([ids]), "labels": label_tensor,
                 "position_ids": torch.tensor([positions]), "cu_seq_lens_q": cu, "cu_seq_lens_k": cu,
-                "max_length_q": longest, "max_length_k": longest}
+                "max_length_q": longest, "max_length_k": longest, "logits_to_keep": keep}
+
+
+def packed_loss(outputs: Any, labels: torch.Tensor, num_items_in_batch: Any = None) -> torch.Tensor:
+    """Token cross-entropy over the kept logits (``Trainer(compute_loss_func=...)``): the mean over
+    label tokens, or their sum over ``num_items_in_batch`` under gradient accumulation."""
+    targets = labels[0, 1:]
+    targets = targets[targets != IGNORE_INDEX]
+    logits = outputs.logits[0].float()
+    loss = torch.nn.functional.cross_entropy(logits, targets, reduction="sum")
+    total = num_items_in_batch if num_items_in_batch is not None else targets.numel()
+    return loss / total

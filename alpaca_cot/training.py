@@ -20,7 +20,7 @@ from alpaca_cot.datasets import load_data
 from alpaca_cot.errors import UserError
 from alpaca_cot.io import write_json_atomic
 from alpaca_cot.loading import load_model, load_tokenizer, resolve_dtype
-from alpaca_cot.packing import VARLEN_ATTENTION, PackCollator, supports_packing
+from alpaca_cot.packing import VARLEN_ATTENTION, PackCollator, packed_loss, supports_packing
 from alpaca_cot.registry import get_model_spec
 from alpaca_cot.templates import Template, get_template
 from alpaca_cot.tokenize import IGNORE_INDEX, Encoded, count_trainable, encode_records
@@ -202,7 +202,7 @@ def run_finetune(args: FinetuneArgs) -> tuple[dict, Any]:
     collator = PackCollator() if packing else PadCollator(tokenizer.pad_token_id)
     trainer = CountingTrainer(model=model, args=training_args, train_dataset=train_data,
                               eval_dataset=val_data or None, data_collator=collator,
-                              processing_class=tokenizer,
+                              processing_class=tokenizer, compute_loss_func=packed_loss if packing else None,
                               callbacks=[AdaLoraCallback(model)] if args.peft_type == "adalora" else None)
     metrics: dict[str, Any] = {"train_records": len(train_data), "validation_records": len(val_data),
                                "world_size": world, "dtype": str(dtype).removeprefix("torch."),
