@@ -144,7 +144,8 @@ class Generator:
                stop_event: threading.Event | None = None) -> Iterator[str]:
         """Yield answer text pieces as they are generated; setting ``stop_event`` ends generation.
 
-        Text that could begin a template stop string is held back until it is known not to.
+        Text that could begin a template stop string, and trailing spaces, are held back until they
+        are known not to end the answer; the rest is sent at once.
         Beam search cannot stream in transformers: its answer comes as one piece.
         """
         params = params or SamplingParams()
@@ -171,7 +172,6 @@ class Generator:
         thread = threading.Thread(target=work, daemon=True)
         thread.start()
         stops = self.template.stop_strings
-        hold = max((len(s) for s in stops), default=1) - 1
         text, emitted = "", 0
         try:
             for piece in streamer:
@@ -180,21 +180,28 @@ class Generator:
                     text = text.lstrip()
                 hits = [text.find(s) for s in stops if s in text]
                 if hits:
-                    if min(hits) > emitted:
-                        yield text[emitted:min(hits)].rstrip()
-                    emitted = len(text)
+                    text = text[:min(hits)]
                     break
-                safe = len(text) - hold
+                safe = len(text[:len(text) - _stop_start_length(text, stops)].rstrip())
                 if safe > emitted:
                     yield text[emitted:safe]
                     emitted = safe
-            if emitted < len(text):
-                yield text[emitted:].rstrip()
+            rest = text.rstrip()[emitted:]
+            if rest:
+                yield rest
         finally:
             stop_event.set()  # a consumer that stops early (client gone) frees the model
             thread.join()
         if error:
             raise error[0]
+
+
+def _stop_start_length(text: str, stops: tuple[str, ...]) -> int:
+    """Length of the longest end of ``text`` that could be the start of a stop string."""
+    for n in range(min(len(text), max((len(s) for s in stops), default=0)), 0, -1):
+        if any(s.startswith(text[-n:]) for s in stops):
+            return n
+    return 0
 
 
 class _EventStop(transformers.StoppingCriteria):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -65,6 +66,12 @@ def test_batches_are_length_sorted_and_equal_one_at_a_time(generator: Generator,
 def test_stream_gives_the_generated_answer(generator: Generator, records: list[dict]) -> None:
     for record in records[:3]:
         assert "".join(generator.stream(record, GREEDY)) == generator.generate([record], GREEDY)[0]
+    # Stop strings that this model writes: the stream is cut where generate's answer is.
+    cutting = Generator(generator.model, generator.tokenizer,
+                        dataclasses.replace(generator.template, stop_strings=("said", "ing", " the ")))
+    cut = cutting.generate(records, GREEDY)
+    assert sum(a != b for a, b in zip(cut, generator.generate(records, GREEDY), strict=True)) >= 6
+    assert ["".join(cutting.stream(r, GREEDY)) for r in records] == cut
     beams = SamplingParams(do_sample=False, max_new_tokens=16, num_beams=2)  # beam search cannot stream
     assert list(generator.stream(records[0], beams)) == generator.generate([records[0]], beams)
 
