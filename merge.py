@@ -7,6 +7,8 @@ Usage:
 
 from __future__ import annotations
 
+import os
+
 from alpaca_cot.cli import run_cli
 from alpaca_cot.errors import UserError
 from alpaca_cot.merging import merge_adapter
@@ -22,7 +24,7 @@ def main(
     quantization_bit: int | None = None,
     trust_remote_code: bool = False,
     # output
-    merged_dir: str = "saved_models/merged",
+    merged_dir: str | None = None,
     save_dtype: str = "auto",
     max_shard_size: str = "2GB",
     overwrite: bool = False,
@@ -35,10 +37,12 @@ def main(
     change every weight the adapter updates, and its logits must equal the adapter model's on a probe
     input (within 1e-4 x the largest logit in fp32); merge.json records both. The merge runs in
     --compute_dtype (fp32 by default); --save_dtype auto keeps the base checkpoint's dtype. A
-    quantized base is refused. A non-empty --merged_dir is replaced only with --overwrite.
+    quantized base is refused. --merged_dir defaults to LORA_DIR-merged; a non-empty one is
+    replaced only with --overwrite.
     """
     if not lora_dir:
         raise UserError("Pass --lora_dir: the output folder of uniform_finetune.py that holds the adapter.")
+    merged_dir = merged_dir or os.path.normpath(str(lora_dir)) + "-merged"
     report = merge_adapter(str(lora_dir), str(merged_dir), model_type=model_type, model_name_or_path=model_name_or_path,
                            size=size, compute_dtype=compute_dtype, save_dtype=save_dtype,
                            quantization_bit=quantization_bit, trust_remote_code=trust_remote_code,

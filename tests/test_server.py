@@ -138,7 +138,11 @@ def test_chat_on_a_terminal(trained_adapter: str) -> None:
             assert answer.strip() and "Traceback" not in answer
             term.expect("User: ")
         assert re.search(r"\(dropped the \d+ oldest exchanges? to fit the 1700-token context window\)", term.seen)
-        term.interrupt()  # at the prompt Ctrl-C only discards the line, as in a shell
+        # At the prompt Ctrl-C only discards the line, as in a shell. A SIGINT that lands between the
+        # prompt being written and the read starting waits for the next line (CPython's input()),
+        # so give the script the moment a person would.
+        time.sleep(0.5)
+        term.interrupt()
         term.expect("User: ")
         term.type("clear")
         term.expect("History cleared.")
