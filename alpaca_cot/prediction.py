@@ -111,11 +111,12 @@ class PredictionRun:
         return len(self.new) / max(time.perf_counter() - start, 1e-9)
 
     def finish(self) -> list[dict]:
-        """Every record with its prediction, in input order; the file is rewritten in that order if it changed."""
+        """Every record with its prediction, in input order; the file is rewritten in that order if it is not."""
+        written = self.done + self.new
         by_key: dict[str, list[dict]] = defaultdict(list)
-        for row in self.done + self.new:
+        for row in written:
             by_key[record_key(row)].append(row)
         ordered = [by_key[record_key(r)].pop(0) for r in self.records]
-        if self.new:
+        if ordered != written:  # batches are written longest prompts first
             write_text_atomic(self.path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in ordered))
         return ordered

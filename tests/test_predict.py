@@ -129,6 +129,17 @@ def test_torn_last_line_is_cut_and_foreign_predictions_refused(tmp_path) -> None
         read_predictions(str(path))
 
 
+def test_a_complete_file_is_put_in_input_order(tmp_path) -> None:
+    # As if killed after the last batch (batches are written longest prompt first) but before the reorder.
+    records = [{"instruction": "short", "input": ""}, {"instruction": "a longer one", "input": ""}]
+    path = tmp_path / "p.jsonl"
+    path.write_text("".join(json.dumps({**r, "generate": "x"}) + "\n" for r in reversed(records)), encoding="utf-8")
+    run = PredictionRun(records, str(path))
+    assert run.todo == []
+    assert [r["instruction"] for r in run.finish()] == ["short", "a longer one"]
+    assert [r["instruction"] for r in _lines(str(path))] == ["short", "a longer one"]
+
+
 def _lines(path: str) -> list[dict]:
     with open(path, encoding="utf-8") as f:
         return [json.loads(line) for line in f if line.strip()]
