@@ -29,6 +29,7 @@ def main(
     val_set_size: float = 2000,
     max_samples: int | None = None,
     train_on_inputs: bool = False,
+    cache_dir: str | None = None,
     # PEFT
     peft_type: str = "lora",
     lora_r: int = 8,
@@ -73,8 +74,10 @@ def main(
     the number of optimizer steps is what the batch size says. --packing False pads instead (and
     groups records of similar length). --gradient_checkpointing trades speed for memory.
     --resume_from_checkpoint alone resumes from the latest checkpoint in --output_dir.
-    --val_set_size is a record count, or a fraction when below 1. --size is accepted for seed
-    compatibility and ignored when --model_name_or_path is given.
+    Tokenized data is cached in --cache_dir (default ~/.cache/alpaca_cot/tokenized), keyed by the
+    data, tokenizer, template, cutoff and split. --val_set_size is a record count, or a fraction
+    when below 1. --size is accepted for seed compatibility and ignored when
+    --model_name_or_path is given.
     """
     if model_name_or_path is None and size is not None:
         model_name_or_path = default_checkpoint(model_type, size)

@@ -34,6 +34,7 @@ class FinetuneArgs:
     val_set_size: float = 2000
     max_samples: int | None = None
     train_on_inputs: bool = False
+    cache_dir: str | None = None
     # PEFT
     peft_type: str = "lora"
     lora_r: int = 8

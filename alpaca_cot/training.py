@@ -16,14 +16,14 @@ import transformers
 
 from alpaca_cot.adapters import apply_peft, build_peft_config, resolve_target_modules
 from alpaca_cot.config import FinetuneArgs
-from alpaca_cot.datasets import load_data
 from alpaca_cot.errors import UserError
 from alpaca_cot.io import write_json_atomic
 from alpaca_cot.loading import load_model, load_tokenizer, resolve_dtype
 from alpaca_cot.packing import VARLEN_ATTENTION, PackCollator, packed_loss, supports_packing
+from alpaca_cot.prepared import prepare_splits
 from alpaca_cot.registry import get_model_spec
 from alpaca_cot.templates import Template, get_template
-from alpaca_cot.tokenize import IGNORE_INDEX, Encoded, count_trainable, encode_records
+from alpaca_cot.tokenize import IGNORE_INDEX
 
 METRICS_FILE = "metrics.json"
 LOSS_PLOT = "loss_curve.png"
@@ -100,17 +100,6 @@ def split_records(records: list[dict], val_set_size: float, seed: int) -> tuple[
     return shuffled[n_val:], shuffled[:n_val]
 
 
-def encode_split(records: list[dict], template: Template, tokenizer: Any, args: FinetuneArgs,
-                 split: str) -> list[dict]:
-    """Tokenize a split; records left without trainable tokens are reported, then left out."""
-    encoded: list[Encoded] = encode_records(records, template, tokenizer, args.cutoff_len, args.train_on_inputs)
-    kept = [{"input_ids": e.input_ids, "labels": e.labels} for e in encoded if count_trainable(e) > 0]
-    if len(kept) < len(encoded):
-        log(f"{split}: {len(encoded) - len(kept)} of {len(encoded)} records have no answer tokens left after "
-            f"truncation to --cutoff_len {args.cutoff_len} (their prompt fills it); they are left out.")
-    return kept
-
-
 def prepare_output_dir(args: FinetuneArgs) -> None:
     """Refuse to overwrite a previous run unless resuming or asked to."""
     out = args.output_dir
@@ -138,16 +127,17 @@ def run_finetune(args: FinetuneArgs) -> tuple[dict, Any]:
     tokenizer = load_tokenizer(args.model_name_or_path, spec, args.trust_remote_code)
     template = get_template(args.template or _default_template(spec.template, tokenizer), tokenizer)
 
-    records = load_data(args.data)
-    if args.max_samples:
-        records = records[: int(args.max_samples)]
-    train_records, val_records = split_records(records, args.val_set_size, args.seed)
-    train_data = encode_split(train_records, template, tokenizer, args, "train")
-    val_data = encode_split(val_records, template, tokenizer, args, "validation") if val_records else []
-    if not train_data:
+    train_data, val_data, info = prepare_splits(
+        args, tokenizer, template, lambda records: split_records(records, args.val_set_size, args.seed),
+        cache_dir=args.cache_dir)
+    for name in ("train", "val"):
+        if info[f"{name}_dropped"]:
+            log(f"{name}: {info[f'{name}_dropped']} records have no answer tokens left after truncation to "
+                f"--cutoff_len {args.cutoff_len} (their prompt fills it); they are left out.")
+    if not len(train_data):
         raise UserError("No training record has answer tokens within --cutoff_len; raise --cutoff_len.")
     log(f"data: {len(train_data)} training and {len(val_data)} validation records from {', '.join(args.data)}; "
-        f"template {template.name}")
+        f"template {template.name}; tokenized data cache {info['cache']} ({info['cache_file']})")
 
     full = args.peft_type == "full"
     packing = args.packing and not args.trust_remote_code and \
@@ -182,10 +172,10 @@ def run_finetune(args: FinetuneArgs) -> tuple[dict, Any]:
         bf16=dtype == torch.bfloat16,
         fp16=dtype == torch.float16,
         logging_steps=args.logging_steps,
-        eval_strategy="steps" if val_data else "no",
+        eval_strategy="steps" if len(val_data) else "no",
         # Evaluate before training inside train(): a trainer.evaluate() call before train() leaves
         # the model unwrapped by DDP in transformers 5 (ranks then drift apart; see tests/test_ddp.py).
-        eval_on_start=bool(val_data) and not args.resume_from_checkpoint,
+        eval_on_start=bool(len(val_data)) and not args.resume_from_checkpoint,
         eval_steps=args.eval_steps or every,
         save_strategy="steps",
         save_steps=args.save_steps or every,
@@ -201,12 +191,13 @@ def run_finetune(args: FinetuneArgs) -> tuple[dict, Any]:
     )
     collator = PackCollator() if packing else PadCollator(tokenizer.pad_token_id)
     trainer = CountingTrainer(model=model, args=training_args, train_dataset=train_data,
-                              eval_dataset=val_data or None, data_collator=collator,
+                              eval_dataset=val_data if len(val_data) else None, data_collator=collator,
                               processing_class=tokenizer, compute_loss_func=packed_loss if packing else None,
                               callbacks=[AdaLoraCallback(model)] if args.peft_type == "adalora" else None)
     metrics: dict[str, Any] = {"train_records": len(train_data), "validation_records": len(val_data),
-                               "world_size": world, "dtype": str(dtype).removeprefix("torch."),
-                               "template": template.name, "total_steps": total_steps, "packing": packing}
+                               "data_cache": info["cache"], "world_size": world,
+                               "dtype": str(dtype).removeprefix("torch."), "template": template.name,
+                               "total_steps": total_steps, "packing": packing}
     result = trainer.train(resume_from_checkpoint=args.resume_from_checkpoint or None)
     first_eval = next((h for h in trainer.state.log_history if "eval_loss" in h), None)
     if first_eval is not None and first_eval["step"] == 0:
@@ -214,7 +205,7 @@ def run_finetune(args: FinetuneArgs) -> tuple[dict, Any]:
         log(f"eval loss before training: {metrics['eval_loss_before']:.4f}")
     metrics.update(train_loss=result.training_loss, train_runtime_s=result.metrics["train_runtime"],
                    steps=trainer.state.global_step)
-    if val_data:
+    if len(val_data):
         metrics["eval_loss_after"] = trainer.evaluate()["eval_loss"]
         log(f"eval loss after training: {metrics['eval_loss_after']:.4f}")
     metrics.update(_throughput(trainer, world))
