@@ -10,6 +10,7 @@ from typing import TextIO
 
 from alpaca_cot.errors import UserError
 from alpaca_cot.generation import Generator, SamplingParams
+from alpaca_cot.templates import record_from_messages
 
 
 class ChatSession:
@@ -30,6 +31,9 @@ class ChatSession:
         """Forget the conversation (the system message stays)."""
         self.turns = []
 
+    def _prompt_tokens(self, turns: list[dict]) -> int:
+        return self.generator.prompt_length(record_from_messages(self.system + turns))
+
     def prompt_budget(self) -> int:
         """Tokens the prompt may take: the context window less room for the answer."""
         return self.context_window - self.params.max_new_tokens
@@ -41,7 +45,7 @@ class ChatSession:
         """
         turns = [*self.turns, {"role": "user", "content": text}]
         dropped = 0
-        while (length := self.generator.prompt_length({"messages": self.system + turns})) > self.prompt_budget():
+        while (length := self._prompt_tokens(turns)) > self.prompt_budget():
             if len(turns) == 1:
                 raise UserError(f"This message makes a {length}-token prompt; with --max_new_tokens "
                                 f"{self.params.max_new_tokens} only {self.prompt_budget()} tokens fit the "
@@ -55,7 +59,7 @@ class ChatSession:
         """Stream the answer to the last message; it joins the history, even when stopped early."""
         pieces: list[str] = []
         try:
-            for piece in self.generator.stream({"messages": self.system + self.turns}, self.params, stop_event):
+            for piece in self.generator.stream(record_from_messages(self.system + self.turns), self.params, stop_event):
                 pieces.append(piece)
                 yield piece
         finally:

@@ -73,6 +73,9 @@ class Generator:
         self.template = template
         self.device = next(model.parameters()).device
         self.lock = threading.Lock()  # one model: requests are served one at a time, in order
+        # Encoding with padding mutates the fast tokenizer's state: concurrent calls from server
+        # threads fail with "Already borrowed", so encoding is serialised too.
+        self.tokenizer_lock = threading.Lock()
         stop = {tokenizer.eos_token_id}
         if template.kind == "chat":
             marker = template._end_marker(tokenizer)
@@ -96,12 +99,14 @@ class Generator:
 
     def prompt_length(self, record: dict) -> int:
         """How many tokens the inference prompt of ``record`` takes."""
-        ids = self.tokenizer(self.prompt(record), add_special_tokens=self.template.add_special_tokens)["input_ids"]
-        return len(ids)
+        prompt = self.prompt(record)
+        with self.tokenizer_lock:
+            return len(self.tokenizer(prompt, add_special_tokens=self.template.add_special_tokens)["input_ids"])
 
     def _encode(self, prompts: list[str]) -> dict[str, torch.Tensor]:
-        batch = self.tokenizer(prompts, return_tensors="pt", padding=True,
-                               add_special_tokens=self.template.add_special_tokens)
+        with self.tokenizer_lock:
+            batch = self.tokenizer(prompts, return_tensors="pt", padding=True,
+                                   add_special_tokens=self.template.add_special_tokens)
         return {k: v.to(self.device) for k, v in batch.items() if k in ("input_ids", "attention_mask")}
 
     def _generate_kwargs(self, params: SamplingParams) -> dict[str, Any]:
@@ -129,7 +134,8 @@ class Generator:
         """
         params = params or SamplingParams()
         prompts = [self.prompt(r) for r in records]
-        lengths = [len(ids) for ids in self.tokenizer(prompts, add_special_tokens=False)["input_ids"]]
+        with self.tokenizer_lock:
+            lengths = [len(ids) for ids in self.tokenizer(prompts, add_special_tokens=False)["input_ids"]]
         order = sorted(range(len(prompts)), key=lambda i: -lengths[i])
         for start in range(0, len(order), batch_size):
             chunk = order[start:start + batch_size]

@@ -65,6 +65,14 @@ def to_messages(record: dict) -> list[dict]:
     return messages
 
 
+def record_from_messages(messages: list[dict]) -> dict:
+    """Chat messages as a unified record: a lone user turn is a single-turn instruction, so chat
+    front ends prompt a model exactly as single-turn training data did."""
+    if len(messages) == 1 and messages[0]["role"] == "user":
+        return {"instruction": messages[0]["content"], "input": ""}
+    return {"messages": messages}
+
+
 @dataclass(frozen=True)
 class Template:
     """How records become text. ``kind`` is "alpaca" or "chat"; the other fields are its data."""

@@ -31,6 +31,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from starlette.exceptions import HTTPException
 
 from alpaca_cot.generation import Generator, SamplingParams
+from alpaca_cot.templates import record_from_messages
 
 UI_PATH = "/ui"
 DISCONNECT_POLL_S = 0.25  # how often a non-streaming request checks that its client is still there
@@ -159,13 +160,10 @@ def text_of(content: str | list[Any]) -> str:
     return "".join(part.get("text", "") for part in parts if part.get("type") == "text")
 
 
-def record_from_messages(messages: list[dict]) -> dict:
-    """A unified record: one user turn is a single-turn instruction (as Alpaca data trains it)."""
-    turns = [{"role": "system" if m["role"] == "developer" else m["role"], "content": m["content"]}
-             for m in messages]
-    if len(turns) == 1 and turns[0]["role"] == "user":
-        return {"instruction": turns[0]["content"], "input": ""}
-    return {"messages": turns}
+def openai_record(messages: list[dict]) -> dict:
+    """OpenAI messages as a unified record (OpenAI's "developer" role is our system turn)."""
+    return record_from_messages([{"role": "system" if m["role"] == "developer" else m["role"],
+                                  "content": m["content"]} for m in messages])
 
 
 class ModelService:
@@ -208,7 +206,7 @@ class ModelService:
         """Drop the oldest turns (a system turn stays) until the prompt leaves room for the answer."""
         head = messages[:1] if messages[0]["role"] == "system" else []
         turns = messages[len(head):]
-        while len(turns) > 1 and self.prompt_tokens(record_from_messages(head + turns)) + max_new_tokens > self.window:
+        while len(turns) > 1 and self.prompt_tokens(openai_record(head + turns)) + max_new_tokens > self.window:
             turns = turns[2:] if len(turns) > 2 else turns[1:]
         return head + turns
 
@@ -420,7 +418,7 @@ def create_app(generator: Generator, defaults: SamplingParams | None = None, *, 
     @app.post("/v1/chat/completions", dependencies=api)
     async def chat_completions(request: Request, req: ChatCompletionRequest) -> Response:
         messages = [{"role": m.role, "content": text_of(m.content)} for m in req.messages]
-        return await answer(request, req, record_from_messages(messages), "chat.completion")
+        return await answer(request, req, openai_record(messages), "chat.completion")
 
     @app.post("/v1/completions", dependencies=api)
     async def completions(request: Request, req: CompletionRequest) -> Response:

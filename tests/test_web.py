@@ -257,7 +257,8 @@ def test_without_a_key_the_api_is_open(local: Any) -> None:
 
 def test_chat_history_is_trimmed_to_the_context_window(generator: Any) -> None:
     from alpaca_cot.generation import SamplingParams
-    from alpaca_cot.webapp import ModelService, record_from_messages
+    from alpaca_cot.templates import record_from_messages
+    from alpaca_cot.webapp import ModelService
 
     service = ModelService(generator, SamplingParams(), "run")
     service.window = 400  # tokens; a long conversation below takes about 1000
