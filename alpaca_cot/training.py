@@ -17,6 +17,7 @@ import transformers
 from alpaca_cot.adapters import apply_peft, build_peft_config, resolve_target_modules
 from alpaca_cot.config import FinetuneArgs
 from alpaca_cot.errors import UserError
+from alpaca_cot.flops import matmul_peak_flops, mean_causal_context, training_flops_per_token
 from alpaca_cot.io import write_json_atomic
 from alpaca_cot.loading import load_model, load_tokenizer, resolve_dtype
 from alpaca_cot.packing import VARLEN_ATTENTION, PackCollator, packed_loss, supports_packing
@@ -198,6 +199,8 @@ def run_finetune(args: FinetuneArgs) -> tuple[dict, Any]:
                                "data_cache": info["cache"], "world_size": world,
                                "dtype": str(dtype).removeprefix("torch."), "template": template.name,
                                "total_steps": total_steps, "packing": packing}
+    # The precision actually in use: autocast runs the matmuls in bf16/fp16 even over fp32 weights.
+    peak = matmul_peak_flops(dtype, next(model.parameters()).device)
     result = trainer.train(resume_from_checkpoint=args.resume_from_checkpoint or None)
     first_eval = next((h for h in trainer.state.log_history if "eval_loss" in h), None)
     if first_eval is not None and first_eval["step"] == 0:
@@ -209,10 +212,15 @@ def run_finetune(args: FinetuneArgs) -> tuple[dict, Any]:
         metrics["eval_loss_after"] = trainer.evaluate()["eval_loss"]
         log(f"eval loss after training: {metrics['eval_loss_after']:.4f}")
     metrics.update(_throughput(trainer, world))
+    metrics["flops_per_token"] = training_flops_per_token(model, full, mean_causal_context(train_data.lengths()))
+    metrics["matmul_peak_gflops"] = peak / 1e9
+    metrics["mfu"] = metrics["effective_tokens_per_s"] / world * metrics["flops_per_token"] / peak
     if world > 1:
         metrics["replicas_in_sync"] = _replicas_in_sync(trainer.model)
     log(f"throughput: {metrics['effective_tokens_per_s']:.0f} effective (non-padding) tokens/s over "
-        f"{metrics['train_step_seconds']:.1f} s of training steps; padding {metrics['padding_fraction']:.1%}")
+        f"{metrics['train_step_seconds']:.1f} s of training steps; padding {metrics['padding_fraction']:.1%}; "
+        f"MFU {metrics['mfu']:.0%} of the {metrics['matmul_peak_gflops']:.0f} GFLOP/s {metrics['dtype']} matmul peak "
+        f"measured at start-up")
     if trainer.is_world_process_zero():
         save_outputs(args, trainer, tokenizer, template, metrics)
     return metrics, trainer.model

@@ -15,6 +15,9 @@ PYTHON = sys.executable
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# The test models are tiny: one thread is faster than two (no synchronisation), and far faster
+# when the machine is busy. Subprocesses inherit it.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 def shared_path(*parts: str) -> str:

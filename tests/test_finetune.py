@@ -45,7 +45,8 @@ def test_seed_argv_becomes_fire_argv(monkeypatch) -> None:
 def test_main_run_learns_and_saves_everything(trained_adapter: str) -> None:
     metrics = json.load(open(os.path.join(trained_adapter, "metrics.json")))
     assert metrics["eval_loss_after"] < metrics["eval_loss_before"] - 0.05
-    assert metrics["effective_tokens_per_s"] > 0
+    assert metrics["effective_tokens_per_s"] > 0 and metrics["matmul_peak_gflops"] > 1
+    assert 0 < metrics["mfu"] < 1.5 and metrics["flops_per_token"] > 4 * 200_000
     # Packing is on by default: no padding, and one optimizer step per batch of 8 records.
     assert metrics["packing"] is True and metrics["padding_fraction"] == 0
     assert metrics["steps"] == -(-metrics["train_records"] // 8)
