@@ -145,3 +145,16 @@ def test_fp16_on_cpu_is_replaced_with_a_reason() -> None:
         pytest.skip("fp16 is fine on GPUs")
     dtype, note = resolve_dtype("fp16")
     assert dtype in (torch.bfloat16, torch.float32) and "100x slower" in note
+
+
+def test_converted_raw_files_train(tmp_path, stories_dir: str) -> None:
+    # The collection's converters feed training: FLAN CoT (single-turn) and ShareGPT (multi-turn).
+    from tests.conftest import shared_path
+
+    for raw, name in ((("flan_v2_cot", "qasc_train.tsv"), "cot.json"), (("fastchat", "dummy_conversation.json"),
+                                                                         "chat.json")):
+        run_script("data/collection.py", "convert", shared_path("data", "raw", *raw), str(tmp_path / name))
+    args = _args(stories_dir, str(tmp_path / "cot.json"), tmp_path / "out", max_steps=2)
+    args.data.append(str(tmp_path / "chat.json"))
+    metrics, _ = run_finetune(args)
+    assert metrics["steps"] == 2 and metrics["train_loss"] > 0
