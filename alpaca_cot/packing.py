@@ -26,22 +26,39 @@ VARLEN_ATTENTION = "varlen_sdpa"
 def varlen_sdpa_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                           attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
                           cu_seq_lens_q: torch.Tensor | None = None, **kwargs: Any) -> tuple[torch.Tensor, None]:
-    """Causal attention per packed sample; query/key/value are (1, heads, tokens, head_dim)."""
+    """Causal attention per packed sample; query/key/value are (1, heads, tokens, head_dim).
+
+    The samples are laid out right-padded as (samples, heads, longest, head_dim) for one causal
+    SDPA call: with causal masking a real position never sees the padding after it, so no mask is
+    needed, and only attention (not the linear layers) touches padding. Measured on the benchmark
+    model, one call this way beats one SDPA call per sample, whose many small slices and
+    concatenations cost a third of a training step.
+    """
     groups = query.shape[1] // key.shape[1]
     if groups > 1:  # grouped-query attention: share each key/value head across its query heads
         key = key.repeat_interleave(groups, dim=1)
         value = value.repeat_interleave(groups, dim=1)
-    if cu_seq_lens_q is None:  # an ordinary (unpacked) call, e.g. generation: plain causal SDPA
-        bounds = [0, query.shape[2]]
-    else:
-        bounds = cu_seq_lens_q.tolist()
-    outputs = [
-        torch.nn.functional.scaled_dot_product_attention(
-            query[:, :, a:b], key[:, :, a:b], value[:, :, a:b], is_causal=True, scale=scaling,
-            dropout_p=dropout if module.training else 0.0)
-        for a, b in zip(bounds[:-1], bounds[1:], strict=True)
-    ]
-    return torch.cat(outputs, dim=2).transpose(1, 2).contiguous(), None
+    dropout = dropout if module.training else 0.0
+    if cu_seq_lens_q is None or len(cu_seq_lens_q) == 2:  # one sequence (e.g. generation): plain causal SDPA
+        out = torch.nn.functional.scaled_dot_product_attention(query, key, value, is_causal=query.shape[2] > 1,
+                                                               scale=scaling, dropout_p=dropout)
+        return out.transpose(1, 2).contiguous(), None
+    lengths = cu_seq_lens_q.diff()
+    longest = int(lengths.max())
+    # Row-major slot of every packed token in the (samples x longest) layout.
+    starts = torch.arange(len(lengths), device=query.device) * longest - cu_seq_lens_q[:-1].to(query.device)
+    slots = torch.arange(query.shape[2], device=query.device) + starts.repeat_interleave(lengths.to(query.device))
+
+    def to_padded(x: torch.Tensor) -> torch.Tensor:  # (1, H, T, D) -> (samples, H, longest, D)
+        heads, dim = x.shape[1], x.shape[3]
+        flat = x.new_zeros(len(lengths) * longest, heads, dim).index_copy(0, slots, x[0].transpose(0, 1))
+        return flat.view(len(lengths), longest, heads, dim).transpose(1, 2)
+
+    out = torch.nn.functional.scaled_dot_product_attention(to_padded(query), to_padded(key), to_padded(value),
+                                                           is_causal=True, scale=scaling, dropout_p=dropout)
+    # (samples, H, longest, D) -> (1, T, H, D), the layout attention interfaces return
+    flat = out.transpose(1, 2).reshape(len(lengths) * longest, out.shape[1], out.shape[3])
+    return flat.index_select(0, slots).unsqueeze(0), None
 
 
 def _no_mask(*args: Any, **kwargs: Any) -> None:
