@@ -39,8 +39,8 @@ def time_data_prep(n_records: int = 100_000, cutoff_len: int = 512) -> dict[str,
 def main(n_records: int = 100_000, cutoff_len: int = 512) -> None:
     """Print the data-preparation time."""
     result = time_data_prep(int(n_records), int(cutoff_len))
-    print(f"data preparation: {result['records']} records ({result['tokens']:.0f} tokens) in "
-          f"{result['seconds']:.1f} s ({result['records_per_s']:.0f} records/s)")
+    print(f"{result['records']} records ({result['tokens']:.0f} tokens) prepared in {result['seconds']:.1f} s "
+          f"({result['records_per_s']:.0f} records/s)")
 
 
 if __name__ == "__main__":

@@ -65,7 +65,7 @@ def our_supports(flag: str) -> bool:
     """Whether ``uniform_finetune.py --help`` lists ``--FLAG``."""
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "uniform_finetune.py"), "--help"], cwd=ROOT,
                           capture_output=True, text=True, timeout=600)
-    return f"--{flag}=" in proc.stdout
+    return f"--{flag}=" in proc.stdout + proc.stderr  # fire prints help on stderr when not on a terminal
 
 
 def build_contenders(workload: Workload, out_root: str, threads: int, bf16: bool, bf16_note: str,
