@@ -17,16 +17,16 @@ mkdir -p .cache/demo
 [ -f .cache/demo/alpaca_en.json ] || $PY data/collection.py convert \
   "$RAW/alpaca_chinese_dataset/alpaca_data-0-3252-英文.json" .cache/demo/alpaca_en.json --skip_bad
 [ -f .cache/demo/train.json ] || $PY data/collection.py mix .cache/demo/train.json \
-  .cache/demo/gsm8k.json:0.5 .cache/demo/alpaca_en.json:0.5 --total 240 --seed 0
+  .cache/demo/gsm8k.json:0.5 .cache/demo/alpaca_en.json:0.5 --total 144 --seed 0
 
 QUESTION="A baker makes 12 muffins per tray and bakes 4 trays. She sells 30 muffins. How many muffins are left?"
 echo "== before fine-tuning: base model, greedy =="
 $PY generate.py --model_type llama --model_name_or_path "$MODEL" --instruction "$QUESTION" --do_sample False \
   --max_new_tokens 96 2>/dev/null
 
-echo "== fine-tuning (LoRA on every linear layer, 200 records, 1 epoch) =="
+echo "== fine-tuning (LoRA on every linear layer, 120 records, 1 epoch) =="
 $PY uniform_finetune.py --model_type llama --model_name_or_path "$MODEL" --data .cache/demo/train.json \
-  --val_set_size 40 --epochs 1 --per_gpu_train_batch_size 8 --cutoff_len 256 --learning_rate 1e-3 \
+  --val_set_size 24 --epochs 1 --per_gpu_train_batch_size 8 --cutoff_len 256 --learning_rate 1e-3 \
   --lora_r 16 --lora_alpha 32 --lora_target_modules all --logging_steps 5 --output_dir "$OUT" --overwrite_output_dir
 
 echo "== after fine-tuning: greedy =="
