@@ -27,7 +27,7 @@ $PY generate.py --model_type llama --model_name_or_path "$MODEL" --instruction "
 echo "== fine-tuning (LoRA on every linear layer, 120 records, 1 epoch) =="
 $PY uniform_finetune.py --model_type llama --model_name_or_path "$MODEL" --data .cache/demo/train.json \
   --val_set_size 24 --epochs 1 --per_gpu_train_batch_size 8 --cutoff_len 256 --learning_rate 1e-3 \
-  --lora_r 16 --lora_alpha 32 --lora_target_modules all --logging_steps 5 --output_dir "$OUT" --overwrite_output_dir
+  --lora_r 16 --lora_alpha 32 --lora_target_modules all --logging_steps 5 --eval_steps 1000 --output_dir "$OUT" --overwrite_output_dir
 
 echo "== after fine-tuning: greedy =="
 $PY generate.py --lora_dir "$OUT" --instruction "$QUESTION" --do_sample False --max_new_tokens 96 2>/dev/null
