@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import random
@@ -299,8 +298,3 @@ def plot_loss(history: list[dict], path: str) -> None:
     fig.savefig(path, dpi=100)
     plt.close(fig)
 
-
-def read_metrics(output_dir: str) -> dict:
-    """The metrics JSON of a finished run."""
-    with open(os.path.join(output_dir, METRICS_FILE), encoding="utf-8") as f:
-        return json.load(f)
