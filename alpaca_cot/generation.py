@@ -78,7 +78,7 @@ class Generator:
         self.tokenizer_lock = threading.Lock()
         stop = {tokenizer.eos_token_id}
         if template.kind == "chat":
-            marker = template._end_marker(tokenizer)
+            marker = template.end_marker(tokenizer)
             ids = tokenizer(marker, add_special_tokens=False)["input_ids"] if marker else []
             if len(ids) == 1:
                 stop.add(ids[0])

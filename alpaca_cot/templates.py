@@ -155,7 +155,7 @@ class Template:
         # per-turn renders do not concatenate), then find each answer in the text. The trainable
         # span is the answer plus the template's end-of-turn marker, so the model learns to stop.
         full = tokenizer.apply_chat_template(messages, chat_template=self.chat_template, tokenize=False)
-        end_marker = self._end_marker(tokenizer)
+        end_marker = self.end_marker(tokenizer)
         segments: list[Segment] = []
         cursor = 0
         for turn in messages:
@@ -175,7 +175,7 @@ class Template:
             segments.append((full[cursor:], False))
         return segments
 
-    def _end_marker(self, tokenizer: Any) -> str:
+    def end_marker(self, tokenizer: Any) -> str:
         """What the template writes right after an answer ("<|im_end|>", "<|eot_id|>", ...)."""
         probe = [{"role": "user", "content": "ping"}, {"role": "assistant", "content": "pong"}]
         text = tokenizer.apply_chat_template(probe, chat_template=self.chat_template, tokenize=False)

@@ -64,3 +64,17 @@ def trained_adapter(stories_dir: str, alpaca_file: str, tmp_path_factory: pytest
                "--learning_rate", "3e-3", "--lora_target_modules", "q_proj", "v_proj", "--output_dir", str(out),
                "--compute_dtype", "fp32")
     return str(out)
+
+
+@pytest.fixture(scope="module")
+def generator(trained_adapter: str):
+    """A Generator over the trained stories260K adapter, in fp32, on one thread."""
+    import torch
+
+    from alpaca_cot.generation import Generator
+    from alpaca_cot.loading import load_for_inference
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield Generator(*load_for_inference(trained_adapter, compute_dtype="fp32"))
+    torch.set_num_threads(threads)

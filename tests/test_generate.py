@@ -10,25 +10,15 @@ import threading
 import time
 
 import pytest
-import torch
 
 from alpaca_cot.errors import UserError
 from alpaca_cot.generation import Generator, SamplingParams
-from alpaca_cot.loading import load_for_inference
 from alpaca_cot.runs import find_run
 from tests.conftest import PYTHON, ROOT, run_script
 
 GREEDY = SamplingParams(do_sample=False, max_new_tokens=24)
 ONE_THREAD = {"OMP_NUM_THREADS": "1"}  # a 260K model runs fastest on one thread, and the test machine is shared
 
-
-@pytest.fixture(scope="module")
-def generator(trained_adapter: str):
-    """The trained adapter over stories260K, in fp32, on one thread."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield Generator(*load_for_inference(trained_adapter, compute_dtype="fp32"))
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

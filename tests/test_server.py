@@ -11,23 +11,14 @@ import threading
 import time
 
 import pytest
-import torch
 
 from alpaca_cot.chat import ChatSession
 from alpaca_cot.errors import UserError
 from alpaca_cot.generation import Generator, SamplingParams
-from alpaca_cot.loading import load_for_inference
 from tests.conftest import PYTHON, ROOT
 
 PARAMS = SamplingParams(do_sample=False, max_new_tokens=24)
 
-
-@pytest.fixture(scope="module")
-def generator(trained_adapter: str):
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield Generator(*load_for_inference(trained_adapter, compute_dtype="fp32"))
-    torch.set_num_threads(threads)
 
 
 def test_history_drops_the_oldest_exchanges_to_fit(generator: Generator) -> None:
