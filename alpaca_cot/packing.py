@@ -25,7 +25,8 @@ VARLEN_ATTENTION = "varlen_sdpa"
 
 def varlen_sdpa_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                           attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
-                          cu_seq_lens_q: torch.Tensor | None = None, **kwargs: Any) -> tuple[torch.Tensor, None]:
+                          cu_seq_lens_q: torch.Tensor | None = None, max_length_q: int | None = None,
+                          pack_slots: torch.Tensor | None = None, **kwargs: Any) -> tuple[torch.Tensor, None]:
     """Causal attention per packed sample; query/key/value are (1, heads, tokens, head_dim).
 
     The samples are laid out right-padded as (samples, heads, longest, head_dim) for one causal
@@ -44,21 +45,29 @@ def varlen_sdpa_attention(module: torch.nn.Module, query: torch.Tensor, key: tor
                                                                scale=scaling, dropout_p=dropout)
         return out.transpose(1, 2).contiguous(), None
     lengths = cu_seq_lens_q.diff()
-    longest = int(lengths.max())
-    # Row-major slot of every packed token in the (samples x longest) layout.
-    starts = torch.arange(len(lengths), device=query.device) * longest - cu_seq_lens_q[:-1].to(query.device)
-    slots = torch.arange(query.shape[2], device=query.device) + starts.repeat_interleave(lengths.to(query.device))
+    samples = len(lengths)
+    # The collator passes these once per batch (computing them here would cost every layer kernel
+    # launches and, on a GPU, syncs: reading the longest length, sizing repeat_interleave's output).
+    longest = max_length_q if max_length_q is not None else int(lengths.max())
+    slots = pack_slots if pack_slots is not None else pack_layout(lengths.tolist())[0].to(query.device)
 
     def to_padded(x: torch.Tensor) -> torch.Tensor:  # (1, H, T, D) -> (samples, H, longest, D)
         heads, dim = x.shape[1], x.shape[3]
-        flat = x.new_zeros(len(lengths) * longest, heads, dim).index_copy(0, slots, x[0].transpose(0, 1))
-        return flat.view(len(lengths), longest, heads, dim).transpose(1, 2)
+        flat = x.new_zeros(samples * longest, heads, dim).index_copy(0, slots, x[0].transpose(0, 1))
+        return flat.view(samples, longest, heads, dim).transpose(1, 2)
 
     out = torch.nn.functional.scaled_dot_product_attention(to_padded(query), to_padded(key), to_padded(value),
                                                            is_causal=True, scale=scaling, dropout_p=dropout)
     # (samples, H, longest, D) -> (1, T, H, D), the layout attention interfaces return
-    flat = out.transpose(1, 2).reshape(len(lengths) * longest, out.shape[1], out.shape[3])
+    flat = out.transpose(1, 2).reshape(samples * longest, out.shape[1], out.shape[3])
     return flat.index_select(0, slots).unsqueeze(0), None
+
+
+def pack_layout(lengths: list[int]) -> tuple[torch.Tensor, int]:
+    """Row-major slot of every packed token in the (samples x longest) right-padded layout, and longest."""
+    longest = max(lengths)
+    slots = [i * longest + p for i, n in enumerate(lengths) for p in range(n)]
+    return torch.tensor(slots), longest
 
 
 def _no_mask(*args: Any, **kwargs: Any) -> None:
@@ -69,11 +78,10 @@ AttentionInterface.register(VARLEN_ATTENTION, varlen_sdpa_attention)
 AttentionMaskInterface.register(VARLEN_ATTENTION, _no_mask)
 
 
-def supports_packing(model_class: type, peft_type: str) -> bool:
+def supports_packing(model: torch.nn.Module, peft_type: str) -> bool:
     """Packing needs the transformers attention interface (not old or remote-code models) and real tokens
     only (prompt/prefix tuning add virtual tokens to every sample)."""
-    return bool(getattr(model_class, "_supports_attention_backend", False)) and peft_type in ("lora", "adalora",
-                                                                                             "full")
+    return bool(getattr(model, "_supports_attention_backend", False)) and peft_type in ("lora", "adalora", "full")
 
 
 class PackCollator:
@@ -91,13 +99,13 @@ class PackCollator:
             positions += range(n)
             bounds.append(bounds[-1] + n)
         cu = torch.tensor(bounds, dtype=torch.int32)
-        longest = max(b - a for a, b in zip(bounds[:-1], bounds[1:], strict=True))
+        slots, longest = pack_layout([b - a for a, b in zip(bounds[:-1], bounds[1:], strict=True)])
         label_tensor = torch.tensor([labels])
         # Position p predicts the token at p + 1: keep the positions whose next label counts.
         keep = (label_tensor[0, 1:] != IGNORE_INDEX).nonzero().flatten()
         return {"input_ids": torch.tensor([ids]), "labels": label_tensor,
                 "position_ids": torch.tensor([positions]), "cu_seq_lens_q": cu, "cu_seq_lens_k": cu,
-                "max_length_q": longest, "max_length_k": longest, "logits_to_keep": keep}
+                "max_length_q": longest, "max_length_k": longest, "pack_slots": slots, "logits_to_keep": keep}
 
 
 def packed_loss(outputs: Any, labels: torch.Tensor, num_items_in_batch: Any = None) -> torch.Tensor:

@@ -7,7 +7,6 @@ import os
 import random
 import resource
 import shutil
-import time
 from typing import Any
 
 import torch
@@ -60,22 +59,18 @@ class PadCollator:
 
 
 class CountingTrainer(transformers.Trainer):
-    """Trainer that counts real and padded tokens and the seconds spent in training steps."""
+    """Trainer that counts the real and the padded tokens of the batches it trains on."""
 
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
         self.real_tokens = 0
         self.batch_tokens = 0
-        self.step_seconds = 0.0
 
     def training_step(self, model: Any, inputs: dict, num_items_in_batch: Any = None) -> torch.Tensor:
-        started = time.perf_counter()
         mask = inputs.get("attention_mask")  # packed batches have none: every position is a real token
         self.real_tokens += int(mask.sum()) if mask is not None else inputs["input_ids"].numel()
         self.batch_tokens += inputs["input_ids"].numel()
-        loss = super().training_step(model, inputs, num_items_in_batch)
-        self.step_seconds += time.perf_counter() - started
-        return loss
+        return super().training_step(model, inputs, num_items_in_batch)
 
 
 class AdaLoraCallback(transformers.TrainerCallback):
@@ -140,13 +135,14 @@ def run_finetune(args: FinetuneArgs) -> tuple[dict, Any]:
         f"template {template.name}; tokenized data cache {info['cache']} ({info['cache_file']})")
 
     full = args.peft_type == "full"
-    packing = args.packing and not args.trust_remote_code and \
-        supports_packing(getattr(transformers, spec.model_class), args.peft_type)
-    if args.packing and not packing:
-        log("--packing is not available for this model or --peft_type; batches are padded and length-grouped.")
     model = load_model(args.model_name_or_path, spec, dtype=torch.float32 if full else dtype,
-                       quantization_bit=args.quantization_bit, trust_remote_code=args.trust_remote_code,
-                       attn_implementation=VARLEN_ATTENTION if packing else None)
+                       quantization_bit=args.quantization_bit, trust_remote_code=args.trust_remote_code)
+    # Decided on the loaded model, so that --model_type auto packs whatever class the checkpoint names.
+    packing = args.packing and not args.trust_remote_code and supports_packing(model, args.peft_type)
+    if packing:
+        model.set_attn_implementation(VARLEN_ATTENTION)
+    elif args.packing:
+        log("--packing is not available for this model or --peft_type; batches are padded and length-grouped.")
     world = int(os.environ.get("WORLD_SIZE", "1"))
     per_step = args.per_gpu_train_batch_size * args.gradient_accumulation_steps * world
     total_steps = args.max_steps if args.max_steps > 0 else math.ceil(len(train_data) / per_step * args.epochs)
@@ -210,14 +206,18 @@ def run_finetune(args: FinetuneArgs) -> tuple[dict, Any]:
     if len(val_data):
         metrics["eval_loss_after"] = trainer.evaluate()["eval_loss"]
         log(f"eval loss after training: {metrics['eval_loss_after']:.4f}")
-    metrics.update(_throughput(trainer, world))
+    # The train loop (data, forward, backward, optimizer steps) without the evaluations inside it: timing
+    # single steps would need a GPU sync per step, which stops the CPU queueing the next step's kernels.
+    loop_seconds = result.metrics["train_runtime"] - sum(h.get("eval_runtime", 0.0) for h in trainer.state.log_history)
+    metrics.update(_throughput(trainer, world, loop_seconds))
     metrics["flops_per_token"] = training_flops_per_token(model, full, mean_causal_context(train_data.lengths()))
     metrics["matmul_peak_gflops"] = peak / 1e9
     metrics["mfu"] = metrics["effective_tokens_per_s"] / world * metrics["flops_per_token"] / peak
     if world > 1:
         metrics["replicas_in_sync"] = _replicas_in_sync(trainer.model)
     log(f"throughput: {metrics['effective_tokens_per_s']:.0f} effective (non-padding) tokens/s over "
-        f"{metrics['train_step_seconds']:.1f} s of training steps; padding {metrics['padding_fraction']:.1%}; "
+        f"{metrics['train_loop_seconds']:.1f} s of training (evaluation excluded); "
+        f"padding {metrics['padding_fraction']:.1%}; "
         f"MFU {metrics['mfu']:.0%} of the {metrics['matmul_peak_gflops']:.0f} GFLOP/s {metrics['dtype']} matmul peak "
         f"measured at start-up")
     if trainer.is_world_process_zero():
@@ -232,14 +232,14 @@ def _default_template(name: str, tokenizer: Any) -> str:
     return name
 
 
-def _throughput(trainer: CountingTrainer, world: int) -> dict[str, float]:
+def _throughput(trainer: CountingTrainer, world: int, loop_seconds: float) -> dict[str, float]:
     counts = torch.tensor([trainer.real_tokens, trainer.batch_tokens], dtype=torch.float64)
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.all_reduce(counts)
     real, total = counts.tolist()
-    seconds = max(trainer.step_seconds, 1e-9)
+    seconds = max(loop_seconds, 1e-9)
     peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    out = {"effective_tokens": real, "effective_tokens_per_s": real / seconds, "train_step_seconds": seconds,
+    out = {"effective_tokens": real, "effective_tokens_per_s": real / seconds, "train_loop_seconds": seconds,
            "padding_fraction": 1 - real / total if total else 0.0, "peak_rss_mb": peak_rss_mb}
     if torch.cuda.is_available():
         out["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20

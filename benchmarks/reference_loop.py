@@ -6,9 +6,10 @@ Usage:
 
 Follows tloen/alpaca-lora's finetune.py: its Alpaca prompts, prompt tokens masked with -100, EOS
 appended when the text fits, DataCollatorForSeq2Seq, LoRA on q_proj and v_proj, no gradient
-checkpointing, fp32. Differences, so that every contender trains alike: right padding (not left),
-no pad_to_multiple_of, and the warm-up and schedule of uniform_finetune.py (10% linear warm-up,
-then linear decay) instead of 100 warm-up steps that a 25-step run would never leave.
+checkpointing, fp32 (bf16 weights and autocast with ``--dtype bf16``). Differences, so that every
+contender trains alike: right padding (not left), no pad_to_multiple_of, and the warm-up and
+schedule of uniform_finetune.py (10% linear warm-up, then linear decay) instead of 100 warm-up
+steps that a 25-step run would never leave.
 Writes metrics.json (effective tokens/s, padding fraction, peak RSS, train loss, steps) and the adapter.
 """
 
@@ -54,7 +55,7 @@ def tokenize_record(record: dict, tokenizer: Any, cutoff_len: int) -> dict[str, 
 
 def run_reference(output_dir: str, model_dir: str, records: list[dict], group_by_length: bool = False,
                   batch_size: int = 8, cutoff_len: int = 512, learning_rate: float = 3e-4, threads: int = 2,
-                  seed: int = 42) -> dict[str, Any]:
+                  seed: int = 42, dtype: str = "fp32") -> dict[str, Any]:
     """Train one epoch over ``records``; return (and write) the metrics."""
     import peft
 
@@ -62,7 +63,10 @@ def run_reference(output_dir: str, model_dir: str, records: list[dict], group_by
     tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
     tokenizer.padding_side = "right"
     data = [tokenize_record(r, tokenizer, cutoff_len) for r in records]
-    model = transformers.LlamaForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    bf16 = dtype == "bf16"
+    cuda = torch.cuda.is_available()
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        model_dir, dtype=torch.bfloat16 if bf16 else torch.float32, device_map="cuda" if cuda else None)
     model.config.use_cache = False
     lora = peft.LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], lora_dropout=0.05,
                            bias="none", task_type="CAUSAL_LM")
@@ -71,25 +75,31 @@ def run_reference(output_dir: str, model_dir: str, records: list[dict], group_by
     args = transformers.TrainingArguments(
         output_dir=output_dir, per_device_train_batch_size=batch_size, num_train_epochs=1,
         learning_rate=learning_rate, warmup_steps=int(0.1 * -(-len(data) // batch_size)), logging_steps=10,
-        optim="adamw_torch", save_strategy="no", report_to=[], seed=seed, use_cpu=True,
+        optim="adamw_torch", save_strategy="no", report_to=[], seed=seed, use_cpu=not cuda, bf16=bf16,
         train_sampling_strategy="group_by_length" if group_by_length else "random", disable_tqdm=True)
     collator = transformers.DataCollatorForSeq2Seq(tokenizer, padding=True, return_tensors="pt")
     trainer = transformers.Trainer(model=model, args=args, train_dataset=data, data_collator=collator,
                                    processing_class=tokenizer, callbacks=[timer])
     result = trainer.train()
     model.save_pretrained(output_dir)
-    metrics = summarize(counts, result.training_loss, train_records=len(data), dtype="float32",
-                        group_by_length=group_by_length)
+    extra = {"peak_gpu_mb": torch.cuda.max_memory_allocated() / 2**20} if cuda else {}
+    metrics = summarize(counts, result.training_loss, train_records=len(data),
+                        dtype="bfloat16" if bf16 else "float32", group_by_length=group_by_length, **extra)
     write_metrics(output_dir, metrics)
     return metrics
 
 
 def main(output_dir: str = os.path.join("benchmarks", "runs", "reference"), group_by_length: bool = False,
-         n_records: int = 200, threads: int = 2) -> None:
-    """Run the reference loop on the first N workload records; print its numbers."""
-    workload = build_workload(int(n_records))
-    metrics = run_reference(output_dir, workload.model_dir, load_bench_records(int(n_records)),
-                            group_by_length=bool(group_by_length), threads=int(threads))
+         n_records: int = 200, threads: int = 2, dtype: str = "fp32", model_dir: str | None = None,
+         batch_size: int = 8) -> None:
+    """Run the reference loop on the first N workload records; print its numbers.
+
+    ``--model_dir`` trains another model folder (as benchmarks/gpu.py does) instead of the workload's.
+    """
+    model_dir = model_dir or build_workload(int(n_records)).model_dir
+    metrics = run_reference(output_dir, model_dir, load_bench_records(int(n_records)),
+                            group_by_length=bool(group_by_length), threads=int(threads), dtype=dtype,
+                            batch_size=int(batch_size))
     print(f"reference{' (grouped)' if group_by_length else ''}: {metrics['effective_tokens_per_s']:.0f} effective "
           f"tokens/s, padding {metrics['padding_fraction']:.1%}, peak RSS {metrics['peak_rss_mb']:.0f} MB, "
           f"loss {metrics['train_loss']:.4f}, {metrics['steps']} steps; metrics in {output_dir}")

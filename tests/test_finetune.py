@@ -158,3 +158,23 @@ def test_converted_raw_files_train(tmp_path, stories_dir: str) -> None:
     args.data.append(str(tmp_path / "chat.json"))
     metrics, _ = run_finetune(args)
     assert metrics["steps"] == 2 and metrics["train_loss"] > 0
+
+
+def test_auto_model_type_packs(tmp_path, stories_dir: str, alpaca_file: str) -> None:
+    # --model_type auto loads through AutoModelForCausalLM; packing is decided on the class it loads.
+    metrics, _ = run_finetune(_args(stories_dir, alpaca_file, tmp_path / "out", model_type="auto"))
+    assert metrics["packing"] is True and metrics["padding_fraction"] == 0
+
+
+def test_flops_per_token_counts_a_tied_head_once(tmp_path, stories_dir: str) -> None:
+    from alpaca_cot.flops import training_flops_per_token
+
+    base = transformers.AutoModelForCausalLM.from_pretrained(stories_dir)
+    config = base.config
+    hidden, vocab = config.hidden_size, config.vocab_size
+    blocks = sum(p.numel() for n, p in base.named_parameters() if ".layers." in n or n.endswith("norm.weight"))
+    for tied in (False, True):
+        config.tie_word_embeddings = tied
+        model = transformers.LlamaForCausalLM(config)
+        # Non-embedding N = blocks + final norm + the head (a matmul per token), tied or not.
+        assert training_flops_per_token(model, full=True, mean_context=0) == 6 * (blocks + hidden * vocab)
