@@ -110,10 +110,41 @@ class PackCollator:
 
 def packed_loss(outputs: Any, labels: torch.Tensor, num_items_in_batch: Any = None) -> torch.Tensor:
     """Token cross-entropy over the kept logits (``Trainer(compute_loss_func=...)``): the mean over
-    label tokens, or their sum over ``num_items_in_batch`` under gradient accumulation."""
+    label tokens, or their sum over ``num_items_in_batch`` under gradient accumulation.
+
+    ``outputs.logits`` is overwritten with its gradient (see ``_LogitsCrossEntropy``)."""
     targets = labels[0, 1:]
     targets = targets[targets != IGNORE_INDEX]
-    logits = outputs.logits[0].float()
-    loss = torch.nn.functional.cross_entropy(logits, targets, reduction="sum")
+    loss = _LogitsCrossEntropy.apply(outputs.logits[0].float(), targets)
     total = num_items_in_batch if num_items_in_batch is not None else targets.numel()
     return loss / total
+
+
+class _LogitsCrossEntropy(torch.autograd.Function):
+    """Summed cross-entropy whose gradient (softmax - one-hot) is computed in the forward pass, in
+    the logits' own memory, a cache-sized block of rows at a time.
+
+    The logits (tokens x vocabulary) are the largest tensor of a training step; the stock loss
+    passes over them about eight times and allocates two more of their size (log-softmax and its
+    gradient). Here each block is read and written once while it is in cache. The logits are the
+    output head's fresh result (or a float copy), which nothing else reads afterwards; autograd's
+    version counter would raise if some layer had saved them for its backward.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        # ~4 MB blocks on CPU; a GPU's bandwidth makes one block cheapest.
+        rows = len(logits) if logits.is_cuda else max(1, 2**20 // logits.shape[1])
+        total = logits.new_zeros((), dtype=torch.float32)
+        for start in range(0, len(logits), rows):
+            block, target = logits[start:start + rows], targets[start:start + rows].unsqueeze(1)
+            lse = torch.logsumexp(block, dim=1, keepdim=True)
+            total += (lse - block.gather(1, target)).sum()
+            block.sub_(lse).exp_().scatter_add_(1, target, block.new_full(target.shape, -1.0))
+        ctx.save_for_backward(logits)
+        return total
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        (gradient,) = ctx.saved_tensors
+        return gradient.mul_(grad), None
