@@ -137,14 +137,9 @@ def loop_tokens_per_s(metrics: dict[str, Any]) -> float:
     return metrics["effective_tokens_per_s"]
 
 
-def step_tokens_per_s(metrics: dict[str, Any]) -> float:
-    """Effective tokens per second inside training_step (forward + backward)."""
-    return metrics.get("step_tokens_per_s", metrics["effective_tokens_per_s"])
-
-
 def median_metrics(runs: list[dict[str, Any]]) -> dict[str, float]:
     """Per-key medians of the numbers the table shows."""
-    keys = {"loop": loop_tokens_per_s, "step": step_tokens_per_s, "padding": lambda m: m["padding_fraction"],
+    keys = {"loop": loop_tokens_per_s, "padding": lambda m: m["padding_fraction"],
             "loss": lambda m: m["train_loss"], "steps": lambda m: m["steps"]}
     return {k: statistics.median(get(m) for m in runs) for k, get in keys.items()}
 
@@ -194,23 +189,23 @@ def write_results(path: str, outcomes: list[Outcome], header: dict[str, str], ex
              "LoRA (r 8, alpha 16, dropout 0.05, q_proj and v_proj) on the same bench_2k records, batch 8, "
              "cutoff 512, lr 3e-4, one epoch, 2 threads, each in its own process.", ""]
     lines += [f"- {k}: {v}" for k, v in header.items()]
-    lines += ["", "| contender | precision | effective tok/s (train loop) | x best reference | effective tok/s "
-              "(fwd+bwd) | padding | peak RSS MB | train loss | held-out loss | optimizer steps |",
-              "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines += ["", "| contender | precision | effective tok/s (train loop) | x best reference | padding | "
+              "peak RSS MB | train loss | held-out loss | optimizer steps |",
+              "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for o in outcomes:
         c, m = o.contender, o.metrics
         if not m:
             why = c.skipped or f"failed: {o.error}"
-            lines.append(f"| {c.name} | {c.precision} | {why} | | | | | | | |")
+            lines.append(f"| {c.name} | {c.precision} | {why} | | | | | | |")
             continue
         ratio = f"{m['loop'] / best_ref:.2f}" if best_ref else "-"
         held = f"{o.heldout_loss:.4f}" if o.heldout_loss is not None else "-"
-        lines.append(f"| {c.name} | {c.precision} | {m['loop']:.0f} | {ratio} | {m['step']:.0f} | "
-                     f"{m['padding']:.1%} | {o.peak_rss_mb:.0f} | {m['loss']:.4f} | {held} | {m['steps']:.0f} |")
+        lines.append(f"| {c.name} | {c.precision} | {m['loop']:.0f} | {ratio} | {m['padding']:.1%} | "
+                     f"{o.peak_rss_mb:.0f} | {m['loss']:.4f} | {held} | {m['steps']:.0f} |")
     lines += ["", "Definitions:",
               "- effective tokens: non-padding input tokens of the batches trained (the same records for all);",
               "- train loop: from the Trainer's start of training to its end (data loading, forward, backward, "
-              "optimizer); fwd+bwd: time inside `Trainer.training_step` only;",
+              "optimizer steps);",
               "- x best reference: train-loop tokens/s over the faster of the two reference loops, in this run;",
               "- peak RSS: the contender process's maximum resident memory (rusage), model loading included;",
               "- train loss: the Trainer's mean training loss over the run (each contender's own prompt text);",
@@ -222,6 +217,10 @@ def write_results(path: str, outcomes: list[Outcome], header: dict[str, str], ex
               "and only adds token counting).", "", "```"]
     lines += [command_line(o.contender) for o in outcomes if not o.contender.skipped]
     lines += ["```", ""]
+    gpu = os.path.join(BENCH_DIR, "RESULTS_GPU.md")
+    if os.path.isfile(gpu):  # written by hand from benchmarks/gpu.py's output on a lent GPU
+        with open(gpu, encoding="utf-8") as f:
+            lines += ["#" + f.read().strip()]  # its title becomes a section of this file
     with open(path, "w", encoding="utf-8") as f:
         f.write("\n".join(lines))
 

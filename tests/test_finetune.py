@@ -178,3 +178,18 @@ def test_flops_per_token_counts_a_tied_head_once(tmp_path, stories_dir: str) -> 
         model = transformers.LlamaForCausalLM(config)
         # Non-embedding N = blocks + final norm + the head (a matmul per token), tied or not.
         assert training_flops_per_token(model, full=True, mean_context=0) == 6 * (blocks + hidden * vocab)
+
+
+def test_fast_dropout_drops_at_the_rate_and_keeps_the_mean() -> None:
+    from alpaca_cot.adapters import FastDropout
+
+    torch.manual_seed(0)
+    x = torch.ones(1000, 1001, requires_grad=True)  # an odd element count: the last 64-bit draw is partly used
+    dropout = FastDropout(0.05).train()
+    y = dropout(x)
+    dropped = (y == 0).float().mean().item()
+    assert abs(dropped - 0.05) < 0.002
+    assert abs(y.mean().item() - 1) < 0.005
+    y.sum().backward()
+    assert torch.equal(x.grad, (y != 0).float() * y.max())  # the gradient is the same mask and scale
+    assert torch.equal(dropout.eval()(x), x)
