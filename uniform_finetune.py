@@ -71,8 +71,8 @@ def main(
     --quantization_bit 8|4 trains LoRA over a bitsandbytes-quantized base (QLoRA).
     --packing (default on where the model supports it) trains padding-free: each batch of
     --per_gpu_train_batch_size records becomes one row, attention stays within each record, so
-    the number of optimizer steps is what the batch size says. --packing False pads instead (and
-    groups records of similar length). --gradient_checkpointing trades speed for memory.
+    the number of optimizer steps is what the batch size says. --packing False pads instead. Either
+    way, batches group records of similar length. --gradient_checkpointing trades speed for memory.
     --resume_from_checkpoint alone resumes from the latest checkpoint in --output_dir.
     Tokenized data is cached in --cache_dir (default ~/.cache/alpaca_cot/tokenized), keyed by the
     data, tokenizer, template, cutoff and split. --val_set_size is a record count, or a fraction
