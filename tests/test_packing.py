@@ -50,3 +50,19 @@ def test_no_cross_contamination(tmp_path) -> None:
         n_a = len(a["input_ids"])
         together = model(**{**PackCollator()([a, b, c]), "logits_to_keep": 0}).logits[0, n_a:n_a + len(b["input_ids"])]
     assert torch.allclose(alone, together, atol=1e-5)
+
+
+def test_in_place_cross_entropy_matches_torch_over_many_blocks() -> None:
+    from alpaca_cot.packing import _LogitsCrossEntropy
+
+    torch.manual_seed(0)
+    logits = torch.randn(100, 40000) * 3  # 100 rows span several ~4 MB blocks of 26 rows
+    targets = torch.randint(0, 40000, (100,))
+    reference = logits.clone().requires_grad_()
+    expected = torch.nn.functional.cross_entropy(reference, targets, reduction="sum") * 0.25
+    expected.backward()
+    ours = logits.clone().requires_grad_()
+    loss = _LogitsCrossEntropy.apply(ours * 1, targets) * 0.25  # `* 1`: a fresh non-leaf, as a head's output is
+    loss.backward()
+    assert torch.allclose(loss, expected, rtol=1e-6)
+    assert torch.allclose(ours.grad, reference.grad, atol=1e-7)
