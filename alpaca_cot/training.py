@@ -7,6 +7,7 @@ import os
 import random
 import resource
 import shutil
+import time
 from typing import Any
 
 import torch
@@ -59,12 +60,21 @@ class PadCollator:
 
 
 class CountingTrainer(transformers.Trainer):
-    """Trainer that counts the real and the padded tokens of the batches it trains on."""
+    """Trainer that counts the real and the padded tokens of the batches it trains on, and the
+    seconds spent evaluating (to leave them out of the training throughput)."""
 
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
         self.real_tokens = 0
         self.batch_tokens = 0
+        self.eval_seconds = 0.0
+
+    def evaluate(self, *args: Any, **kwargs: Any) -> dict[str, float]:
+        started = time.perf_counter()
+        try:
+            return super().evaluate(*args, **kwargs)
+        finally:
+            self.eval_seconds += time.perf_counter() - started
 
     def training_step(self, model: Any, inputs: dict, num_items_in_batch: Any = None) -> torch.Tensor:
         mask = inputs.get("attention_mask")  # packed batches have none: every position is a real token
@@ -198,6 +208,9 @@ def run_finetune(args: FinetuneArgs) -> tuple[dict, Any]:
     # The precision actually in use: autocast runs the matmuls in bf16/fp16 even over fp32 weights.
     peak = matmul_peak_flops(dtype, next(model.parameters()).device)
     result = trainer.train(resume_from_checkpoint=args.resume_from_checkpoint or None)
+    # The train loop (data, forward, backward, optimizer steps) without the evaluations inside it: timing
+    # single steps would need a GPU sync per step, which stops the CPU queueing the next step's kernels.
+    loop_seconds = result.metrics["train_runtime"] - trainer.eval_seconds
     first_eval = next((h for h in trainer.state.log_history if "eval_loss" in h), None)
     if first_eval is not None and first_eval["step"] == 0:
         metrics["eval_loss_before"] = first_eval["eval_loss"]
@@ -207,9 +220,6 @@ def run_finetune(args: FinetuneArgs) -> tuple[dict, Any]:
     if len(val_data):
         metrics["eval_loss_after"] = trainer.evaluate()["eval_loss"]
         log(f"eval loss after training: {metrics['eval_loss_after']:.4f}")
-    # The train loop (data, forward, backward, optimizer steps) without the evaluations inside it: timing
-    # single steps would need a GPU sync per step, which stops the CPU queueing the next step's kernels.
-    loop_seconds = result.metrics["train_runtime"] - sum(h.get("eval_runtime", 0.0) for h in trainer.state.log_history)
     metrics.update(_throughput(trainer, world, loop_seconds))
     metrics["flops_per_token"] = training_flops_per_token(model, full, mean_causal_context(train_data.lengths()))
     metrics["matmul_peak_gflops"] = peak / 1e9

@@ -193,3 +193,24 @@ def test_fast_dropout_drops_at_the_rate_and_keeps_the_mean() -> None:
     y.sum().backward()
     assert torch.equal(x.grad, (y != 0).float() * y.max())  # the gradient is the same mask and scale
     assert torch.equal(dropout.eval()(x), x)
+
+
+def test_throughput_leaves_out_evaluations_inside_training_only(tmp_path, monkeypatch, stories_dir: str,
+                                                                 alpaca_file: str) -> None:
+    import time
+
+    calls = []
+    evaluate = transformers.Trainer.evaluate
+
+    def slow_evaluate(self, *args, **kwargs):  # each evaluation takes 1 s more
+        calls.append(1)
+        time.sleep(1)
+        return evaluate(self, *args, **kwargs)
+
+    monkeypatch.setattr(transformers.Trainer, "evaluate", slow_evaluate)
+    metrics, _ = run_finetune(_args(stories_dir, alpaca_file, tmp_path / "out", val_set_size=4, eval_steps=1))
+    inside = len(calls) - 1  # the last evaluation runs after train() and is not part of train_runtime
+    assert inside >= 2
+    left_out = metrics["train_runtime_s"] - metrics["train_loop_seconds"]
+    # The evaluations inside train() are left out, but not the one after it (its 1 s of sleep alone).
+    assert inside <= left_out < inside + 1
