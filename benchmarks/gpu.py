@@ -2,7 +2,7 @@
 
 Usage (on a machine with one CUDA GPU):
   python benchmarks/gpu.py [--n_records 2000] [--out benchmarks/runs/gpu]
-  python benchmarks/gpu.py --smoke        # a 2-layer model on a few records: checks the script on CPU
+  python benchmarks/gpu.py --smoke        # a 2-layer model on a few records: checks the script (fp32 on CPU)
 
 The model is random-init from Qwen3-0.6B's configuration (28 layers, hidden 1024, GQA 16/8 heads,
 vocabulary 151,936, tied head; about 0.6B parameters) with the real Qwen3 tokenizer from
@@ -49,24 +49,26 @@ def build_model(model_dir: str, smoke: bool) -> None:
     os.replace(model_dir + ".partial", model_dir)
 
 
-def contenders(model_dir: str, data_file: str, n_records: int, out: str, batch: int) -> list[Contender]:
+def contenders(model_dir: str, data_file: str, n_records: int, out: str, batch: int,
+               precision: str = "bf16") -> list[Contender]:
     """The GPU contenders at one batch size, in run order: all of them at batch 8, else ours and the
     grouped reference (a larger batch shows what the GPU does once per-step overheads are amortized)."""
     flags = list(OUR_FLAGS)
     flags[flags.index("--per_gpu_train_batch_size") + 1] = str(batch)
     ours = [sys.executable, "uniform_finetune.py", "--model_type", "auto", "--model_name_or_path", model_dir,
-            "--data", data_file, *flags, "--max_samples", str(n_records), "--compute_dtype", "bf16"]
+            "--data", data_file, *flags, "--max_samples", str(n_records), "--compute_dtype", precision]
     variants = [("ours", "ours", []), ("ours --packing False", "nopack", ["--packing", "False"]),
                 ("ours QLoRA (4-bit NF4)", "qlora", ["--quantization_bit", "4"])]
     refs = [("reference-grouped", True), ("reference", False)]
     if batch != 8:
         variants, refs = variants[:1], refs[:1]
-    runs = [Contender(f"{name}, batch {batch}", "bf16", [*ours, *extra, "--output_dir", f"{out}/{tag}-b{batch}"],
+    runs = [Contender(f"{name}, batch {batch}", precision, [*ours, *extra, "--output_dir", f"{out}/{tag}-b{batch}"],
                       output_dir=f"{out}/{tag}-b{batch}") for name, tag, extra in variants]
     for name, grouped in refs:
         cmd = [sys.executable, os.path.join(BENCH_DIR, "reference_loop.py"), "--output_dir", f"{out}/{name}-b{batch}",
-               "--n_records", str(n_records), "--dtype", "bf16", "--model_dir", model_dir, "--batch_size", str(batch)]
-        runs.append(Contender(f"{name}, batch {batch}", "bf16", cmd + (["--group_by_length"] if grouped else []),
+               "--n_records", str(n_records), "--dtype", precision, "--model_dir", model_dir,
+               "--batch_size", str(batch)]
+        runs.append(Contender(f"{name}, batch {batch}", precision, cmd + (["--group_by_length"] if grouped else []),
                               output_dir=f"{out}/{name}-b{batch}"))
     return runs
 
@@ -89,8 +91,10 @@ def main(n_records: int = 2000, out: str = os.path.join(BENCH_DIR, "runs", "gpu"
     rows: list[dict[str, Any]] = []
     sizes = [int(b) for b in (batch_sizes.split(",") if isinstance(batch_sizes, str) else
                               batch_sizes if isinstance(batch_sizes, tuple) else [batch_sizes])]
-    for c in [c for batch in sizes for c in contenders(model_dir, data_file, n_records, out, batch)]:
-        if smoke and "QLoRA" in c.name and not torch.cuda.is_available():
+    cuda = torch.cuda.is_available()
+    precision = "bf16" if cuda else "fp32"  # a CPU without native bf16 emulates it 20x slower
+    for c in [c for batch in sizes for c in contenders(model_dir, data_file, n_records, out, batch, precision)]:
+        if "QLoRA" in c.name and not cuda:
             continue  # bitsandbytes 4-bit training is a GPU feature here
         print(f"{c.name} ...", flush=True)
         started = time.perf_counter()
