@@ -1,17 +1,23 @@
-"""Times our data preparation: the Alpaca template and batched tokenization of 100,000 records.
+"""Times our data preparation: the Alpaca template and batched tokenization of 100,000 records, and
+the tokenized-data cache (the first run of ``prepare_splits`` from the JSON file, then a cache hit).
 
 Usage:
   OMP_NUM_THREADS=2 .venv/bin/python benchmarks/data_prep.py [--n_records 100000]
 
 The records are bench_2k.json's 2,000 repeated; the tokenizer is the workload's LLaMA-2 tokenizer.
-Seconds cover ``alpaca_cot.tokenize.encode_records`` only (not reading JSON or loading the tokenizer).
+The tokenization seconds cover ``alpaca_cot.tokenize.encode_records`` only (not reading JSON or
+loading the tokenizer); the cache seconds cover ``alpaca_cot.prepared.prepare_splits`` whole, as
+uniform_finetune.py calls it (hashing the file, reading it or the cache, tokenizing, saving).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import sys
+import tempfile
 import time
+from types import SimpleNamespace
 
 BENCH_DIR = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, BENCH_DIR)
@@ -33,14 +39,37 @@ def time_data_prep(n_records: int = 100_000, cutoff_len: int = 512) -> dict[str,
     encoded = encode_records(records, get_template("alpaca", tokenizer), tokenizer, cutoff_len)
     seconds = time.perf_counter() - started
     return {"records": n_records, "seconds": seconds, "records_per_s": n_records / seconds,
-            "tokens": sum(len(e.input_ids) for e in encoded)}
+            "tokens": sum(len(e.input_ids) for e in encoded), **time_cache(records, tokenizer, cutoff_len)}
+
+
+def time_cache(records: list[dict], tokenizer: object, cutoff_len: int) -> dict[str, float]:
+    """Seconds of ``prepare_splits`` on ``records`` saved as a JSON file: a cache miss, then a hit."""
+    from alpaca_cot.prepared import prepare_splits
+    from alpaca_cot.templates import get_template
+
+    template = get_template("alpaca", tokenizer)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "records.json")
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump(records, f, ensure_ascii=False)
+        args = SimpleNamespace(data=[path], cutoff_len=cutoff_len, train_on_inputs=False, max_samples=None,
+                               val_set_size=0, seed=0)
+        seconds = {}
+        for expected in ("miss", "hit"):
+            started = time.perf_counter()
+            info = prepare_splits(args, tokenizer, template, lambda r: (r, []), cache_dir=tmp)[2]
+            seconds[f"cache_{expected}_seconds"] = time.perf_counter() - started
+            if info["cache"] != expected:
+                raise RuntimeError(f"expected a cache {expected}, got {info['cache']}")
+    return seconds
 
 
 def main(n_records: int = 100_000, cutoff_len: int = 512) -> None:
     """Print the data-preparation time."""
     result = time_data_prep(int(n_records), int(cutoff_len))
     print(f"{result['records']} records ({result['tokens']:.0f} tokens) prepared in {result['seconds']:.1f} s "
-          f"({result['records_per_s']:.0f} records/s)")
+          f"({result['records_per_s']:.0f} records/s); prepare_splits from the JSON file: "
+          f"{result['cache_miss_seconds']:.1f} s, then {result['cache_hit_seconds']:.2f} s from the cache")
 
 
 if __name__ == "__main__":
