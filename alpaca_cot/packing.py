@@ -85,7 +85,12 @@ def supports_packing(model: torch.nn.Module, peft_type: str) -> bool:
 
 
 class PackCollator:
-    """Flattens a batch of ``{"input_ids", "labels"}`` samples into one padding-free row."""
+    """Flattens a batch of ``{"input_ids", "labels"}`` samples into one padding-free row.
+
+    ``labels`` come out as ``[-100, t1 ... tK]``: the K targets of the kept positions, in order (the
+    leading -100 because the Trainer counts a causal model's label tokens from index 1). Selecting
+    them here, on the CPU, spares the loss a boolean mask that would stop a GPU's queue every step.
+    """
 
     def __call__(self, features: list[dict]) -> dict[str, Any]:
         ids: list[int] = []
@@ -100,12 +105,13 @@ class PackCollator:
             bounds.append(bounds[-1] + n)
         cu = torch.tensor(bounds, dtype=torch.int32)
         slots, longest = pack_layout([b - a for a, b in zip(bounds[:-1], bounds[1:], strict=True)])
-        label_tensor = torch.tensor([labels])
         # Position p predicts the token at p + 1: keep the positions whose next label counts.
-        keep = (label_tensor[0, 1:] != IGNORE_INDEX).nonzero().flatten()
-        return {"input_ids": torch.tensor([ids]), "labels": label_tensor,
+        keep = [p for p, label in enumerate(labels[1:]) if label != IGNORE_INDEX]
+        targets = [IGNORE_INDEX] + [labels[p + 1] for p in keep]
+        return {"input_ids": torch.tensor([ids]), "labels": torch.tensor([targets]),
                 "position_ids": torch.tensor([positions]), "cu_seq_lens_q": cu, "cu_seq_lens_k": cu,
-                "max_length_q": longest, "max_length_k": longest, "pack_slots": slots, "logits_to_keep": keep}
+                "max_length_q": longest, "max_length_k": longest, "pack_slots": slots,
+                "logits_to_keep": torch.tensor(keep)}
 
 
 def packed_loss(outputs: Any, labels: torch.Tensor, num_items_in_batch: Any = None) -> torch.Tensor:
@@ -113,8 +119,7 @@ def packed_loss(outputs: Any, labels: torch.Tensor, num_items_in_batch: Any = No
     label tokens, or their sum over ``num_items_in_batch`` under gradient accumulation.
 
     ``outputs.logits`` is overwritten with its gradient (see ``_LogitsCrossEntropy``)."""
-    targets = labels[0, 1:]
-    targets = targets[targets != IGNORE_INDEX]
+    targets = labels[0, 1:]  # PackCollator's labels: the kept positions' targets
     loss = _LogitsCrossEntropy.apply(outputs.logits[0].float(), targets)
     total = num_items_in_batch if num_items_in_batch is not None else targets.numel()
     return loss / total
