@@ -111,7 +111,7 @@ class PackCollator:
         return {"input_ids": torch.tensor([ids]), "labels": torch.tensor([targets]),
                 "position_ids": torch.tensor([positions]), "cu_seq_lens_q": cu, "cu_seq_lens_k": cu,
                 "max_length_q": longest, "max_length_k": longest, "pack_slots": slots,
-                "logits_to_keep": torch.tensor(keep)}
+                "logits_to_keep": torch.tensor(keep, dtype=torch.long)}
 
 
 def packed_loss(outputs: Any, labels: torch.Tensor, num_items_in_batch: Any = None) -> torch.Tensor:
