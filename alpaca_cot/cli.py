@@ -44,10 +44,10 @@ def normalize_argv(argv: list[str]) -> list[str]:
 
 
 def as_list(value: Any) -> list[str] | None:
-    """A list flag from fire (str "a,b", tuple, list or None) as a list of strings."""
+    """A list flag from fire (str "a,b", tuple, list, a lone number, or None) as a list of strings."""
     if value is None or value == "":
         return None
-    items = [value] if isinstance(value, str) else list(value)
+    items = list(value) if isinstance(value, (list, tuple)) else [value]
     return [part.strip() for item in items for part in str(item).split(",") if part.strip()]
 
 

@@ -35,19 +35,18 @@ def time_data_prep(n_records: int = 100_000, cutoff_len: int = 512) -> dict[str,
     tokenizer = transformers.AutoTokenizer.from_pretrained(build_workload().model_dir)
     base = load_bench_records()
     records = (base * -(-n_records // len(base)))[:n_records]
+    template = get_template("alpaca", tokenizer)
     started = time.perf_counter()
-    encoded = encode_records(records, get_template("alpaca", tokenizer), tokenizer, cutoff_len)
+    encoded = encode_records(records, template, tokenizer, cutoff_len)
     seconds = time.perf_counter() - started
     return {"records": n_records, "seconds": seconds, "records_per_s": n_records / seconds,
-            "tokens": sum(len(e.input_ids) for e in encoded), **time_cache(records, tokenizer, cutoff_len)}
+            "tokens": sum(len(e.input_ids) for e in encoded), **time_cache(records, tokenizer, template, cutoff_len)}
 
 
-def time_cache(records: list[dict], tokenizer: object, cutoff_len: int) -> dict[str, float]:
+def time_cache(records: list[dict], tokenizer: object, template: object, cutoff_len: int) -> dict[str, float]:
     """Seconds of ``prepare_splits`` on ``records`` saved as a JSON file: a cache miss, then a hit."""
     from alpaca_cot.prepared import prepare_splits
-    from alpaca_cot.templates import get_template
 
-    template = get_template("alpaca", tokenizer)
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "records.json")
         with open(path, "w", encoding="utf-8") as f:

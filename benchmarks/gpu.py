@@ -24,8 +24,10 @@ from typing import Any
 
 BENCH_DIR = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, BENCH_DIR)
-from run_all import OUR_FLAGS, Contender, loop_tokens_per_s, run_one  # noqa: E402
+from run_all import OUR_FLAGS, Contender, loop_tokens_per_s, run_one  # noqa: E402 (puts the project on the path)
 from workload import SHARED, load_bench_records  # noqa: E402
+
+from alpaca_cot.cli import as_list  # noqa: E402
 
 QWEN3_0_6B = dict(hidden_size=1024, intermediate_size=3072, num_hidden_layers=28, num_attention_heads=16,
                   num_key_value_heads=8, head_dim=128, vocab_size=151936, max_position_embeddings=40960,
@@ -89,8 +91,7 @@ def main(n_records: int = 2000, out: str = os.path.join(BENCH_DIR, "runs", "gpu"
         json.dump(load_bench_records(n_records), f, ensure_ascii=False)
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU (smoke run)"
     rows: list[dict[str, Any]] = []
-    sizes = [int(b) for b in (batch_sizes.split(",") if isinstance(batch_sizes, str) else
-                              batch_sizes if isinstance(batch_sizes, tuple) else [batch_sizes])]
+    sizes = [int(b) for b in as_list(batch_sizes)]
     cuda = torch.cuda.is_available()
     precision = "bf16" if cuda else "fp32"  # a CPU without native bf16 emulates it 20x slower
     for c in [c for batch in sizes for c in contenders(model_dir, data_file, n_records, out, batch, precision)]:
