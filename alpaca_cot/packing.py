@@ -1,10 +1,17 @@
 """Padding-free batches: a batch's samples flattened into one row, attention computed per sample.
 
 Inputs ``[s1 s2 s3]`` in one row with ``position_ids`` restarting at 0 for each sample; labels are
--100 at each sample's first token, so no sample learns to predict across a boundary. The
-attention function ``varlen_sdpa`` runs causal SDPA on each sample's slice (from the cumulative
-lengths ``cu_seq_lens_q``), so the cost is that of the samples, not of one row-long quadratic mask,
-and no sample attends to another. Linear layers see only real tokens: no padding at all.
+-100 at each sample's first token, so no sample learns to predict across a boundary. Linear layers
+see only real tokens: no padding at all. Which attention keeps the samples apart is decided on the
+loaded model (``choose_packing``), never approximated:
+
+- ``varlen_sdpa`` (ours): one causal SDPA over the samples laid out right-padded, with the layer's
+  sliding window as a band mask. Its cost is that of the samples, not of one row-long quadratic
+  mask (measured in ``benchmarks/``: the stock mask costs the whole row squared).
+- ``stock``: transformers' own packed path (``position_ids`` restarting per sample, no attention
+  mask) over the model's own attention, for what SDPA cannot express (attention softcapping), and
+  its flash/varlen kernels on CUDA where flash-attn is installed.
+- none: padded batches (remote-code models, prompt/prefix tuning's virtual tokens).
 
 The output head runs only where a label follows (``logits_to_keep``): prompt positions never
 need logits, and the head (hidden x vocabulary) is a large share of a small model's cost.
@@ -12,6 +19,7 @@ need logits, and the head (hidden x vocabulary) is a large share of a small mode
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -21,43 +29,59 @@ from transformers.masking_utils import AttentionMaskInterface
 from alpaca_cot.tokenize import IGNORE_INDEX
 
 VARLEN_ATTENTION = "varlen_sdpa"
+# Keyword arguments attention layers pass that change nothing here: the packed layout comes from
+# cu_seq_lens_q/pack_slots, and the sequence is causal by construction.
+_IGNORED = {"position_ids", "cu_seq_lens_k", "max_length_k", "is_causal", "output_attentions", "use_cache",
+            "head_mask", "layer_idx", "cache_position", "past_key_values", "position_embeddings"}
 
 
 def varlen_sdpa_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                           attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
-                          cu_seq_lens_q: torch.Tensor | None = None, max_length_q: int | None = None,
-                          pack_slots: torch.Tensor | None = None, **kwargs: Any) -> tuple[torch.Tensor, None]:
+                          sliding_window: int | None = None, cu_seq_lens_q: torch.Tensor | None = None,
+                          max_length_q: int | None = None, pack_slots: torch.Tensor | None = None,
+                          **kwargs: Any) -> tuple[torch.Tensor, None]:
     """Causal attention per packed sample; query/key/value are (1, heads, tokens, head_dim).
 
-    The samples are laid out right-padded as (samples, heads, longest, head_dim) for one causal
-    SDPA call: with causal masking a real position never sees the padding after it, so no mask is
-    needed, and only attention (not the linear layers) touches padding. Measured on the benchmark
-    model, one call this way beats one SDPA call per sample, whose many small slices and
-    concatenations cost a third of a training step.
+    The samples are laid out right-padded as (samples, heads, longest, head_dim) for one SDPA call:
+    under a causal (or causal band) mask a real position never sees the padding after it, and only
+    attention (not the linear layers) touches padding. A keyword this function cannot honour
+    (attention softcapping, sink logits) raises instead of being dropped.
     """
+    unknown = {k for k, v in kwargs.items() if v is not None and k not in _IGNORED}
+    if unknown:
+        raise NotImplementedError(f"varlen_sdpa cannot apply {sorted(unknown)}; this model must train with "
+                                  "transformers' own packed attention or padded batches (see choose_packing).")
     groups = query.shape[1] // key.shape[1]
     if groups > 1:  # grouped-query attention: share each key/value head across its query heads
         key = key.repeat_interleave(groups, dim=1)
         value = value.repeat_interleave(groups, dim=1)
     dropout = dropout if module.training else 0.0
-    if cu_seq_lens_q is None or len(cu_seq_lens_q) == 2:  # one sequence (e.g. generation): plain causal SDPA
-        out = torch.nn.functional.scaled_dot_product_attention(query, key, value, is_causal=query.shape[2] > 1,
-                                                               scale=scaling, dropout_p=dropout)
+    packed = cu_seq_lens_q is not None and len(cu_seq_lens_q) > 2
+    if packed:
+        # The collator passes these once per batch (computing them here would cost every layer kernel
+        # launches and, on a GPU, syncs: reading the longest length, sizing index tensors).
+        samples = len(cu_seq_lens_q) - 1
+        longest = max_length_q if max_length_q is not None else int(cu_seq_lens_q.diff().max())
+        slots = pack_slots if pack_slots is not None else pack_layout(cu_seq_lens_q.diff().tolist())[0]
+        slots = slots.to(query.device)
+
+        def to_padded(x: torch.Tensor) -> torch.Tensor:  # (1, H, T, D) -> (samples, H, longest, D)
+            heads, dim = x.shape[1], x.shape[3]
+            flat = x.new_zeros(samples * longest, heads, dim).index_copy(0, slots, x[0].transpose(0, 1))
+            return flat.view(samples, longest, heads, dim).transpose(1, 2)
+
+        query, key, value = to_padded(query), to_padded(key), to_padded(value)
+    length = query.shape[2]
+    mask = None
+    if sliding_window is not None and sliding_window < length:
+        # transformers' sliding window: position q sees keys k with q - sliding_window < k <= q.
+        offset = torch.arange(length, device=query.device)
+        offset = offset[:, None] - offset[None, :]
+        mask = (offset >= 0) & (offset < sliding_window)
+    out = torch.nn.functional.scaled_dot_product_attention(
+        query, key, value, attn_mask=mask, is_causal=mask is None and length > 1, scale=scaling, dropout_p=dropout)
+    if not packed:  # one sequence (e.g. generation)
         return out.transpose(1, 2).contiguous(), None
-    lengths = cu_seq_lens_q.diff()
-    samples = len(lengths)
-    # The collator passes these once per batch (computing them here would cost every layer kernel
-    # launches and, on a GPU, syncs: reading the longest length, sizing repeat_interleave's output).
-    longest = max_length_q if max_length_q is not None else int(lengths.max())
-    slots = pack_slots if pack_slots is not None else pack_layout(lengths.tolist())[0].to(query.device)
-
-    def to_padded(x: torch.Tensor) -> torch.Tensor:  # (1, H, T, D) -> (samples, H, longest, D)
-        heads, dim = x.shape[1], x.shape[3]
-        flat = x.new_zeros(samples * longest, heads, dim).index_copy(0, slots, x[0].transpose(0, 1))
-        return flat.view(samples, longest, heads, dim).transpose(1, 2)
-
-    out = torch.nn.functional.scaled_dot_product_attention(to_padded(query), to_padded(key), to_padded(value),
-                                                           is_causal=True, scale=scaling, dropout_p=dropout)
     # (samples, H, longest, D) -> (1, T, H, D), the layout attention interfaces return
     flat = out.transpose(1, 2).reshape(samples * longest, out.shape[1], out.shape[3])
     return flat.index_select(0, slots).unsqueeze(0), None
@@ -71,17 +95,68 @@ def pack_layout(lengths: list[int]) -> tuple[torch.Tensor, int]:
 
 
 def _no_mask(*args: Any, **kwargs: Any) -> None:
-    return None  # causality and sample boundaries are handled inside varlen_sdpa_attention
+    return None  # causality, windows and sample boundaries are handled inside varlen_sdpa_attention
 
 
 AttentionInterface.register(VARLEN_ATTENTION, varlen_sdpa_attention)
 AttentionMaskInterface.register(VARLEN_ATTENTION, _no_mask)
 
+# Config fields whose attention SDPA cannot express; the stock packed path applies them.
+_SDPA_INEXPRESSIBLE = ("attn_logit_softcapping",)
 
-def supports_packing(model: torch.nn.Module, peft_type: str) -> bool:
-    """Packing needs the transformers attention interface (not old or remote-code models) and real tokens
-    only (prompt/prefix tuning add virtual tokens to every sample)."""
-    return bool(getattr(model, "_supports_attention_backend", False)) and peft_type in ("lora", "adalora", "full")
+
+@dataclass(frozen=True)
+class PackingPlan:
+    """How a run's batches are laid out: ``attention`` is VARLEN_ATTENTION, "stock", "flash" or None
+    (padded batches); ``reason`` is the sentence the run log prints."""
+
+    attention: str | None
+    reason: str
+
+    @property
+    def packed(self) -> bool:
+        """Whether batches are packed into one padding-free row."""
+        return self.attention is not None
+
+
+def choose_packing(model: torch.nn.Module, peft_type: str, requested: bool, remote_code: bool) -> PackingPlan:
+    """The exact packed attention for this loaded model, or padding, with the reason."""
+    if not requested:
+        return PackingPlan(None, "padded, length-grouped batches (--packing False)")
+    if peft_type not in ("lora", "adalora", "full"):
+        return PackingPlan(None, f"padded batches: --peft_type {peft_type} adds virtual tokens to every sample")
+    if remote_code or not getattr(model, "_supports_attention_backend", False):
+        return PackingPlan(None, f"padded batches: {type(model).__name__} does not use transformers' attention "
+                                 "interface, so samples cannot be kept apart in one row")
+    config = model.config.get_text_config()
+    device = next(model.parameters()).device
+    if device.type == "cuda":
+        from transformers.utils import is_flash_attn_2_available
+
+        if is_flash_attn_2_available() and getattr(model, "_supports_flash_attn", False):
+            return PackingPlan("flash", "packed: transformers' flash-attention varlen kernels (flash-attn installed)")
+    inexpressible = [name for name in _SDPA_INEXPRESSIBLE if getattr(config, name, None)]
+    if inexpressible:
+        return PackingPlan("stock", f"packed: transformers' own packed attention ({config._attn_implementation}, "
+                                    f"block-diagonal mask), since SDPA cannot apply {', '.join(inexpressible)}")
+    window = getattr(config, "sliding_window", None)
+    detail = f" with the {window}-token sliding window" if window and _uses_sliding_window(config) else ""
+    return PackingPlan(VARLEN_ATTENTION, f"packed: per-sample causal SDPA{detail}")
+
+
+def _uses_sliding_window(config: Any) -> bool:
+    if getattr(config, "use_sliding_window", True) is False:  # Qwen2 keeps a window size it does not use
+        return False
+    types = getattr(config, "layer_types", None)
+    return types is None or "sliding_attention" in types
+
+
+def apply_packing(model: torch.nn.Module, plan: PackingPlan) -> None:
+    """Switch the model's attention for ``plan`` (the stock path keeps the model's own)."""
+    if plan.attention == VARLEN_ATTENTION:
+        model.set_attn_implementation(VARLEN_ATTENTION)
+    elif plan.attention == "flash":
+        model.set_attn_implementation("flash_attention_2")
 
 
 class PackCollator:
@@ -111,45 +186,50 @@ class PackCollator:
         return {"input_ids": torch.tensor([ids]), "labels": torch.tensor([targets]),
                 "position_ids": torch.tensor([positions]), "cu_seq_lens_q": cu, "cu_seq_lens_k": cu,
                 "max_length_q": longest, "max_length_k": longest, "pack_slots": slots,
-                "logits_to_keep": torch.tensor(keep, dtype=torch.long)}
+                "logits_to_keep": torch.tensor(keep, dtype=torch.long),
+                # transformers detects packed position_ids only without a KV cache
+                "use_cache": False}
 
 
 def packed_loss(outputs: Any, labels: torch.Tensor, num_items_in_batch: Any = None) -> torch.Tensor:
     """Token cross-entropy over the kept logits (``Trainer(compute_loss_func=...)``): the mean over
-    label tokens, or their sum over ``num_items_in_batch`` under gradient accumulation.
-
-    ``outputs.logits`` is overwritten with its gradient (see ``_LogitsCrossEntropy``)."""
+    label tokens, or their sum over ``num_items_in_batch`` under gradient accumulation."""
     targets = labels[0, 1:]  # PackCollator's labels: the kept positions' targets
-    loss = _LogitsCrossEntropy.apply(outputs.logits[0].float(), targets)
+    loss = ChunkedCrossEntropy.apply(outputs.logits[0], targets)
     total = num_items_in_batch if num_items_in_batch is not None else targets.numel()
     return loss / total
 
 
-class _LogitsCrossEntropy(torch.autograd.Function):
-    """Summed cross-entropy whose gradient (softmax - one-hot) is computed in the forward pass, in
-    the logits' own memory, a cache-sized block of rows at a time.
+class ChunkedCrossEntropy(torch.autograd.Function):
+    """Summed cross-entropy whose gradient (softmax - one-hot) is computed in the forward pass, a
+    cache-sized block of rows at a time, into a buffer of its own (the logits stay intact).
 
     The logits (tokens x vocabulary) are the largest tensor of a training step; the stock loss
     passes over them about eight times and allocates two more of their size (log-softmax and its
-    gradient). Here each block is read and written once while it is in cache. The logits are the
-    output head's fresh result (or a float copy), which nothing else reads afterwards; autograd's
-    version counter would raise if some layer had saved them for its backward.
+    gradient). Here each block is read while it is in cache and its gradient written once; the
+    gradient's dtype is the logits' (a bf16 head gets a bf16 gradient, as autograd would give).
     """
 
     @staticmethod
     def forward(ctx: Any, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         # ~4 MB blocks on CPU; a GPU's bandwidth makes one block cheapest.
         rows = len(logits) if logits.is_cuda else max(1, 2**20 // logits.shape[1])
+        gradient = torch.empty_like(logits)
         total = logits.new_zeros((), dtype=torch.float32)
         for start in range(0, len(logits), rows):
-            block, target = logits[start:start + rows], targets[start:start + rows].unsqueeze(1)
+            block = logits[start:start + rows].float()  # a view when fp32: only read
+            target = targets[start:start + rows].unsqueeze(1)
             lse = torch.logsumexp(block, dim=1, keepdim=True)
             total += (lse - block.gather(1, target)).sum()
-            block.sub_(lse).exp_().scatter_add_(1, target, block.new_full(target.shape, -1.0))
-        ctx.save_for_backward(logits)
+            out = gradient[start:start + rows]
+            buffer = out if out.dtype == torch.float32 else torch.empty_like(block)
+            torch.sub(block, lse, out=buffer).exp_().scatter_add_(1, target, buffer.new_full(target.shape, -1.0))
+            if buffer is not out:
+                out.copy_(buffer)
+        ctx.save_for_backward(gradient)
         return total
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
         (gradient,) = ctx.saved_tensors
-        return gradient.mul_(grad), None
+        return gradient * grad.to(gradient.dtype), None

@@ -19,7 +19,7 @@ from alpaca_cot.errors import UserError
 from alpaca_cot.flops import matmul_peak_flops, mean_causal_context, training_flops_per_token
 from alpaca_cot.io import write_json_atomic
 from alpaca_cot.loading import load_model, load_tokenizer, resolve_dtype
-from alpaca_cot.packing import VARLEN_ATTENTION, PackCollator, packed_loss, supports_packing
+from alpaca_cot.packing import PackCollator, apply_packing, choose_packing, packed_loss
 from alpaca_cot.prepared import prepare_splits
 from alpaca_cot.registry import get_model_spec
 from alpaca_cot.templates import Template, get_template
@@ -147,12 +147,12 @@ def run_finetune(args: FinetuneArgs) -> tuple[dict, Any]:
     full = args.peft_type == "full"
     model = load_model(args.model_name_or_path, spec, dtype=torch.float32 if full else dtype,
                        quantization_bit=args.quantization_bit, trust_remote_code=args.trust_remote_code)
-    # Decided on the loaded model, so that --model_type auto packs whatever class the checkpoint names.
-    packing = args.packing and not args.trust_remote_code and supports_packing(model, args.peft_type)
-    if packing:
-        model.set_attn_implementation(VARLEN_ATTENTION)
-    elif args.packing:
-        log("--packing is not available for this model or --peft_type; batches are padded and length-grouped.")
+    # Decided on the loaded model's config, so that --model_type auto packs whatever class the checkpoint
+    # names, with an attention that is exact for it (sliding windows, softcapping) or not at all.
+    plan = choose_packing(model, args.peft_type, args.packing, remote_code=args.trust_remote_code)
+    apply_packing(model, plan)
+    packing = plan.packed
+    log(f"batches: {plan.reason}")
     world = int(os.environ.get("WORLD_SIZE", "1"))
     per_step = args.per_gpu_train_batch_size * args.gradient_accumulation_steps * world
     total_steps = args.max_steps if args.max_steps > 0 else math.ceil(len(train_data) / per_step * args.epochs)
@@ -204,7 +204,8 @@ def run_finetune(args: FinetuneArgs) -> tuple[dict, Any]:
     metrics: dict[str, Any] = {"train_records": len(train_data), "validation_records": len(val_data),
                                "data_cache": info["cache"], "world_size": world,
                                "dtype": str(dtype).removeprefix("torch."), "template": template.name,
-                               "total_steps": total_steps, "packing": packing}
+                               "total_steps": total_steps, "packing": packing,
+                               "attention": plan.attention or "padded"}
     # The precision actually in use: autocast runs the matmuls in bf16/fp16 even over fp32 weights.
     peak = matmul_peak_flops(dtype, next(model.parameters()).device)
     result = trainer.train(resume_from_checkpoint=args.resume_from_checkpoint or None)
