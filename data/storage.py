@@ -42,6 +42,12 @@ def has_placeholder(record: dict) -> bool:
     return any("{{" in text and PLACEHOLDER.search(text) for text in record_texts(record))
 
 
+def literal_newline(record: dict) -> bool:
+    """Whether a text of the record holds the two characters ``\\n`` and no line break: an escaped
+    line break left in by an earlier conversion (code, which has real line breaks too, is not flagged)."""
+    return any("\\n" in text and "\n" not in text for text in record_texts(record))
+
+
 def record_texts(record: dict) -> list[str]:
     """The texts of a record in order: instruction, input, output, or every turn's content."""
     if "messages" in record:
@@ -60,6 +66,7 @@ class FileCheck:
     errors: list[str] = field(default_factory=list)
     empty: list[str] = field(default_factory=list)  # locations of empty answers
     placeholders: list[str] = field(default_factory=list)  # locations of {{...}} template slots
+    escaped: list[str] = field(default_factory=list)  # locations of literal two-character \n
 
     def lines(self, limit: int = 20) -> list[str]:
         """The report: counts, whether the file is trainable, then errors and warnings."""
@@ -77,6 +84,9 @@ class FileCheck:
         if self.placeholders:
             lines.append(f"  warning: {len(self.placeholders)} records contain template placeholders such as "
                          f"{{{{name}}}} (first: {self.placeholders[0]})")
+        if self.escaped:
+            lines.append(f"  warning: {len(self.escaped)} records hold the two characters '\\n' and no line "
+                         f"break, likely an escaped line break (first: {self.escaped[0]})")
         if self.errors:
             lines.append(f"  {len(self.errors)} invalid records:")
             lines += [f"    {error}" for error in self.errors[:limit]]
@@ -112,6 +122,8 @@ def check_file(path: str) -> FileCheck:
             check.empty.append(where)
         if has_placeholder(record):
             check.placeholders.append(where)
+        if literal_newline(record):
+            check.escaped.append(where)
     if not rows:
         check.errors.append(f"{path}: the file holds no records")
     return check

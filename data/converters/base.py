@@ -23,14 +23,20 @@ class BadRecord(ValueError):
 
 @dataclass
 class Context:
-    """Per-file state handed to converters: the dataset name (from the file name), a seeded RNG,
-    the report that collects repairs, the current location, and whether CoT questions stay plain."""
+    """Per-file state handed to converters: the dataset name (from the file name), the seed of the
+    CoT phrasings, the report that collects repairs, the current location, and whether CoT
+    questions stay plain."""
 
     name: str
-    rng: random.Random
+    seed: int
     report: Report
     where: str = ""
     plain: bool = False  # CoT rows: the question alone as the instruction (evaluation prompts)
+
+    def rng(self, content: str) -> random.Random:
+        """A generator seeded by the seed, the dataset and a row's content: the same row always
+        gets the same phrasing, wherever it stands in the file (so duplicates stay duplicates)."""
+        return random.Random(f"{self.seed}:{self.name}:{content}")
 
     def repaired(self, what: str) -> None:
         """Record a repair made to the current row."""

@@ -107,15 +107,45 @@ TEMPLATES: dict[str, tuple[tuple[str, str], ...]] = {
 
 
 def render_cot(question: str, answer: str, cot: str, ctx: Context) -> dict:
-    """One instruction record from a CoT triple, with a phrasing drawn from the dataset's set
-    (with ``ctx.plain`` the instruction is the question alone)."""
-    instruction, target = ctx.rng.choice(TEMPLATES.get(ctx.name, TEMPLATES["generic"]))
+    """One instruction record from a CoT triple, with a phrasing drawn from the dataset's set by
+    the seed and the row's content. With ``ctx.plain`` the record is the question and the final
+    answer alone (what an evaluation set asks and expects, without our phrasing or the rationale)."""
     if ctx.plain:
-        instruction = "{question}"
+        return {"instruction": question, "input": "", "output": answer}
+    instruction, target = ctx.rng(f"{question}\t{answer}\t{cot}").choice(phrasings(ctx.name))
     if not cot.endswith(_SENTENCE_END):
         cot += "."  # the answer sentence follows the rationale, sometimes on the same line
     return {"instruction": instruction.format(question=question), "input": "",
             "output": target.format(cot=cot, answer=answer)}
+
+
+def phrasings(dataset: str) -> tuple[tuple[str, str], ...]:
+    """The (instruction, target) phrasings of a dataset (``generic`` for datasets not listed)."""
+    return TEMPLATES.get(dataset, TEMPLATES["generic"])
+
+
+def _pattern(template: str) -> re.Pattern:
+    parts = re.split(r"\{(question|cot|answer)\}", template)
+    regex = "".join(re.escape(part) if i % 2 == 0 else f"(?P<{part}>.+?)" for i, part in enumerate(parts))
+    return re.compile(regex, re.DOTALL)
+
+
+# Every phrasing as a pair of patterns, to read a converted record back into its parts.
+_PATTERNS = [(_pattern(instruction), _pattern(target)) for pairs in TEMPLATES.values() for instruction, target in pairs]
+
+
+def split_cot(record: dict) -> tuple[str, str, str] | None:
+    """(question, rationale, answer) of a single-turn record that one of our phrasings wrote, or
+    None: lets dedup and decontaminate compare content, not phrasing."""
+    instruction, output = record.get("instruction"), record.get("output")
+    if not isinstance(output, str) or record.get("input"):
+        return None
+    for instruction_pattern, target_pattern in _PATTERNS:
+        asked = instruction_pattern.fullmatch(instruction)
+        answered = asked and target_pattern.fullmatch(output)
+        if answered:
+            return asked["question"], answered["cot"], answered["answer"]
+    return None
 
 
 def convert_flan_cot(row: list[str], ctx: Context) -> list[dict]:
@@ -132,12 +162,15 @@ def convert_flan_cot(row: list[str], ctx: Context) -> list[dict]:
 
 def convert_gsm8k(row: dict, ctx: Context) -> list[dict]:
     """GSM8K ``{question, answer}``: the answer holds the steps, with ``<<calc=result>>`` annotations
-    (removed here), and a final ``#### N`` line that is the answer."""
+    (removed here), and a final ``#### N`` line that is the answer. The Socratic variant's
+    ``sub-question ** step`` lines lose their ``**`` separator."""
     question = text(row, "question").strip()
     steps, marker, final = text(row, "answer").rpartition("####")
     if not marker or not final.strip() or not steps.strip():
         raise BadRecord("answer", "has no steps followed by a final '#### N' line")
     cot = re.sub(r"<<[^>]*>>", "", steps).strip()
+    # GSM8K Socratic writes each step as "sub-question ** step": keep both, without the separator.
+    cot = re.sub(r" \*\* ", " ", cot)
     return [render_cot(question, final.strip(), cot, ctx)]
 
 

@@ -17,6 +17,7 @@ from alpaca_cot.records import DataError
 _WHITESPACE = re.compile(r"[ \t\n\r]*")
 # A JSON escape is a backslash followed by one of these; anything else after a backslash is invalid.
 _ESCAPE = re.compile(r'\\(["\\/bfnrt]|u[0-9a-fA-F]{4})?')
+JOIN_LIMIT = 20  # lines a record broken by raw line breaks may span before the break is not repaired
 
 
 @dataclass
@@ -93,7 +94,11 @@ def _single_object(text: str) -> dict | None:
 
 def _iter_lines(path: str, text: str, report: Report) -> Iterator[tuple[str, Any]]:
     # JSON Lines: split on \n only, since real files carry U+2028 inside strings.
-    for lineno, line in enumerate(text.split("\n"), start=1):
+    lines = text.split("\n")
+    i = 0
+    while i < len(lines):
+        line, lineno = lines[i], i + 1
+        i += 1
         if not line.strip():
             continue
         where = f"{path}:{lineno}"
@@ -112,9 +117,34 @@ def _iter_lines(path: str, text: str, report: Report) -> Iterator[tuple[str, Any
                 report.repaired.append(f"{where}: invalid JSON escape {', '.join(invalid)} read as a literal backslash")
                 yield where, value
                 continue
+        if error.msg.startswith("Unterminated string"):
+            joined = _join_broken(lines, i - 1)
+            if joined:
+                value, end = joined
+                report.repaired.append(f"{where}: lines {lineno}-{end} are one record broken by raw line breaks "
+                                       "inside a string; joined and read")
+                yield where, value
+                i = end
+                continue
         reason = f"invalid JSON ({error.msg}, column {error.colno})"
         report.bad.append(f"{where}: {reason}")
         yield where, Unreadable(reason)
+
+
+def _join_broken(lines: list[str], start: int) -> tuple[Any, int] | None:
+    """A record that a raw line break inside a string split over lines ``start``.. (0-based): the
+    value read from the joined lines (a line break kept inside the string) and the last line number
+    (1-based), or None when joining up to ``JOIN_LIMIT`` lines gives no JSON value."""
+    for end in range(start + 1, min(start + JOIN_LIMIT, len(lines))):
+        joined = "\n".join(lines[start:end + 1])
+        try:
+            # strict=False accepts the control character (the line break) inside the string.
+            return json.loads(joined, strict=False), end + 1
+        except json.JSONDecodeError as e:
+            # Still open at the end: read one more line. Any other error: not a broken record.
+            if not e.msg.startswith("Unterminated string") and e.pos < len(joined.rstrip()):
+                return None
+    return None
 
 
 def _iter_array(path: str, text: str, report: Report) -> Iterator[tuple[str, Any]]:
