@@ -161,41 +161,162 @@ ADAPTER_CONFIG = "adapter_config.json"
 def load_for_inference(lora_dir: str | None = None, *, model_type: str | None = None,
                        model_name_or_path: str | None = None, size: str | None = None,
                        compute_dtype: str = "auto", quantization_bit: int | None = None,
-                       trust_remote_code: bool = False) -> tuple[Any, Any, Any]:
+                       trust_remote_code: bool = False, template: str | None = None) -> tuple[Any, Any, Any]:
     """(model, tokenizer, template) for generation, in eval mode.
 
-    With ``lora_dir`` (an output folder of uniform_finetune.py) the run's saved arguments give the
-    base model, type and template, so nothing else is needed; explicit arguments override them.
-    A full fine-tune's folder holds the model itself. Remote code runs only with
-    ``trust_remote_code`` passed now, whatever the saved run used.
+    ``lora_dir`` is an output folder of uniform_finetune.py (its saved arguments give the base model,
+    type and template, so nothing else is needed), any PEFT adapter folder or hub id (the base comes
+    from its adapter_config.json), or a full model's folder. Explicit arguments override what was
+    saved. Without a saved type, the type is the base config's ``model_type`` where the registry has
+    it, else ``auto``; without ``template`` or a saved template.json, the type's default template.
+    Remote code runs only with ``trust_remote_code`` passed now, whatever the saved run used.
     """
-    from alpaca_cot.config import FinetuneArgs
     from alpaca_cot.registry import default_checkpoint, get_model_spec
     from alpaca_cot.templates import TEMPLATE_FILE, Template, get_template
 
-    saved = FinetuneArgs.load(lora_dir) if lora_dir else None
-    model_type = model_type or (saved.model_type if saved else "llama")
-    spec = get_model_spec(model_type)
-    base = model_name_or_path or (saved.model_name_or_path if saved else None)
+    folder = resolve_lora_dir(lora_dir) if lora_dir else None
+    saved = saved_run_args(folder) if folder else None
+    is_adapter = bool(folder) and os.path.isfile(os.path.join(folder, ADAPTER_CONFIG))
+    if folder and not is_adapter:
+        check_model_folder(folder)  # a full fine-tune's folder holds the model itself
+        base = folder
+    else:
+        base = resolve_base_model(folder, model_name_or_path) if is_adapter else model_name_or_path
     if base is None:
+        if model_type is None:
+            raise UserError("Pass --lora_dir (a run's output folder, a PEFT adapter folder or hub id) or "
+                            "--model_name_or_path (a base model).")
         base = default_checkpoint(model_type, size)
+    model_type = model_type or (saved.model_type if saved else None) or infer_model_type(base)
+    spec = get_model_spec(model_type)
     dtype, note = resolve_dtype(compute_dtype)
     if note:
         print(note)
-    is_adapter = bool(lora_dir) and os.path.isfile(os.path.join(lora_dir, ADAPTER_CONFIG))
-    weights = base if (is_adapter or not lora_dir) else lora_dir
-    tokenizer = load_tokenizer(lora_dir or base, spec, trust_remote_code)
+    tokenizer = load_tokenizer(folder if folder and has_tokenizer(folder) else base, spec, trust_remote_code)
     tokenizer.padding_side = "left"  # batched generation continues every row from its last token
-    model = load_model(weights, spec, dtype=dtype, quantization_bit=quantization_bit,
+    model = load_model(base, spec, dtype=dtype, quantization_bit=quantization_bit,
                        trust_remote_code=trust_remote_code)
     if is_adapter:
-        import peft
-
-        model = peft.PeftModel.from_pretrained(model, lora_dir)
+        model = load_adapter(model, folder)
     model.eval()
-    if lora_dir and os.path.isfile(os.path.join(lora_dir, TEMPLATE_FILE)):
-        template = Template.load(lora_dir)
-    else:
-        name = spec.template if (spec.template != "chat" or tokenizer.chat_template) else "alpaca"
-        template = get_template(name, tokenizer)
-    return model, tokenizer, template
+    if template is None and folder and os.path.isfile(os.path.join(folder, TEMPLATE_FILE)):
+        return model, tokenizer, Template.load(folder)
+    name = template or (spec.template if (spec.template != "chat" or tokenizer.chat_template) else "alpaca")
+    return model, tokenizer, get_template(name, tokenizer)
+
+
+# What inference reads from a hub adapter repository (never a full model's weights).
+HUB_ADAPTER_FILES = [ADAPTER_CONFIG, "adapter_model.safetensors", "adapter_model.bin", "finetune_args.json",
+                     "template.json", "tokenizer*", "special_tokens_map.json", "chat_template*", "*.model"]
+TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json", "tokenizer.model")
+# Fields of adapter configs saved by peft < 0.3 (the original project's checkpoints) that current
+# peft ignores with a warning about a *newer* peft; merge_weights was a training-time switch.
+LEGACY_LORA_FIELDS = ("enable_lora", "merge_weights")
+
+
+def resolve_lora_dir(lora_dir: str) -> str:
+    """``--lora_dir`` as a local folder: the folder itself, or a hub adapter's files (fetched or cached)."""
+    if os.path.isdir(lora_dir):
+        return lora_dir
+    import huggingface_hub
+
+    try:
+        folder = huggingface_hub.snapshot_download(lora_dir, allow_patterns=HUB_ADAPTER_FILES)
+    except (OSError, ValueError):  # offline, no such repository, or not a repository id at all
+        raise LoadError(f"--lora_dir {lora_dir!r} is neither a local folder nor an adapter the Hugging Face hub "
+                        "could serve (offline, or no such repository); pass a local folder that holds "
+                        f"{ADAPTER_CONFIG} and the adapter weights (or a run's output folder).") from None
+    if not os.path.isfile(os.path.join(folder, ADAPTER_CONFIG)):
+        raise LoadError(f"The hub repository {lora_dir} holds no {ADAPTER_CONFIG}, so it is not a PEFT adapter; "
+                        "pass a full model as --model_name_or_path instead.")
+    return folder
+
+
+def saved_run_args(folder: str) -> Any:
+    """The FinetuneArgs a run of uniform_finetune.py saved in ``folder``, or None for a foreign folder."""
+    from alpaca_cot.config import ARGS_FILE, FinetuneArgs
+
+    return FinetuneArgs.load(folder) if os.path.isfile(os.path.join(folder, ARGS_FILE)) else None
+
+
+def check_model_folder(folder: str) -> None:
+    """Refuse a ``--lora_dir`` that holds neither an adapter nor a full model."""
+    if not os.path.isfile(os.path.join(folder, "config.json")):
+        raise LoadError(f"{folder} holds neither {ADAPTER_CONFIG} (a PEFT adapter) nor config.json (a full model); "
+                        "pass the output folder of uniform_finetune.py, a PEFT adapter folder or hub id.")
+
+
+def resolve_base_model(folder: str, model_name_or_path: str | None = None) -> str:
+    """The base model of the adapter in ``folder``: the flag, else the run's saved one, else adapter_config.json's."""
+    if model_name_or_path:
+        return model_name_or_path
+    saved = saved_run_args(folder)
+    if saved is not None and saved.model_name_or_path:
+        return saved.model_name_or_path
+    path = os.path.join(folder, ADAPTER_CONFIG)
+    base = read_adapter_config(folder).get("base_model_name_or_path")
+    if not base:
+        raise LoadError(f"{path} names no base_model_name_or_path; pass --model_name_or_path the base model the "
+                        "adapter was trained on.")
+    if os.path.isabs(os.path.expanduser(base)) and not os.path.isdir(os.path.expanduser(base)):
+        raise LoadError(f"{path} names the base model {base!r} (base_model_name_or_path), a folder that is not on "
+                        "this machine; pass --model_name_or_path the base model the adapter was trained on.")
+    return base
+
+
+def read_adapter_config(folder: str) -> dict:
+    """adapter_config.json of ``folder`` as a dict; a malformed file is a one-line error."""
+    import json
+
+    path = os.path.join(folder, ADAPTER_CONFIG)
+    try:
+        with open(path, encoding="utf-8") as f:
+            config = json.load(f)
+    except json.JSONDecodeError as e:
+        raise LoadError(f"{path} line {e.lineno}: not valid JSON ({e.msg})") from None
+    if not isinstance(config, dict):
+        raise LoadError(f"{path} holds a JSON {type(config).__name__}, not an object of adapter settings")
+    return config
+
+
+def infer_model_type(base: str) -> str:
+    """The registry type named by the base model's config ``model_type``, else ``auto``."""
+    from alpaca_cot.registry import MODEL_REGISTRY
+
+    try:
+        config, _ = transformers.PretrainedConfig.get_config_dict(base)
+    except (OSError, ValueError):
+        return "auto"  # an unreachable base is reported by the loader, with what to pass
+    kind = config.get("model_type")
+    return kind if kind in MODEL_REGISTRY else "auto"
+
+
+def has_tokenizer(folder: str) -> bool:
+    """Whether ``folder`` holds tokenizer files (our runs save them; foreign adapters rarely do)."""
+    return any(os.path.isfile(os.path.join(folder, name)) for name in TOKENIZER_FILES)
+
+
+def load_adapter(model: Any, folder: str) -> Any:
+    """The PEFT adapter of ``folder`` over ``model``; weights in a .bin load weights-only (tensors, no code)."""
+    import pickle
+    import re
+
+    import peft
+
+    config = read_adapter_config(folder)
+    if config.get("enable_lora"):
+        raise LoadError(f"{os.path.join(folder, ADAPTER_CONFIG)}: enable_lora {config['enable_lora']} is the fused-"
+                        "projection LoRA of peft < 0.3, which current peft cannot load.")
+    legacy = [key for key in LEGACY_LORA_FIELDS if key in config]
+    peft_config = peft.PeftConfig.from_peft_type(**{k: v for k, v in config.items() if k not in legacy}) \
+        if legacy else None
+    try:
+        # peft reads adapter_model.bin with torch.load(weights_only=True): a pickle that needs any
+        # global beyond tensors and plain containers is refused instead of run.
+        return peft.PeftModel.from_pretrained(model, folder, config=peft_config)
+    except pickle.UnpicklingError as e:
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
+        reason = f"it needs {found.group(1)}" if found else "it is not a plain state dict"
+        raise LoadError(f"{os.path.join(folder, 'adapter_model.bin')} holds more than tensors ({reason}) and is "
+                        "loaded only weights-only, since unpickling it fully could run any code; re-save its "
+                        "tensors as adapter_model.safetensors if you trust its source.") from None

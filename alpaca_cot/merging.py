@@ -20,8 +20,7 @@ import transformers
 from alpaca_cot.config import ARGS_FILE
 from alpaca_cot.errors import UserError
 from alpaca_cot.io import write_json_atomic
-from alpaca_cot.loading import ADAPTER_CONFIG, load_for_inference
-from alpaca_cot.templates import TEMPLATE_FILE
+from alpaca_cot.loading import ADAPTER_CONFIG, load_for_inference, resolve_base_model, resolve_lora_dir, saved_run_args
 
 MERGEABLE = ("LORA", "ADALORA")  # prompt, p-tuning and prefix adapters add tokens, not weight updates
 REPORT_FILE = "merge.json"
@@ -50,7 +49,8 @@ def check_adapter(lora_dir: str) -> str:
         if os.path.isfile(os.path.join(lora_dir, "config.json")):
             raise UserError(f"{lora_dir} holds a full model (a full fine-tune), not an adapter: there is nothing "
                             "to merge; use the folder as it is.")
-        raise UserError(f"{lora_dir} holds no {ADAPTER_CONFIG}: pass the output folder of uniform_finetune.py")
+        raise UserError(f"{lora_dir} holds no {ADAPTER_CONFIG}: pass the output folder of uniform_finetune.py or "
+                        "a PEFT adapter folder or hub id")
     with open(path, encoding="utf-8") as f:
         peft_type = str(json.load(f).get("peft_type", "")).upper()
     if peft_type not in MERGEABLE:
@@ -102,24 +102,27 @@ def _save_dtype(name: str, config: dict) -> torch.dtype:
 def merge_adapter(lora_dir: str, merged_dir: str, *, model_type: str | None = None,
                   model_name_or_path: str | None = None, size: str | None = None, compute_dtype: str = "fp32",
                   save_dtype: str = "auto", quantization_bit: int | None = None, trust_remote_code: bool = False,
-                  max_shard_size: str = "2GB", overwrite: bool = False) -> dict:
-    """Merge the adapter of ``lora_dir`` into its base, check it, and save it to ``merged_dir``; returns the report."""
-    from alpaca_cot.config import FinetuneArgs
+                  max_shard_size: str = "2GB", overwrite: bool = False, template: str | None = None) -> dict:
+    """Merge the adapter of ``lora_dir`` into its base, check it, and save it to ``merged_dir``; returns the report.
 
+    ``lora_dir`` is a run's output folder or any PEFT adapter folder or hub id; the base comes from
+    ``model_name_or_path``, else the run's saved arguments, else adapter_config.json.
+    """
     check_output_dir(merged_dir, overwrite)
-    peft_type = check_adapter(lora_dir)
-    saved = FinetuneArgs.load(lora_dir)
-    base = model_name_or_path or saved.model_name_or_path
+    folder = resolve_lora_dir(lora_dir)
+    peft_type = check_adapter(folder)
+    saved = saved_run_args(folder)
+    base = resolve_base_model(folder, model_name_or_path)
     config = check_unquantized(base, quantization_bit)
-    if saved.quantization_bit:
+    if saved is not None and saved.quantization_bit:
         print(f"The adapter was trained over a {saved.quantization_bit}-bit base; it is merged into the full-precision "
               "base, whose outputs differ slightly from the quantized model's.", flush=True)
     target_dtype = _save_dtype(str(save_dtype), config)
-    model, tokenizer, template = load_for_inference(
-        lora_dir, model_type=model_type, model_name_or_path=model_name_or_path, size=size,
-        compute_dtype=compute_dtype, trust_remote_code=trust_remote_code)
+    model, tokenizer, prompt_template = load_for_inference(
+        folder, model_type=model_type, model_name_or_path=model_name_or_path, size=size,
+        compute_dtype=compute_dtype, trust_remote_code=trust_remote_code, template=template)
     dtype = next(model.parameters()).dtype
-    ids = _probe_ids(tokenizer, template, next(model.parameters()).device)
+    ids = _probe_ids(tokenizer, prompt_template, next(model.parameters()).device)
     adapter_logits = model(input_ids=ids).logits.float()
 
     lora_layers = [m for m in model.modules() if hasattr(m, "get_delta_weight") and hasattr(m, "get_base_layer")]
@@ -144,26 +147,30 @@ def merge_adapter(lora_dir: str, merged_dir: str, *, model_type: str | None = No
                         f"probe input (tolerance {tolerance:.3g}); nothing was saved.")
 
     report = {
-        "base_model": base, "lora_dir": os.path.abspath(lora_dir), "peft_type": peft_type,
+        "base_model": base, "lora_dir": os.path.abspath(lora_dir) if os.path.isdir(lora_dir) else lora_dir,
+        "peft_type": peft_type,
         "compute_dtype": str(dtype).removeprefix("torch."), "save_dtype": str(target_dtype).removeprefix("torch."),
         "updated_layers": len(updated), "changed_layers": changed, "probe_tokens": int(ids.shape[1]),
         "max_abs_logit_diff": max_diff, "tolerance": tolerance,
         "tolerance_rule": f"{TOLERANCE[dtype]:g} x max(1, max |adapter logit|)",
     }
-    _save(merged.to(target_dtype), tokenizer, lora_dir, merged_dir, max_shard_size, report)
+    _save(merged.to(target_dtype), tokenizer, prompt_template, folder, merged_dir, max_shard_size, report)
     return report
 
 
-def _save(model: Any, tokenizer: Any, lora_dir: str, merged_dir: str, max_shard_size: str, report: dict) -> None:
+def _save(model: Any, tokenizer: Any, template: Any, lora_dir: str, merged_dir: str, max_shard_size: str,
+          report: dict) -> None:
     parent = os.path.dirname(os.path.abspath(merged_dir))
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(dir=parent, prefix=".merge-tmp-")
     try:
         model.save_pretrained(tmp, max_shard_size=max_shard_size)
         tokenizer.save_pretrained(tmp)
-        for name in (TEMPLATE_FILE, ARGS_FILE):
-            if os.path.isfile(os.path.join(lora_dir, name)):
-                shutil.copy2(os.path.join(lora_dir, name), tmp)
+        # The template the merge was checked with, so the merged folder prompts as the adapter did
+        # (a foreign adapter has no template.json of its own).
+        template.save(tmp)
+        if os.path.isfile(os.path.join(lora_dir, ARGS_FILE)):
+            shutil.copy2(os.path.join(lora_dir, ARGS_FILE), tmp)
         write_json_atomic(os.path.join(tmp, REPORT_FILE), report)
         umask = os.umask(0)
         os.umask(umask)
