@@ -15,6 +15,7 @@ assistant turn; prediction inputs may end with a user turn. Other keys are kept 
 
 from __future__ import annotations
 
+import codecs
 import json
 import os
 from collections.abc import Iterator
@@ -68,10 +69,23 @@ def validate_record(record: Any, where: str, *, need_answer: bool = True) -> dic
     return record
 
 
+def read_text(path: str) -> str:
+    """The file decoded as UTF-8 (a byte-order mark is dropped); invalid bytes are reported by line and offset."""
+    with open(path, "rb") as f:
+        data = f.read()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        # e.start counts from after a byte-order mark, which utf-8-sig drops before decoding.
+        offset = e.start + (3 if data.startswith(codecs.BOM_UTF8) else 0)
+        line = data.count(b"\n", 0, offset) + 1
+        raise DataError(f"{path}:{line}: invalid UTF-8 at byte offset {offset} (byte 0x{data[offset]:02x}); "
+                        "save the file as UTF-8") from None
+
+
 def iter_json_records(path: str) -> Iterator[tuple[str, Any]]:
     """Yield ``(location, raw_object)`` from a JSON array or a JSON Lines file (any extension)."""
-    with open(path, encoding="utf-8-sig") as f:
-        text = f.read()
+    text = read_text(path)
     head = text.lstrip()[:1]
     if head == "[":
         try:
@@ -88,7 +102,18 @@ def iter_json_records(path: str) -> Iterator[tuple[str, Any]]:
         try:
             yield f"{path}:{lineno}", json.loads(line)
         except json.JSONDecodeError as e:
+            if head == "{" and _is_one_object(text):
+                raise DataError(f"{path}: holds a single JSON object, not a list of records; wrap it in [ ] or "
+                                "write one record per line (JSON Lines)") from None
             raise DataError(f"{path}:{lineno}: invalid JSON ({e.msg}, column {e.colno})") from None
+
+
+def _is_one_object(text: str) -> bool:
+    """Whether ``text`` is one JSON object spread over several lines (a JSON Lines reader fails on it)."""
+    try:
+        return isinstance(json.loads(text), dict)
+    except json.JSONDecodeError:
+        return False
 
 
 def read_records(path: str, *, need_answer: bool = True) -> list[dict]:
