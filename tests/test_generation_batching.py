@@ -1,0 +1,170 @@
+"""Generator.batch_streams: concurrent streams decode in one batch, each with its own settings, and a greedy
+answer is the one generate gives alone; on the real stories260K model and a tiny model of every family."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import pytest
+import torch
+
+from alpaca_cot.errors import UserError
+from alpaca_cot.generation import Generator, SamplingParams
+from alpaca_cot.loading import load_for_inference
+from tests.conftest import shared_path
+from tests.fixtures.tiny_models import NATIVE, write_tiny_model
+
+GREEDY = SamplingParams(do_sample=False, max_new_tokens=32)
+
+
+@pytest.fixture(scope="module")
+def stories(stories_dir: str) -> Iterator[Generator]:
+    """A Generator over the real stories260K model (fp32, one thread), batched from the start."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    generator = Generator(*load_for_inference(None, model_type="llama", model_name_or_path=stories_dir,
+                                              compute_dtype="fp32"))
+    yield generator
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def records(alpaca_file: str) -> list[dict]:
+    with open(alpaca_file, encoding="utf-8") as f:
+        return json.load(f)[:10]
+
+
+@contextmanager
+def batch_rows(generator: Generator) -> Iterator[list[int]]:
+    """Yield the list of batch sizes of the model's forward passes, in order."""
+    sizes: list[int] = []
+    handle = generator.model.register_forward_hook(lambda module, args, kwargs, out: sizes.append(
+        kwargs["input_ids"].shape[0]), with_kwargs=True)
+    try:
+        yield sizes
+    finally:
+        handle.remove()
+
+
+def concurrently(generator: Generator, jobs: list[tuple[dict, SamplingParams]], stagger_s: float = 0.0,
+                 stops: list[threading.Event] | None = None) -> list[str]:
+    """Stream every (record, params) from its own thread, started ``stagger_s`` apart; the answers in order."""
+    answers: list[str] = [""] * len(jobs)
+
+    def run(i: int) -> None:
+        answers[i] = "".join(generator.stream(*jobs[i], stops[i] if stops else None))
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(jobs))]
+    for thread in threads:
+        thread.start()
+        time.sleep(stagger_s)
+    for thread in threads:
+        thread.join(timeout=120)
+    return answers
+
+
+def alone(generator: Generator, record: dict, params: SamplingParams) -> str:
+    """The answer of ``generate`` for ``record`` by itself (no batch, no decoder)."""
+    decoder, generator.decoder = generator.decoder, None
+    try:
+        return generator.generate([record], params, batch_size=1)[0]
+    finally:
+        generator.decoder = decoder
+
+
+def test_concurrent_greedy_streams_are_batched_and_equal_generate_alone(stories: Generator,
+                                                                        records: list[dict]) -> None:
+    assert stories.batch_streams(8)
+    with batch_rows(stories) as sizes:
+        # Started 30 ms apart: streams join a batch that is already decoding, and leave it as they finish.
+        answers = concurrently(stories, [(r, GREEDY) for r in records], stagger_s=0.03)
+    assert max(sizes) == 8  # decoded together, never more than max_batch_size
+    assert answers == [alone(stories, r, GREEDY) for r in records]
+    assert all(answers)
+
+
+def test_each_stream_keeps_its_own_settings(stories: Generator, records: list[dict]) -> None:
+    settings = [GREEDY,
+                dataclasses.replace(GREEDY, repetition_penalty=1.0, no_repeat_ngram_size=0),
+                dataclasses.replace(GREEDY, max_new_tokens=5),
+                SamplingParams(max_new_tokens=24, temperature=0.8, top_k=20, seed=7),
+                SamplingParams(max_new_tokens=24, temperature=1.3, top_p=0.5, seed=8)]
+    jobs = [(records[i], p) for i, p in enumerate(settings)]
+    assert stories.batch_streams(8)
+    together = concurrently(stories, jobs)
+    for (record, params), answer in zip(jobs[:3], together[:3], strict=True):
+        assert answer == alone(stories, record, params)
+    assert len(set(together[:2])) == 2 and len(together[2]) < len(together[0])
+    # A seeded request samples the same answer alone and in a batch: it has its own random generator.
+    assert together[3:] == [concurrently(stories, [job])[0] for job in jobs[3:]]
+    assert together[3:] == concurrently(stories, jobs[3:])
+    assert together[3] != concurrently(stories, [(records[3], dataclasses.replace(settings[3], seed=9))])[0]
+
+
+def test_template_stop_strings_cut_each_batched_stream(stories: Generator, records: list[dict]) -> None:
+    cutting = Generator(stories.model, stories.tokenizer,
+                        dataclasses.replace(stories.template, stop_strings=("said", "ing", " the ")))
+    expected = cutting.generate(records, GREEDY)
+    assert sum(a != b for a, b in zip(expected, cutting.generate(records, GREEDY, batch_size=1), strict=True)) == 0
+    assert cutting.batch_streams(8)
+    assert concurrently(cutting, [(r, GREEDY) for r in records]) == expected
+    assert sum(a != b for a, b in zip(expected, concurrently(stories, [(r, GREEDY) for r in records]),
+                                      strict=True)) >= 6  # the stop strings did cut
+
+
+def test_a_stopped_stream_leaves_the_batch_and_a_waiting_one_never_starts(stories: Generator,
+                                                                         records: list[dict]) -> None:
+    long = SamplingParams(do_sample=False, max_new_tokens=200, repetition_penalty=1.0, no_repeat_ngram_size=0)
+    assert stories.batch_streams(2)
+    stops = [threading.Event() for _ in range(3)]
+    stops[2].set()  # given up before its turn: the third waits behind two rows
+    first_piece = threading.Event()
+    seen: list[str] = []
+
+    def consume() -> None:
+        for piece in stories.stream(records[0], long, stops[0]):
+            seen.append(piece)
+            first_piece.set()
+            stops[0].set()
+
+    with batch_rows(stories) as sizes:
+        stopper = threading.Thread(target=consume)
+        stopper.start()
+        first_piece.wait(timeout=60)
+        answers = concurrently(stories, [(records[1], long), (records[2], long)], stops=[threading.Event(),
+                                                                                         stops[2]])
+        stopper.join(timeout=60)
+    assert answers[1] == ""  # cancelled while waiting: no prefill, no tokens
+    assert answers[0] == alone(stories, records[1], long)
+    assert len(sizes) < 2 * 200  # the stopped stream did not run to its 200 tokens
+    assert sizes.count(1) >= 150 and seen  # the other one decoded alone once the stopped row left
+
+
+def test_sampling_params_refuse_what_torch_cannot_take() -> None:
+    assert SamplingParams(seed=2**64 - 1).seed == 2**64 - 1
+    for bad in ({"seed": 2**64}, {"seed": -(2**63) - 1}, {"temperature": float("inf")},
+                {"repetition_penalty": float("nan")}, {"top_p": float("nan")}):
+        with pytest.raises(UserError):
+            SamplingParams(**bad)
+    # top_k 0 means no cut; left out, generate would apply its default top-k of 50.
+    assert SamplingParams(top_k=0).generation_kwargs()["top_k"] == 0
+
+
+@pytest.mark.parametrize("model_type", sorted(NATIVE))
+def test_every_family_batches_exactly(model_type: str, tmp_path: Any, records: list[dict]) -> None:
+    tokenizer_dir = shared_path("models", "stories260K-hf")
+    model_dir = write_tiny_model(str(tmp_path / model_type), model_type, tokenizer_dir)
+    generator = Generator(*load_for_inference(None, model_type=model_type, model_name_or_path=model_dir,
+                                              compute_dtype="fp32"))
+    assert generator.batch_streams(4)
+    params = dataclasses.replace(GREEDY, max_new_tokens=12)
+    with batch_rows(generator) as sizes:
+        answers = concurrently(generator, [(r, params) for r in records[:6]], stagger_s=0.01)
+    assert max(sizes) > 1
+    assert answers == [alone(generator, r, params) for r in records[:6]]
