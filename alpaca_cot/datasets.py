@@ -1,7 +1,12 @@
-"""``--data`` resolution: short dataset names (through ``data/registry.json``) or file paths."""
+"""``--data`` resolution: short dataset names (through ``data/registry.json``) or file paths.
+
+A registry entry's ``files`` are paths under ``data/``: a file, a folder ending in ``/`` (every
+.json/.jsonl file below it) or a glob (``X/*.json``); ``download NAME`` puts the files there.
+"""
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 from functools import cache
@@ -11,6 +16,8 @@ from alpaca_cot.records import DataError, read_records
 DATA_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data")
 REGISTRY_PATH = os.path.join(DATA_DIR, "registry.json")
 HF_DATASET = "QingyiSi/Alpaca-CoT"
+RECORD_EXTENSIONS = (".json", ".jsonl")
+COLLECTION = "python3 data/collection.py"
 
 
 @cache
@@ -36,32 +43,92 @@ def resolve_data(sources: list[str]) -> list[str]:
     return paths
 
 
+def folder_files(folder: str) -> list[str]:
+    """The .json/.jsonl files below a folder, recursively and sorted; hidden files and folders
+    (such as a download in progress) are left out."""
+    files = []
+    for root, dirs, names in os.walk(folder):
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        files += [os.path.join(root, n) for n in names if n.endswith(RECORD_EXTENSIONS) and not n.startswith(".")]
+    return sorted(files)
+
+
 def _expand_path(path: str) -> list[str]:
     if os.path.isdir(path):
-        files = sorted(os.path.join(path, f) for f in os.listdir(path) if f.endswith((".json", ".jsonl")))
+        files = folder_files(path)
         if not files:
-            raise DataError(f"{path}: the folder holds no .json or .jsonl files")
+            raise DataError(f"{path}: the folder holds no .json or .jsonl files; "
+                            f"convert its files first with `{COLLECTION} convert {path} OUT.json`")
         return files
     return [path]
+
+
+def registered_files(entry: dict) -> tuple[list[str], list[str]]:
+    """(the files an entry's ``files`` stand for now, the ``files`` items that match nothing)."""
+    found, missing = [], []
+    for item in entry.get("files", []):
+        path = os.path.join(DATA_DIR, item)
+        if item.endswith("/"):
+            matched = folder_files(path) if os.path.isdir(path) else []
+        elif glob.has_magic(item):
+            matched = sorted(p for p in glob.glob(path, recursive=True) if os.path.isfile(p))
+        else:
+            matched = [path] if os.path.isfile(path) else []
+        found += matched
+        if not matched:
+            missing.append(path)
+    return found, missing
 
 
 def _files_of(name: str, registry: dict[str, dict]) -> list[str]:
     entry = registry[name]
     if "combine" in entry:
         return [p for part in entry["combine"] for p in _files_of(part, registry)]
-    paths = [os.path.join(DATA_DIR, f) for f in entry.get("files", [])]
-    missing = [p for p in paths if not os.path.isfile(p)]
-    if not paths or missing:
-        where = ", ".join(missing) or "(no local file is registered)"
-        raise DataError(f"Dataset {name!r} needs {where}, which is not here: run "
-                        f"`python3 data/collection.py download {name}` while online (it fetches from the "
-                        f"Hugging Face dataset {HF_DATASET}), or pass the path of a unified-format file to --data.")
-    return paths
+    found, missing = registered_files(entry)
+    if found and not missing:
+        return found
+    alternative = "or pass the path of a unified-format file to --data"
+    if not entry.get("files") or not entry.get("hf_files"):
+        # Downloading would not help: say where the data can come from instead.
+        raise DataError(f"Dataset {name!r} has no file in the Hugging Face dataset {HF_DATASET} "
+                        f"(status: {entry.get('status', 'unknown')}): convert its source with `{COLLECTION} "
+                        f"convert SOURCE OUT.json` and pass OUT.json to --data.")
+    present = [p for p in missing if os.path.isdir(p)]
+    if present:
+        # The folder is there but holds no unified files (an archive, CSV...): downloading again changes nothing.
+        others = sorted(os.listdir(present[0]))[:5]
+        raise DataError(f"Dataset {name!r}: {present[0]} holds no .json or .jsonl files (it holds "
+                        f"{', '.join(others) or 'nothing'}); convert them with `{COLLECTION} convert {present[0]} "
+                        f"OUT.json --skip_bad` {alternative}.")
+    raise DataError(f"Dataset {name!r} needs {', '.join(missing)}, which is not here: run "
+                    f"`{COLLECTION} download {name}` while online (it fetches from the "
+                    f"Hugging Face dataset {HF_DATASET}), {alternative}.")
+
+
+def _answered(record: dict) -> bool:
+    if "messages" in record:
+        return record["messages"][-1]["role"] == "assistant"
+    return "output" in record
 
 
 def load_data(sources: list[str]) -> list[dict]:
-    """All records of all ``--data`` sources, concatenated in order (each file validated)."""
+    """All training records of all ``--data`` sources, concatenated in order (each file validated).
+
+    A file whose records lack answers is refused as not trainable, saying why."""
     records: list[dict] = []
     for path in resolve_data(sources):
-        records.extend(read_records(path))
+        file_records = read_records(path, need_answer=False)
+        unanswered = sum(not _answered(record) for record in file_records)
+        if unanswered == len(file_records):
+            raise DataError(f"{path}: not trainable: the file is instruction-only (none of its {unanswered} records "
+                            "has an answer, i.e. an 'output' field or a final assistant turn), such as a "
+                            "benchmark's prompts; use it as prediction input (predict.py), or train on a file "
+                            "with answers")
+        if unanswered:
+            try:
+                read_records(path)
+            except DataError as e:
+                raise DataError(f"{path}: not trainable as it is: {unanswered} of {len(file_records)} records "
+                                f"have no answer; the first: {e}") from None
+        records.extend(file_records)
     return records

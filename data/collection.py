@@ -7,7 +7,7 @@ Usage: python3 data/collection.py VERB [ARGS] [--FLAGS]   (python3 data/collecti
     stats                         the statistics table (Markdown) and relative-size chart (PNG)
     mix OUTPUT SOURCE[:WEIGHT]... weighted mix of names, files or folders
     dedup INPUT OUTPUT            drop exact or normalized duplicates
-    decontaminate INPUT OUTPUT --eval_file FILE   drop records sharing n-grams with an eval set
+    decontaminate INPUT OUTPUT --eval_file FILE   drop records sharing n-grams with an eval set's questions/answers
     download NAME                 fetch a registered dataset from the Hugging Face dataset
     formats                       the source formats convert knows
 
@@ -34,7 +34,13 @@ from alpaca_cot import datasets  # noqa: E402
 from alpaca_cot.io import write_text_atomic  # noqa: E402
 from alpaca_cot.records import DataError  # noqa: E402
 from data import catalog, curation  # noqa: E402
-from data.converters import FORMATS, convert_file, fill_placeholders, source_files  # noqa: E402
+from data.converters import (  # noqa: E402
+    FORMATS,
+    UndetectedFormat,
+    convert_file,
+    fill_placeholders,
+    source_files,
+)
 from data.storage import check_file, check_writable, load_records, write_records  # noqa: E402
 
 LIST_LIMIT = 50  # bad records listed before "... and N more"
@@ -45,13 +51,20 @@ def convert(input: str, output: str, format: str | None = None, seed: int = 42, 
     """Convert a source file, or every source file of a folder, into one unified-format file.
 
     The format of each file is detected from its content unless --format names it (see `formats`).
-    Records that cannot be converted stop the conversion with their file:line and field, unless
-    --skip_bad leaves them out. --fill name=X,author=Y fills {{name}}/{{author}} template slots.
-    --seed chooses the chain-of-thought phrasings reproducibly."""
+    Records that cannot be converted, and files no format fits, stop the conversion with their
+    file:line and field, unless --skip_bad leaves them out (and lists them). --fill
+    name=X,author=Y fills {{name}}/{{author}} template slots. --seed chooses the chain-of-thought
+    phrasings reproducibly (each row's phrasing follows from the seed and the row's content)."""
     check_writable(output, overwrite)
-    records, bad = [], []
+    records, bad, failed = [], [], []
     for path in source_files(input):
-        converted, report = convert_file(path, format, seed=seed)
+        try:
+            converted, report = convert_file(path, format, seed=seed)
+        except DataError as e:
+            hint = "; name one with --format (see `python3 data/collection.py formats`)" \
+                if isinstance(e, UndetectedFormat) else ""
+            failed.append(f"{e}{hint}")
+            continue
         print(report.summary())
         for line in report.repaired:
             print(f"  repaired: {line}")
@@ -59,9 +72,16 @@ def convert(input: str, output: str, format: str | None = None, seed: int = 42, 
             print(f"  note: {line}")
         records += converted
         bad += report.bad
+    if failed and not skip_bad:
+        if len(failed) == 1 and not bad:
+            raise DataError(failed[0])
+        raise DataError(f"{len(failed)} files and {len(bad)} records cannot be converted:\n"
+                        f"{_listing(failed + bad)}\nNothing was written; pass --skip_bad to leave these out.")
     if bad and not skip_bad:
         raise DataError(f"{len(bad)} records cannot be converted:\n{_listing(bad)}\n"
                         "Nothing was written; pass --skip_bad to leave these records out.")
+    if failed:
+        print(f"skipped {len(failed)} files:\n{_listing(failed)}")
     if bad:
         print(f"skipped {len(bad)} bad records:\n{_listing(bad)}")
     if fill:
@@ -90,14 +110,15 @@ def validate(*paths: str) -> None:
 def stats(out_dir: str | None = None, overwrite: bool = False) -> None:
     """Regenerate the statistics table of the collection (Markdown, also printed) from the registry
     and the files present under data/, and the relative-size chart (PNG), in --out_dir (default
-    data/stats)."""
+    data/stats). Files an earlier run of stats wrote are replaced; others only with --overwrite."""
     out_dir = out_dir or os.path.join(datasets.DATA_DIR, "stats")
     table_path, chart_path = os.path.join(out_dir, "statistics.md"), os.path.join(out_dir, "relative_size.png")
-    check_writable(table_path, overwrite)
-    check_writable(chart_path, overwrite)
+    for path in (table_path, chart_path):
+        if not catalog.generated_by_stats(path):
+            check_writable(path, overwrite)
     table = catalog.render_table()
     print(table)
-    write_text_atomic(table_path, table)
+    write_text_atomic(table_path, f"{catalog.STATS_MARK}\n{table}")
     catalog.render_chart(chart_path)
     print(f"wrote {table_path} and {chart_path}")
 
@@ -123,7 +144,8 @@ def mix(output: str, *sources: str, total: int | None = None, seed: int = 42, ov
 
 
 def dedup(input: str, output: str, mode: str = "normalized", overwrite: bool = False) -> None:
-    """Drop duplicate records, keeping the first: --mode exact compares texts as they are,
+    """Drop duplicate records, keeping the first. Records are compared on their content: two
+    phrasings of one chain-of-thought row are duplicates. --mode exact compares texts as they are,
     normalized (default) after Unicode normalization, case folding and removing punctuation."""
     check_writable(output, overwrite)
     records = load_records(input, need_answer=False)
@@ -134,21 +156,29 @@ def dedup(input: str, output: str, mode: str = "normalized", overwrite: bool = F
 
 
 def decontaminate(input: str, output: str, eval_file: str, n: int = 13, overwrite: bool = False) -> None:
-    """Drop records that share an n-gram of --n tokens with a prompt of --eval_file (a unified file
-    or any source format `convert` reads; CoT questions are taken without a phrasing). CJK
-    characters are single tokens; a prompt shorter than --n tokens must appear whole."""
+    """Drop records that share an n-gram of --n tokens with the questions or answers of --eval_file
+    (a unified file, or any source format `convert` reads). Our CoT phrasings and rationales are
+    left out of the evaluation side, so only what the evaluation asks and expects counts. CJK
+    characters are single tokens; a question shorter than --n tokens must appear whole."""
     check_writable(output, overwrite)
     records = load_records(input, need_answer=False)
-    prompts = []
+    eval_records = []
     for path in source_files(eval_file):
-        converted, report = convert_file(path, plain=True)
-        prompts += [curation.prompt_text(record) for record in converted]
+        try:
+            converted, report = convert_file(path, plain=True)
+        except UndetectedFormat as e:
+            raise DataError(f"{e}; convert it first (`python3 data/collection.py convert {path} OUT --format NAME`) "
+                            "and pass the result as --eval_file") from None
+        eval_records += converted
         if report.bad:
-            print(f"note: {len(report.bad)} rows of {path} could not be read as prompts and are not used")
-    kept, dropped = curation.decontaminate(records, prompts, n)
+            print(f"note: {len(report.bad)} rows of {path} could not be read and are not used")
+    if not eval_records:
+        raise DataError(f"--eval_file {eval_file} yields no evaluation records, so nothing can be checked; "
+                        "nothing was written")
+    kept, dropped = curation.decontaminate(records, eval_records, n)
     write_records(output, kept, overwrite=overwrite)
-    print(f"dropped {len(dropped)} of {len(records)} records sharing a {n}-gram with the {len(prompts)} prompts "
-          f"of {eval_file}; wrote {len(kept)} to {output}")
+    print(f"dropped {len(dropped)} of {len(records)} records sharing a {n}-gram with the {len(eval_records)} "
+          f"evaluation records of {eval_file}; wrote {len(kept)} to {output}")
     if dropped:
         print("dropped record indices: " + ", ".join(map(str, dropped[:LIST_LIMIT]))
               + (" ..." if len(dropped) > LIST_LIMIT else ""))
@@ -164,7 +194,10 @@ def download(name: str, overwrite: bool = False) -> None:
 def formats() -> None:
     """List the source formats `convert` knows, in the order detection tries them."""
     for fmt in FORMATS.values():
-        keys = "fields " + ", ".join(sorted(fmt.keys)) if fmt.keys else "tab-separated lines"
+        if fmt.columns:
+            keys = f"{fmt.columns} tab-separated fields per line"
+        else:
+            keys = "fields " + ", ".join(" | ".join(group) for group in fmt.groups)
         trainable = "" if fmt.trainable else " [no outputs: not trainable]"
         print(f"{fmt.name} ({keys}){trainable}\n    {fmt.description}")
 
@@ -184,14 +217,14 @@ def _parse_fill(fill: str | dict) -> dict[str, str]:
 
 
 def _cli(verb: Callable) -> Callable:
-    """A verb that reports a DataError as one line on stderr with exit status 1, not a traceback."""
+    """A verb that reports a DataError as one line on stderr with exit status 2, not a traceback."""
     @functools.wraps(verb)
     def run(*args: Any, **kwargs: Any) -> None:
         try:
             verb(*args, **kwargs)
         except DataError as e:
             print(f"error: {e}", file=sys.stderr)
-            sys.exit(1)
+            sys.exit(2)
     return run
 
 

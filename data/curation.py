@@ -10,6 +10,7 @@ import unicodedata
 from collections.abc import Iterable
 
 from alpaca_cot.records import DataError
+from data.converters.cot import split_cot
 from data.storage import record_texts
 
 # Word tokens for decontamination: a CJK character is a token by itself, other scripts split on
@@ -62,14 +63,21 @@ def normalize(text: str) -> str:
     return " ".join("".join(c if c.isalnum() else " " for c in text).split())
 
 
+def content_texts(record: dict) -> list[str]:
+    """The texts that make a record what it is: question, rationale and answer for a record one of
+    our CoT phrasings wrote (so two phrasings of one source row compare equal), else every text."""
+    parts = split_cot(record)
+    return list(parts) if parts else record_texts(record)
+
+
 def dedup(records: list[dict], mode: str = "normalized") -> list[dict]:
-    """The records with duplicates removed, first occurrence kept. ``exact`` compares the texts as
-    they are; ``normalized`` compares them after ``normalize``."""
+    """The records with duplicates removed, first occurrence kept, compared on their content (see
+    ``content_texts``). ``exact`` compares the texts as they are; ``normalized`` after ``normalize``."""
     if mode not in ("exact", "normalized"):
         raise DataError(f"dedup: --mode is {mode!r}; use exact or normalized")
     seen, kept = set(), []
     for record in records:
-        texts = record_texts(record)
+        texts = content_texts(record)
         key = json.dumps(texts if mode == "exact" else [normalize(t) for t in texts], ensure_ascii=False)
         if key not in seen:
             seen.add(key)
@@ -77,11 +85,19 @@ def dedup(records: list[dict], mode: str = "normalized") -> list[dict]:
     return kept
 
 
-def prompt_text(record: dict) -> str:
-    """What an evaluation record asks: instruction and input, or every user turn."""
+def question_and_answer(record: dict) -> tuple[str, str]:
+    """What an evaluation record asks and expects, without any phrasing of ours: the question and
+    final answer of a CoT record, instruction and input with the output, or the user turns with
+    the assistant turns."""
+    parts = split_cot(record)
+    if parts:
+        return parts[0], parts[2]
     if "messages" in record:
-        return "\n".join(turn["content"] for turn in record["messages"] if turn["role"] == "user")
-    return "\n".join(part for part in (record["instruction"], record.get("input", "")) if part)
+        turns = record["messages"]
+        return ("\n".join(t["content"] for t in turns if t["role"] == "user"),
+                "\n".join(t["content"] for t in turns if t["role"] == "assistant"))
+    question = "\n".join(part for part in (record["instruction"], record.get("input", "")) if part)
+    return question, record.get("output", "")
 
 
 def tokens(text: str) -> list[str]:
@@ -89,12 +105,12 @@ def tokens(text: str) -> list[str]:
     return _TOKEN.findall(text.casefold())
 
 
-def ngrams(texts: Iterable[str], n: int) -> set[tuple[str, ...]]:
-    """The n-grams of the evaluation prompts; a prompt shorter than ``n`` tokens counts whole."""
+def ngrams(texts: Iterable[str], n: int, *, whole: bool = True) -> set[tuple[str, ...]]:
+    """The n-grams of the texts; with ``whole`` a text shorter than ``n`` tokens counts whole."""
     grams = set()
     for text in texts:
         words = tokens(text)
-        if 0 < len(words) < n:
+        if whole and 0 < len(words) < n:
             grams.add(tuple(words))
         grams.update(tuple(words[i:i + n]) for i in range(len(words) - n + 1))
     return grams
@@ -110,11 +126,19 @@ def contaminated(record: dict, grams: set[tuple[str, ...]], lengths: set[int]) -
     return False
 
 
-def decontaminate(records: list[dict], eval_prompts: list[str], n: int = 13) -> tuple[list[dict], list[int]]:
-    """The records that share no n-gram with the evaluation prompts, and the indices of those dropped."""
+def eval_ngrams(records: list[dict], n: int) -> set[tuple[str, ...]]:
+    """The n-grams of evaluation records' questions and answers (``question_and_answer``). A
+    question shorter than ``n`` tokens counts whole; a short answer ("7", "yes") does not count alone."""
+    pairs = [question_and_answer(record) for record in records]
+    return ngrams([q for q, _ in pairs], n) | ngrams([a for _, a in pairs], n, whole=False)
+
+
+def decontaminate(records: list[dict], eval_records: list[dict], n: int = 13) -> tuple[list[dict], list[int]]:
+    """The records that share no n-gram with the evaluation records' questions and answers, and
+    the indices of those dropped."""
     if n < 1:
         raise DataError(f"decontaminate: --n is {n}; it must be at least 1")
-    grams = ngrams(eval_prompts, n)
+    grams = eval_ngrams(eval_records, n)
     lengths = {len(gram) for gram in grams}
     kept, dropped = [], []
     for i, record in enumerate(records):

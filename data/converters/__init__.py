@@ -188,8 +188,10 @@ def detect_format(path: str, rows: list[tuple[str, Any]]) -> Format:
 
 def nearest_formats(keys: set[str]) -> str:
     """The JSON formats sharing the most identifying fields with ``keys``, each with what it lacks."""
-    ranked = sorted((fmt for fmt in FORMATS.values() if fmt.groups),
+    ranked = sorted((fmt for fmt in FORMATS.values() if fmt.groups and len(fmt.missing(keys)) < len(fmt.groups)),
                     key=lambda fmt: len(fmt.missing(keys)) / len(fmt.groups))
+    if not ranked:
+        return "none (no format reads any of these fields)"
     shown = []
     for fmt in ranked[:NEAREST]:
         lacks = fmt.missing(keys)

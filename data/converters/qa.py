@@ -138,6 +138,8 @@ def convert_choice(row: dict, ctx: Context) -> list[dict]:
         index = answer
     elif isinstance(answer, str) and answer.strip().strip("()") in labels:
         index = labels.index(answer.strip().strip("()"))
+    elif isinstance(answer, str) and answer.strip().isdigit() and int(answer) < len(pairs):
+        index = int(answer)  # an index written as text (HellaSwag's "label": "2")
     elif isinstance(answer, str) and answer.strip() in [option for _, option in pairs]:
         index = [option for _, option in pairs].index(answer.strip())
     else:
