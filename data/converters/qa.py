@@ -15,7 +15,7 @@ from data.converters.base import BadRecord, Context, build_messages, listed, tex
 # Keys a question, an answer, a passage, or multiple-choice options go by in public sets, in order of preference.
 QUESTION_KEYS = ("question", "Question", "query", "problem", "Problem", "input", "inputs", "prompt")
 ANSWER_KEYS = ("answer", "Answer", "answers", "target", "targets", "label", "correct", "answerKey", "gold",
-               "solution", "final_answer")
+               "solution", "final_answer", "output", "outputs")
 CONTEXT_KEYS = ("passage", "context", "Body")  # read before the question
 OPTION_KEYS = ("options", "choices", "Options", "endings")
 # Prompt-only benchmark rows: the prompt key; "text" only counts next to an id key (otherwise a raw text corpus).
@@ -72,7 +72,8 @@ def _question(row: dict) -> tuple[str, str]:
 def convert_qa(row: dict, ctx: Context) -> list[dict]:
     """Question and answer without a rationale: a question under one of question, Question, query,
     problem, input, prompt (after a passage, context or Body), and an answer under one of answer,
-    Answer, answers, target, label, correct, answerKey, gold, solution; a number or a list is written as text."""
+    Answer, answers, target, label, correct, answerKey, gold, solution, output; a number or a list is
+    written as text."""
     question, _ = _question(row)
     key = first_key(row, ANSWER_KEYS)
     if key is None:
