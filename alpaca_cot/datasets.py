@@ -80,10 +80,11 @@ def registered_files(entry: dict) -> tuple[list[str], list[str]]:
     return found, missing
 
 
-def _files_of(name: str, registry: dict[str, dict]) -> list[str]:
-    entry = registry[name]
+def _files_of(name: str, registry: dict[str, dict], asked: str = "") -> list[str]:
+    """The files of a name (``asked``: the name the user gave, which a combination's parts are named after)."""
+    entry, asked = registry[name], asked or name
     if "combine" in entry:
-        return [p for part in entry["combine"] for p in _files_of(part, registry)]
+        return [p for part in entry["combine"] for p in _files_of(part, registry, asked)]
     found, missing = registered_files(entry)
     if found and not missing:
         return found
@@ -100,8 +101,9 @@ def _files_of(name: str, registry: dict[str, dict]) -> list[str]:
         raise DataError(f"Dataset {name!r}: {present[0]} holds no .json or .jsonl files (it holds "
                         f"{', '.join(others) or 'nothing'}); convert them with `{COLLECTION} convert {present[0]} "
                         f"OUT.json --skip_bad` {alternative}.")
-    raise DataError(f"Dataset {name!r} needs {', '.join(missing)}, which is not here: run "
-                    f"`{COLLECTION} download {name}` while online (it fetches from the "
+    part = f" (its part {name!r})" if asked != name else ""
+    raise DataError(f"Dataset {asked!r} needs {', '.join(missing)}{part}, which is not here: run "
+                    f"`{COLLECTION} download {asked}` while online (it fetches from the "
                     f"Hugging Face dataset {HF_DATASET}), {alternative}.")
 
 
