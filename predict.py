@@ -62,7 +62,7 @@ def main(
                             repetition_penalty=repetition_penalty, seed=seed)
     records = load_inputs(sources, int(max_samples) if max_samples else None)
     predictions_path, metrics_path = output_paths(str(result_dir))
-    run = PredictionRun(records, predictions_path, overwrite=overwrite)
+    run = PredictionRun(records, str(result_dir), sources=sources, overwrite=overwrite)
     if run.todo:
         print(f"{len(records) - len(run.todo)} of {len(records)} records are already in {predictions_path}; "
               f"predicting {len(run.todo)}", flush=True)

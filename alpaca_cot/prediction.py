@@ -4,6 +4,10 @@ Each finished batch is appended to the predictions file, flushed and synced; a r
 loses at most the batch in flight (a line torn by the kill is cut off). A rerun reads what is
 there and predicts only the rest; when every record is done, the file is rewritten (atomically) in
 input order. Records are matched by content, so the same input file must be given again.
+
+predict.py writes only files it owns: a sidecar (``run.json`` in a result folder, ``<name>.run.json``
+beside a predictions file) is written before the first prediction, and a predictions file, metrics
+file or folder without it is never read, cut, resumed or replaced: such a --result_dir is refused.
 """
 
 from __future__ import annotations
@@ -16,11 +20,13 @@ from collections import Counter, defaultdict
 from alpaca_cot.datasets import resolve_data
 from alpaca_cot.errors import UserError
 from alpaca_cot.generation import Generator, SamplingParams
-from alpaca_cot.io import write_text_atomic
+from alpaca_cot.io import write_json_atomic, write_text_atomic
 from alpaca_cot.records import read_records
 
 PREDICTION_FIELD = "generate"  # the original's field name
 FILE_SUFFIXES = (".jsonl", ".json", ".txt")
+RUN_FILE = "run.json"
+WRITER = "alpaca_cot predict.py"  # the sidecar's "written_by": what marks a predictions file as ours
 
 
 def output_paths(result_dir: str) -> tuple[str, str]:
@@ -32,6 +38,57 @@ def output_paths(result_dir: str) -> tuple[str, str]:
     if result_dir.endswith(FILE_SUFFIXES):
         return result_dir, os.path.splitext(result_dir)[0] + ".metrics.json"
     return os.path.join(result_dir, "predictions.jsonl"), os.path.join(result_dir, "metrics.json")
+
+
+def run_file_path(result_dir: str) -> str:
+    """The sidecar that marks the predictions and metrics of ``--result_dir`` as written by predict.py."""
+    if result_dir.endswith(FILE_SUFFIXES):
+        return os.path.splitext(result_dir)[0] + "." + RUN_FILE
+    return os.path.join(result_dir, RUN_FILE)
+
+
+def check_outputs(result_dir: str, sources: list[str]) -> bool:
+    """Whether ``--result_dir`` holds an earlier predict.py run (True) or nothing yet (False).
+
+    Reads only. Raises UserError when an output path is a ``--data`` file, or when something is
+    there that predict.py did not write (no sidecar): it is never cut, resumed or replaced.
+    """
+    predictions, metrics = output_paths(result_dir)
+    marker = run_file_path(result_dir)
+    inputs = {os.path.realpath(path) for path in resolve_data(sources)}
+    for path in (predictions, metrics, marker):
+        if os.path.realpath(path) in inputs:
+            raise UserError(f"--result_dir {result_dir}: {path} is a --data file, and predictions never replace "
+                            "their input; choose another --result_dir")
+    is_folder = not result_dir.endswith(FILE_SUFFIXES)
+    if is_folder and os.path.exists(result_dir) and not os.path.isdir(result_dir):
+        raise UserError(f"--result_dir {result_dir} is an existing file; pass a new file ending in "
+                        f"{', '.join(FILE_SUFFIXES)} or a folder")
+    if os.path.isdir(predictions):
+        raise UserError(f"--result_dir {result_dir} is a folder; pass a name without {', '.join(FILE_SUFFIXES)} "
+                        "for a result folder, or a new file")
+    if os.path.exists(marker):
+        if _read_marker(marker).get("written_by") != WRITER:
+            raise UserError(f"--result_dir {result_dir}: {marker} was not written by predict.py; "
+                            "choose another --result_dir")
+        return True
+    foreign = [path for path in (predictions, metrics) if os.path.exists(path)]
+    if is_folder and os.path.isdir(result_dir):
+        foreign += sorted(os.path.join(result_dir, name) for name in os.listdir(result_dir))
+    if foreign:
+        raise UserError(f"--result_dir {result_dir}: {foreign[0]} exists and was not written by predict.py "
+                        f"(there is no {marker}); predict never overwrites what it did not create: "
+                        "choose a new file or folder")
+    return False
+
+
+def _read_marker(path: str) -> dict:
+    try:
+        with open(path, encoding="utf-8") as f:
+            marker = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return {}
+    return marker if isinstance(marker, dict) else {}
 
 
 def load_inputs(data: list[str], max_samples: int | None = None) -> list[dict]:
@@ -74,11 +131,15 @@ def read_predictions(path: str) -> list[dict]:
 class PredictionRun:
     """The predictions of ``records`` in the file at ``path``: what is done, what is left, and writing the rest."""
 
-    def __init__(self, records: list[dict], path: str, overwrite: bool = False):
+    def __init__(self, records: list[dict], result_dir: str, *, sources: list[str], overwrite: bool = False):
+        """Check ``result_dir`` against the ``--data`` ``sources`` (see ``check_outputs``); read what is done."""
         self.records = records
-        self.path = path
+        self.path, self.metrics_path = output_paths(result_dir)
+        self.run_file = run_file_path(result_dir)
+        self.sources = sources
         self.overwrite = overwrite
-        self.done = [] if overwrite else read_predictions(path)
+        owned = check_outputs(result_dir, sources)
+        self.done = read_predictions(self.path) if owned and not overwrite else []
         left = Counter(record_key(r) for r in self.done)
         self.todo: list[int] = []
         for i, record in enumerate(records):
@@ -89,14 +150,17 @@ class PredictionRun:
                 self.todo.append(i)
         extra = sum(left.values())
         if extra:
-            raise UserError(f"{path} holds predictions of {extra} records that are not in --data (another data "
+            raise UserError(f"{self.path} holds predictions of {extra} records that are not in --data (another data "
                             "set or --max_samples?); pass --overwrite to replace it, or another --result_dir")
         self.new: list[dict] = []
 
     def predict(self, generator: Generator, params: SamplingParams, batch_size: int) -> float:
         """Predict the records left, appending each batch to the file; returns records per second."""
         todo = [self.records[i] for i in self.todo]
-        os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
+        # The sidecar goes first: a predictions file is never there without the mark that it is ours.
+        write_json_atomic(self.run_file, {"written_by": WRITER, "predictions": os.path.basename(self.path),
+                                          "metrics": os.path.basename(self.metrics_path),
+                                          "data": self.sources})
         start = time.perf_counter()
         with open(self.path, "w" if self.overwrite else "a", encoding="utf-8") as f:
             for batch in generator.generate_batches(todo, params, batch_size):

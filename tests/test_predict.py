@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from alpaca_cot.errors import UserError
-from alpaca_cot.prediction import PredictionRun, output_paths, read_predictions
+from alpaca_cot.prediction import WRITER, PredictionRun, output_paths, read_predictions, run_file_path
 from alpaca_cot.scoring import (
     answers_match,
     lcs_length,
@@ -113,17 +113,23 @@ def test_output_paths() -> None:
                                        os.path.join("results", "metrics.json"))
 
 
+def _mark_as_ours(result_dir) -> None:
+    """The sidecar predict.py writes before its first prediction (as if an earlier run was killed)."""
+    Path(run_file_path(str(result_dir))).write_text(json.dumps({"written_by": WRITER}), encoding="utf-8")
+
+
 def test_torn_last_line_is_cut_and_foreign_predictions_refused(tmp_path) -> None:
     path = tmp_path / "p.jsonl"
     done = {"instruction": "a", "input": "", "generate": "x"}
     path.write_text(json.dumps(done) + "\n" + '{"instruction": "b", "inp', encoding="utf-8")
+    _mark_as_ours(path)
     assert read_predictions(str(path)) == [done]
     assert path.read_text(encoding="utf-8") == json.dumps(done) + "\n"
-    run = PredictionRun([{"instruction": "b", "input": ""}, {"instruction": "a", "input": ""}], str(path))
+    run = PredictionRun([{"instruction": "b", "input": ""}, {"instruction": "a", "input": ""}], str(path), sources=[])
     assert run.todo == [0]
     with pytest.raises(UserError, match="predictions of 1 records that are not in --data"):
-        PredictionRun([{"instruction": "c", "input": ""}], str(path))
-    assert PredictionRun([{"instruction": "c", "input": ""}], str(path), overwrite=True).todo == [0]
+        PredictionRun([{"instruction": "c", "input": ""}], str(path), sources=[])
+    assert PredictionRun([{"instruction": "c", "input": ""}], str(path), sources=[], overwrite=True).todo == [0]
     path.write_text("not json\n", encoding="utf-8")
     with pytest.raises(UserError, match="p.jsonl:1: not a prediction line"):
         read_predictions(str(path))
@@ -134,10 +140,52 @@ def test_a_complete_file_is_put_in_input_order(tmp_path) -> None:
     records = [{"instruction": "short", "input": ""}, {"instruction": "a longer one", "input": ""}]
     path = tmp_path / "p.jsonl"
     path.write_text("".join(json.dumps({**r, "generate": "x"}) + "\n" for r in reversed(records)), encoding="utf-8")
-    run = PredictionRun(records, str(path))
+    _mark_as_ours(path)
+    run = PredictionRun(records, str(path), sources=[])
     assert run.todo == []
     assert [r["instruction"] for r in run.finish()] == ["short", "a longer one"]
     assert [r["instruction"] for r in _lines(str(path))] == ["short", "a longer one"]
+
+
+def _predict(data: str, result_dir: str, **flags) -> None:
+    """predict.py's main in-process; a model is never needed since every case here stops before loading one."""
+    load_script("predict.py").main(data=data, result_dir=result_dir, lora_dir="/nonexistent", **flags)
+
+
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_a_file_predict_did_not_write_is_refused_untouched(tmp_path, overwrite: bool) -> None:
+    data = tmp_path / "in.json"
+    data.write_text(json.dumps([{"instruction": "a", "output": "b"}]), encoding="utf-8")
+    notes = tmp_path / "notes.txt"
+    notes.write_bytes(b"my notes, without a final newline")
+    with pytest.raises(UserError, match=rf"^--result_dir {notes}: {notes} exists and was not written by predict.py"):
+        _predict(str(data), str(notes), overwrite=overwrite)
+    assert notes.read_bytes() == b"my notes, without a final newline"
+    # A result folder holding someone else's files, or a metrics file beside a new predictions file.
+    folder = tmp_path / "results"
+    folder.mkdir()
+    (folder / "summary.md").write_text("mine", encoding="utf-8")
+    with pytest.raises(UserError, match="summary.md exists and was not written by predict.py"):
+        _predict(str(data), str(folder), overwrite=overwrite)
+    (tmp_path / "new.metrics.json").write_text("{}", encoding="utf-8")
+    with pytest.raises(UserError, match="new.metrics.json exists and was not written by predict.py"):
+        _predict(str(data), str(tmp_path / "new.jsonl"), overwrite=overwrite)
+    assert sorted(os.listdir(tmp_path)) == ["in.json", "new.metrics.json", "notes.txt", "results"]
+    assert os.listdir(folder) == ["summary.md"]
+
+
+def test_the_data_file_is_never_the_result(tmp_path) -> None:
+    data = tmp_path / "test.json"
+    data.write_text(json.dumps([{"instruction": "a", "output": "b"}], indent=1), encoding="utf-8")
+    before = data.read_bytes()
+    for flags in ({}, {"overwrite": True}):
+        with pytest.raises(UserError, match=rf"^--result_dir {data}: {data} is a --data file"):
+            _predict(str(data), str(data), **flags)
+    # Also when it is predict.py's own predictions file, given back as --data.
+    _mark_as_ours(data)
+    with pytest.raises(UserError, match="is a --data file"):
+        _predict(str(data), str(data))
+    assert data.read_bytes() == before
 
 
 def _lines(path: str) -> list[dict]:
