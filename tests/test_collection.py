@@ -236,7 +236,7 @@ def test_cli_builds_cot_and_data_cot_resolves(raw, tmp_path, monkeypatch):
     assert len(records) == 26528 and records == read_records(str(out))
     assert catalog.local_count("cot", datasets.load_registry()) == 26528
     refused = run_script("data/collection.py", "convert", os.path.join(raw, "flan_v2_cot"), str(out), check=False)
-    assert refused.returncode == 1 and "already exists; pass --overwrite" in refused.stderr
+    assert refused.returncode == 2 and "already exists; pass --overwrite" in refused.stderr
 
 
 def test_bad_records_stop_conversion_unless_skipped(raw, tmp_path, capsys):
@@ -269,12 +269,26 @@ def test_fill_and_instruction_only_are_reported(raw, tmp_path, capsys):
 
 def test_stats_reproduce_the_original_table(tmp_path, capsys):
     stats(str(tmp_path))
-    table = (tmp_path / "statistics.md").read_text(encoding="utf-8")
+    mark, table = (tmp_path / "statistics.md").read_text(encoding="utf-8").split("\n", 1)
+    assert mark == catalog.STATS_MARK
     assert table == capsys.readouterr().out.split("wrote")[0].rstrip("\n") + "\n"
     rows = [[cell.strip() for cell in re.split(r"(?<!\\)\|", line)[1:-1]] for line in table.splitlines()[2:]]
     got = [(re.match(r"\[(.*)\]\(", row[0])[1], *row[1:5]) for row in rows]
     assert got == ORIGINAL_TABLE
     assert (tmp_path / "relative_size.png").read_bytes()[:4] == b"\x89PNG"
+    (tmp_path / "statistics.md").write_text("stale", encoding="utf-8")
+    with pytest.raises(DataError, match="statistics.md already exists; pass --overwrite"):
+        stats(str(tmp_path))  # not a file stats wrote: kept
+
+
+def test_stats_regenerates_its_own_files(tmp_path):
+    stats(str(tmp_path))
+    first = (tmp_path / "statistics.md").read_text(encoding="utf-8")
+    assert catalog.generated_by_stats(str(tmp_path / "relative_size.png"))
+    (tmp_path / "relative_size.png").write_bytes((tmp_path / "relative_size.png").read_bytes() + b"old")
+    proc = run_script("data/collection.py", "stats", "--out_dir", str(tmp_path))  # no --overwrite needed
+    assert proc.returncode == 0 and (tmp_path / "statistics.md").read_text(encoding="utf-8") == first
+    assert not (tmp_path / "relative_size.png").read_bytes().endswith(b"old")
 
 
 def test_registry_schema_and_names():
@@ -317,7 +331,7 @@ def test_mix_dedup_decontaminate(raw, tmp_path, capsys):
 
 def test_download_offline_says_one_sentence(tmp_path):
     proc = run_script("data/collection.py", "download", "alpaca", check=False, env={"HF_HUB_OFFLINE": "1"})
-    assert proc.returncode == 1 and proc.stdout == ""
+    assert proc.returncode == 2 and proc.stdout == ""
     assert proc.stderr.count("\n") == 1 and "Cannot download 'alpaca'" in proc.stderr
     with pytest.raises(DataError, match="has no file in the Hugging Face dataset"):
         catalog.download("stackllama")
