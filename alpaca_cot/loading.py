@@ -20,38 +20,42 @@ class LoadError(UserError):
 
 
 @cache
-def cpu_has_bf16() -> bool:
-    """AVX-512 BF16 or AMX: the CPU runs bf16 matmuls natively (about 2x fp32 here)."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            flags = f.read()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
+def measured_matmul_rates(device_type: str = "cpu") -> dict[str, float]:
+    """GFLOP/s of bf16 and fp32 matmuls on this device, measured once per process (about a second).
 
+    CPU flags do not predict bf16 speed: one AVX-512 BF16 machine ran bf16 at half the fp32 rate,
+    another at twice it. The probe decides.
+    """
+    from alpaca_cot.flops import matmul_peak_flops
 
-def bf16_supported() -> bool:
-    """Whether bf16 compute is fast on the device training would use."""
-    if torch.cuda.is_available():
-        return torch.cuda.is_bf16_supported()
-    return cpu_has_bf16()
+    device = torch.device(device_type)
+    return {name: matmul_peak_flops(DTYPES[name], device, seconds=0.3) / 1e9 for name in ("bf16", "fp32")}
 
 
 def resolve_dtype(compute_dtype: str | None) -> tuple[torch.dtype, str | None]:
-    """``--compute_dtype`` (auto|fp32|bf16|fp16) -> (dtype, note explaining a replacement or None)."""
+    """``--compute_dtype`` (auto|fp32|bf16|fp16) -> (dtype, note for the log: the measurement or a replacement).
+
+    ``auto`` is bf16 on a CUDA device that supports it; on a CPU, bf16 only where a short matmul
+    probe measures it faster than fp32 (by 10%, so noise does not flip the choice), else fp32.
+    """
     name = (compute_dtype or "auto").lower()
-    if name == "auto":
-        return (torch.bfloat16 if bf16_supported() else torch.float32), None
-    if name not in DTYPES:
+    if name not in ("auto", *DTYPES):
         raise UserError(f"Unknown --compute_dtype {compute_dtype!r}; valid choices: auto, {', '.join(DTYPES)}")
-    if name == "fp16" and not torch.cuda.is_available():
-        # fp16 matmuls on CPUs run at 0.4-3 GFLOP/s (no fp16 kernels), 100x slower than bf16.
-        replacement = torch.bfloat16 if cpu_has_bf16() else torch.float32
-        return replacement, (f"--compute_dtype fp16 has no fast kernels on CPU (about 100x slower than bf16); "
-                             f"using {str(replacement).removeprefix('torch.')} instead.")
-    if name == "bf16" and not bf16_supported():
-        return torch.float32, "--compute_dtype bf16 is not supported on this device; using fp32 instead."
-    return DTYPES[name], None
+    if torch.cuda.is_available():
+        if name == "auto":
+            return (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32), None
+        if name == "bf16" and not torch.cuda.is_bf16_supported():
+            return torch.float32, "--compute_dtype bf16 is not supported on this GPU; using fp32 instead."
+        return DTYPES[name], None
+    if name in ("fp32", "bf16"):
+        return DTYPES[name], None
+    rates = measured_matmul_rates()
+    choice = "bf16" if rates["bf16"] > 1.1 * rates["fp32"] else "fp32"
+    why = (f"measured matmuls on this CPU: bf16 {rates['bf16']:.0f} GFLOP/s, fp32 {rates['fp32']:.0f} GFLOP/s; "
+           f"using {choice}")
+    if name == "fp16":  # fp16 matmuls on CPUs run at 0.4-3 GFLOP/s (no fp16 kernels), 100x slower than bf16
+        return DTYPES[choice], f"--compute_dtype fp16 has no fast kernels on CPU; {why} instead."
+    return DTYPES[choice], f"--compute_dtype auto: {why}."
 
 
 def device_for_rank() -> torch.device:
@@ -315,7 +319,7 @@ def load_adapter(model: Any, folder: str) -> Any:
         # global beyond tensors and plain containers is refused instead of run.
         return peft.PeftModel.from_pretrained(model, folder, config=peft_config)
     except pickle.UnpicklingError as e:
-        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
+        found = re.search(r"GLOBAL ([\w.]+)", str(e))  # torch names the first global it refused
         reason = f"it needs {found.group(1)}" if found else "it is not a plain state dict"
         raise LoadError(f"{os.path.join(folder, 'adapter_model.bin')} holds more than tensors ({reason}) and is "
                         "loaded only weights-only, since unpickling it fully could run any code; re-save its "
