@@ -294,10 +294,20 @@ def convert_file(path: str, format: str | None = None, *, seed: int = 42,
     if escaped:
         report.notes.append(f"{path}: {escaped} records hold the two characters '\\n' and no line break, "
                             "likely an escaped line break; kept as written")
-    if not fmt.trainable:
+    unanswered = sum(not _answered(record) for record in records)
+    if records and unanswered == len(records):
         report.notes.append(f"{path}: instruction-only prompts without outputs: not trainable "
                             "(usable as prediction inputs)")
+    elif unanswered:
+        report.notes.append(f"{path}: {unanswered} of {len(records)} records are prompts without outputs: "
+                            "the file is not trainable as it is")
     return records, report
+
+
+def _answered(record: dict) -> bool:
+    if "messages" in record:
+        return record["messages"][-1]["role"] == "assistant"
+    return "output" in record
 
 
 def source_files(src: str) -> list[str]:
