@@ -9,26 +9,14 @@ from __future__ import annotations
 
 import os
 
-from alpaca_cot.cli import run_cli
+from alpaca_cot.cli import command, run_cli
+from alpaca_cot.config import MergeArgs, ModelArgs
 from alpaca_cot.errors import UserError
 from alpaca_cot.merging import merge_adapter
 
 
-def main(
-    # model (defaults come from the run saved in --lora_dir)
-    lora_dir: str | None = None,
-    model_type: str | None = None,
-    model_name_or_path: str | None = None,
-    size: str | None = None,
-    compute_dtype: str = "fp32",
-    quantization_bit: int | None = None,
-    trust_remote_code: bool = False,
-    # output
-    merged_dir: str | None = None,
-    save_dtype: str = "auto",
-    max_shard_size: str = "2GB",
-    overwrite: bool = False,
-) -> None:
+@command(ModelArgs, MergeArgs, defaults={"compute_dtype": "fp32"})
+def main(model: ModelArgs, args: MergeArgs) -> None:
     """Merge the LoRA (or AdaLoRA) adapter of --lora_dir into its base and save it to --merged_dir.
 
     The merged weights are saved as safetensors (in shards of --max_shard_size), with the tokenizer,
@@ -37,16 +25,16 @@ def main(
     change every weight the adapter updates, and its logits must equal the adapter model's on a probe
     input (within 1e-4 x the largest logit in fp32); merge.json records both. The merge runs in
     --compute_dtype (fp32 by default); --save_dtype auto keeps the base checkpoint's dtype. A
-    quantized base is refused. --merged_dir defaults to LORA_DIR-merged; a non-empty one is
-    replaced only with --overwrite.
+    quantized base is refused. A non-empty --merged_dir is replaced only with --overwrite.
     """
-    if not lora_dir:
+    if not model.lora_dir:
         raise UserError("Pass --lora_dir: the output folder of uniform_finetune.py that holds the adapter.")
-    merged_dir = merged_dir or os.path.normpath(str(lora_dir)) + "-merged"
-    report = merge_adapter(str(lora_dir), str(merged_dir), model_type=model_type, model_name_or_path=model_name_or_path,
-                           size=size, compute_dtype=compute_dtype, save_dtype=save_dtype,
-                           quantization_bit=quantization_bit, trust_remote_code=trust_remote_code,
-                           max_shard_size=max_shard_size, overwrite=overwrite)
+    merged_dir = args.merged_dir or os.path.normpath(model.lora_dir) + "-merged"
+    report = merge_adapter(model.lora_dir, merged_dir, model_type=model.model_type,
+                           model_name_or_path=model.model_name_or_path, size=model.size,
+                           compute_dtype=model.compute_dtype, save_dtype=args.save_dtype,
+                           quantization_bit=model.quantization_bit, trust_remote_code=model.trust_remote_code,
+                           max_shard_size=args.max_shard_size, overwrite=args.overwrite)
     print(f"{report['changed_layers']} layers merged; probe logits differ by {report['max_abs_logit_diff']:.2e} "
           f"(tolerance {report['tolerance']:.2e}).")
     print(f"Merged model, tokenizer, generation config, template and report are in {merged_dir}")

@@ -61,9 +61,18 @@ def build_peft_config(args: Any, target_modules: list[str], total_steps: int) ->
                                target_modules=target_modules, bias="none", task_type="CAUSAL_LM",
                                use_dora=args.use_dora, use_rslora=args.use_rslora)
     if kind == "adalora":
+        # AdaLoRA keeps the initial rank for tinit steps, prunes towards the target rank, and holds it for the
+        # last tfinal steps; peft needs tinit < total - tfinal. Unset, they scale with the run (10% / 20%), so a
+        # short run works without extra flags.
+        total = max(total_steps, 1)
+        tinit = args.adalora_tinit if args.adalora_tinit is not None else total // 10
+        tfinal = args.adalora_tfinal if args.adalora_tfinal is not None else total // 5
+        delta_t = args.adalora_delta_t if args.adalora_delta_t is not None else max(1, total // 100)
+        if tinit >= total - tfinal:
+            raise UserError(f"AdaLoRA needs --adalora_tinit ({tinit}) + --adalora_tfinal ({tfinal}) below the run's "
+                            f"{total} optimizer steps; lower them or leave them unset (they then scale with the run).")
         return peft.AdaLoraConfig(init_r=args.adalora_init_r, target_r=args.lora_r, beta1=0.85, beta2=0.85,
-                                  tinit=args.adalora_tinit, tfinal=args.adalora_tfinal,
-                                  deltaT=args.adalora_delta_t, total_step=max(total_steps, 1),
+                                  tinit=tinit, tfinal=tfinal, deltaT=delta_t, total_step=total,
                                   lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
                                   target_modules=target_modules, task_type="CAUSAL_LM")
     if kind == "prompt":
@@ -77,24 +86,6 @@ def build_peft_config(args: Any, target_modules: list[str], total_steps: int) ->
     raise UserError(f"Unknown --peft_type {kind!r}; valid choices: {', '.join(PEFT_TYPES)}")
 
 
-class FastDropout(torch.nn.Dropout):
-    """Dropout that draws 16 random bits per element, four from each 64-bit draw, on CPU.
-
-    CPU dropout spends its time in the random number generator, one draw per element: measured on
-    the benchmark model, LoRA's input dropout cost as much as a 512 x 512 matmul over the same
-    tokens. The drop probability is rounded to a multiple of 1/65536 (0.05 -> 0.050003) and kept
-    values are scaled by the exact inverse of the keep probability. GPUs keep the stock kernel.
-    """
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        threshold = round(self.p * 65536)
-        if not self.training or x.device.type != "cpu" or not 0 < threshold < 65536:
-            return super().forward(x)
-        n = x.numel()
-        bits = torch.randint(-(2**63), 2**63 - 1, ((n + 3) // 4,), dtype=torch.int64).view(torch.int16)[:n]
-        return x.masked_fill(bits.view(x.shape) < threshold - 32768, 0).mul_(65536 / (65536 - threshold))
-
-
 def apply_peft(model: Any, config: peft.PeftConfig | None, *, quantized: bool, gradient_checkpointing: bool) -> Any:
     """Wrap ``model`` for training; quantized models get k-bit preparation first."""
     if quantized:
@@ -106,11 +97,4 @@ def apply_peft(model: Any, config: peft.PeftConfig | None, *, quantized: bool, g
         if quantized:
             raise UserError("--peft_type full cannot train a quantized model; drop --quantization_bit.")
         return model
-    model = peft.get_peft_model(model, config)
-    for module in model.modules():
-        dropouts = getattr(module, "lora_dropout", None)
-        if isinstance(dropouts, torch.nn.ModuleDict):
-            for name, dropout in dropouts.items():
-                if type(dropout) is torch.nn.Dropout:
-                    dropouts[name] = FastDropout(dropout.p)
-    return model
+    return peft.get_peft_model(model, config)

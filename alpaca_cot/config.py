@@ -1,20 +1,36 @@
-"""Fine-tuning arguments: fire kwargs -> one validated dataclass -> ``finetune_args.json``."""
+"""Every flag of the six scripts, declared once: fire kwargs -> validated dataclasses.
+
+``FinetuneArgs`` is saved as ``finetune_args.json`` next to the adapter and read back by the other
+scripts as defaults. The inference scripts share ``ModelArgs`` and ``SamplingParams`` (in
+``alpaca_cot.generation``); each script adds one group of its own.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from alpaca_cot.adapters import PEFT_TYPES
-from alpaca_cot.cli import as_list
 from alpaca_cot.errors import UserError
+from alpaca_cot.flags import check_fields, flag
 from alpaca_cot.io import write_json_atomic
-from alpaca_cot.registry import get_model_spec
+from alpaca_cot.registry import MODEL_REGISTRY, default_checkpoint
 from alpaca_cot.templates import TEMPLATES
 
 ARGS_FILE = "finetune_args.json"
+DTYPE_CHOICES = ("auto", "fp32", "bf16", "fp16")
+QUANT_CHOICES = (8, 4)
+SEED_RANGE = {"min": 0, "max": 2**32 - 1}  # what numpy's and torch's global seeding both take
+_HELP = {
+    "model_type": "the registry record: " + ", ".join(MODEL_REGISTRY),
+    "trust_remote_code": "run the checkpoint's own modeling code (only for sources you trust)",
+    "compute_dtype": "auto (bf16 where measured faster than fp32 on this device) | fp32 | bf16 | fp16",
+    "quantization_bit": "load the base quantized with bitsandbytes: 8 or 4 (QLoRA)",
+    "size": "a registry checkpoint size (e.g. 7b), used only when no base model is given",
+    "template": "prompt template: " + " | ".join(TEMPLATES) + " (default: the registry's for the model type)",
+}
 
 
 @dataclass
@@ -22,83 +38,82 @@ class FinetuneArgs:
     """Everything a run depends on; saved next to the adapter and read back by the other scripts."""
 
     # model
-    model_type: str = "llama"
-    model_name_or_path: str | None = None
-    trust_remote_code: bool = False
-    compute_dtype: str = "auto"
-    quantization_bit: int | None = None
+    model_type: str = flag("llama", _HELP["model_type"], choices=tuple(MODEL_REGISTRY))
+    model_name_or_path: str | None = flag(None, "base model: a local folder or a Hugging Face hub id")
+    size: str | None = flag(None, _HELP["size"])
+    trust_remote_code: bool = flag(False, _HELP["trust_remote_code"])
+    compute_dtype: str = flag("auto", _HELP["compute_dtype"], choices=DTYPE_CHOICES)
+    quantization_bit: int | None = flag(None, _HELP["quantization_bit"], choices=QUANT_CHOICES)
     # data
-    data: list[str] = field(default_factory=list)
-    template: str | None = None
-    cutoff_len: int = 512
-    val_set_size: float = 2000
-    max_samples: int | None = None
-    train_on_inputs: bool = False
-    cache_dir: str | None = None
+    data: list[str] = flag([], "dataset names (data/registry.json) or unified-format JSON/JSONL files and folders; "
+                               "spaces or commas between several")
+    template: str | None = flag(None, _HELP["template"], choices=tuple(TEMPLATES))
+    cutoff_len: int = flag(512, "the longest training sequence, in tokens", min=8)
+    val_set_size: float = flag(2000, "validation records: a count, or a fraction when below 1 (0 = none)", min=0)
+    max_samples: int | None = flag(None, "train on the first N records only", min=1)
+    train_on_inputs: bool = flag(False, "also train on the prompt tokens")
+    cache_dir: str | None = flag(None, "tokenized-data cache (default ~/.cache/alpaca_cot/tokenized)")
     # PEFT
-    peft_type: str = "lora"
-    lora_r: int = 8
-    lora_alpha: int = 16
-    lora_dropout: float = 0.05
-    lora_target_modules: list[str] | None = None
-    use_dora: bool = False
-    use_rslora: bool = False
-    adalora_init_r: int = 12
-    adalora_tinit: int = 200
-    adalora_tfinal: int = 1000
-    adalora_delta_t: int = 10
-    num_virtual_tokens: int = 20
-    prompt_encoder_hidden_size: int = 128
+    peft_type: str = flag("lora", " | ".join(PEFT_TYPES), choices=PEFT_TYPES)
+    lora_r: int = flag(8, "LoRA rank (AdaLoRA: the target rank)", min=1)
+    lora_alpha: float = flag(16, "LoRA scaling numerator (scale = alpha / r)", above=0)
+    lora_dropout: float = flag(0.05, "dropout on LoRA's input", min=0, below=1)
+    lora_target_modules: list[str] | None = flag(None, "linear layers to adapt (names, or 'all'); default: the "
+                                                       "registry's for the model type")
+    use_dora: bool = flag(False, "weight-decomposed LoRA (DoRA)")
+    use_rslora: bool = flag(False, "rank-stabilised LoRA scaling (alpha / sqrt(r))")
+    adalora_init_r: int = flag(12, "AdaLoRA's initial rank", min=1)
+    adalora_tinit: int | None = flag(None, "AdaLoRA: steps before rank pruning (default 10% of the run)", min=0)
+    adalora_tfinal: int | None = flag(None, "AdaLoRA: final steps at the target rank (default 20% of the run)",
+                                      min=0)
+    adalora_delta_t: int | None = flag(None, "AdaLoRA: steps between rank updates (default 1% of the run)", min=1)
+    num_virtual_tokens: int = flag(20, "prompt/p-tuning/prefix: virtual tokens", min=1)
+    prompt_encoder_hidden_size: int = flag(128, "p-tuning/prefix: the prompt encoder's hidden size", min=1)
     # training
-    per_gpu_train_batch_size: int = 4
-    gradient_accumulation_steps: int = 1
-    epochs: float = 3
-    max_steps: int = -1
-    learning_rate: float = 3e-4
-    warmup_ratio: float = 0.1
-    gradient_checkpointing: bool = False
-    packing: bool = True
-    logging_steps: int = 10
-    eval_steps: int | None = None
-    save_steps: int | None = None
-    seed: int = 42
-    report_to: str = "none"
-    resume_from_checkpoint: str | bool | None = None
+    per_gpu_train_batch_size: int = flag(4, "records per batch per device", min=1)
+    gradient_accumulation_steps: int = flag(1, "batches per optimizer step", min=1)
+    epochs: float = flag(3, "passes over the training data", above=0)
+    max_steps: int = flag(-1, "optimizer steps (overrides --epochs; -1 = use --epochs)", min=-1)
+    learning_rate: float = flag(3e-4, "peak learning rate", above=0)
+    warmup_ratio: float = flag(0.1, "fraction of the steps spent warming up the learning rate", min=0, max=1)
+    gradient_checkpointing: bool = flag(False, "recompute activations in the backward pass (less memory)")
+    packing: bool = flag(True, "padding-free batches where exact for the model (else padded)")
+    logging_steps: int = flag(10, "optimizer steps between loss logs", min=1)
+    eval_steps: int | None = flag(None, "optimizer steps between evaluations (default a fifth of the run)", min=1)
+    save_steps: int | None = flag(None, "optimizer steps between checkpoints (default a fifth of the run)", min=1)
+    seed: int = flag(42, "seeds the data split, the adapter's initialisation, dropout and the batch order",
+                     **SEED_RANGE)
+    report_to: str = flag("none", "where to send logs: none, tensorboard, wandb, ... (commas between several)")
+    resume_from_checkpoint: str | bool | None = flag(None, "True: the latest complete checkpoint in --output_dir; "
+                                                           "or a checkpoint folder")
     # output
-    output_dir: str | None = None
-    overwrite_output_dir: bool = False
+    output_dir: str | None = flag(None, "where the run goes (default saved_models/MODEL_DATA_LR/PEFT)")
+    overwrite_output_dir: bool = flag(False, "replace a previous run in --output_dir once this one has finished")
 
     def __post_init__(self) -> None:
-        # fire guesses types from values ("1e-4" is a str, "q_proj,v_proj" a str, "4" an int).
-        get_model_spec(self.model_type)
+        check_fields(self)
+        if not self.model_name_or_path and self.size is not None:
+            self.model_name_or_path = default_checkpoint(self.model_type, self.size)
         if not self.model_name_or_path:
             raise UserError("Pass --model_name_or_path: a local model folder or a Hugging Face hub id.")
-        self.model_name_or_path = str(self.model_name_or_path)
         if os.path.isdir(self.model_name_or_path):  # saved runs must work from any folder
             self.model_name_or_path = os.path.abspath(self.model_name_or_path)
-        self.data = as_list(self.data) or []
         if not self.data:
             raise UserError("Pass --data: a dataset name from data/registry.json or one or more file paths.")
-        self.lora_target_modules = as_list(self.lora_target_modules)
-        if self.peft_type not in PEFT_TYPES:
-            raise UserError(f"Unknown --peft_type {self.peft_type!r}; valid choices: {', '.join(PEFT_TYPES)}")
-        if self.template is not None and self.template not in TEMPLATES:
-            raise UserError(f"Unknown --template {self.template!r}; valid choices: {', '.join(TEMPLATES)}")
-        for name in ("learning_rate", "lora_dropout", "warmup_ratio", "epochs", "val_set_size"):
-            setattr(self, name, float(getattr(self, name)))
-        for name in ("cutoff_len", "lora_r", "lora_alpha", "per_gpu_train_batch_size", "gradient_accumulation_steps",
-                     "max_steps", "logging_steps", "seed"):
-            setattr(self, name, int(getattr(self, name)))
-        if self.cutoff_len < 8:
-            raise UserError(f"--cutoff_len {self.cutoff_len} is too short; use at least 8 tokens.")
-        if self.quantization_bit not in (None, 4, 8):
-            raise UserError(f"Unknown --quantization_bit {self.quantization_bit!r}; valid choices: 8, 4")
-        self.report_to = ",".join(as_list(self.report_to) or ["none"])
+        if self.max_steps == 0:
+            raise UserError("--max_steps 0 trains nothing: pass -1 (use --epochs) or at least 1")
+        if self.adalora_init_r < self.lora_r and self.peft_type == "adalora":
+            raise UserError(f"--adalora_init_r {self.adalora_init_r} must be at least --lora_r {self.lora_r} "
+                            "(AdaLoRA prunes ranks down to --lora_r)")
+        if self.quantization_bit is not None and self.peft_type == "full":
+            raise UserError("--peft_type full cannot train a quantized model; drop --quantization_bit.")
         if self.output_dir is None:
             model_name = os.path.basename(os.path.normpath(self.model_name_or_path))
             data_name = "+".join(os.path.splitext(os.path.basename(d))[0] for d in self.data)
             self.output_dir = os.path.join("saved_models", f"{model_name}_{data_name}_{self.learning_rate:g}",
                                            self.peft_type)
+        if os.path.exists(self.output_dir) and not os.path.isdir(self.output_dir):
+            raise UserError(f"--output_dir {self.output_dir} is an existing file; pass a folder.")
 
     def save(self, directory: str) -> None:
         """Write the arguments as JSON (other scripts read them back as defaults)."""
@@ -114,3 +129,95 @@ class FinetuneArgs:
             saved = json.load(f)
         known = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in saved.items() if k in known})
+
+
+@dataclass
+class ModelArgs:
+    """The model the inference scripts run: a run's output folder, any PEFT adapter, or a base model."""
+
+    lora_dir: str | None = flag(None, "an output folder of uniform_finetune.py, or any PEFT adapter folder; "
+                                      "its saved arguments give the base model, type and template")
+    model_type: str | None = flag(None, _HELP["model_type"] + " (default: the run's)",
+                                  choices=tuple(MODEL_REGISTRY))
+    model_name_or_path: str | None = flag(None, "the base model (default: the run's or the adapter's)")
+    size: str | None = flag(None, _HELP["size"])
+    template: str | None = flag(None, _HELP["template"].replace("registry's", "run's, else the registry's"),
+                                choices=tuple(TEMPLATES))
+    compute_dtype: str = flag("auto", _HELP["compute_dtype"], choices=DTYPE_CHOICES)
+    quantization_bit: int | None = flag(None, _HELP["quantization_bit"], choices=QUANT_CHOICES)
+    trust_remote_code: bool = flag(False, _HELP["trust_remote_code"])
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+
+    def loader_kwargs(self) -> dict:
+        """Keyword arguments for ``alpaca_cot.loading.load_for_inference``."""
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class GenerateArgs:
+    """generate.py: one instruction, or an interactive loop."""
+
+    data: str | None = flag(None, "without --lora_dir: use the newest run under saved_models/ trained on this data")
+    instruction: str | None = flag(None, "answer this and exit (default: read instructions until Ctrl-D)")
+    input: str = flag("", "the record's input field, with --instruction")
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+
+
+@dataclass
+class PredictArgs:
+    """predict.py: inputs, batch size and where predictions go."""
+
+    data: list[str] = flag([], "dataset names or unified-format JSON/JSONL files to predict")
+    max_samples: int | None = flag(None, "predict the first N records only", min=1)
+    predict_batch_size: int = flag(8, "records generated together", min=1)
+    result_dir: str = flag("saved_result.jsonl", "the predictions file (.jsonl/.json/.txt) or a folder for "
+                                                 "predictions.jsonl")
+    metrics: bool = flag(False, "score the predictions (exact match, ROUGE-L) into a JSON file beside them")
+    overwrite: bool = flag(False, "predict again instead of resuming")
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+        if not self.data:
+            raise UserError("Pass --data: a dataset name from data/registry.json or one or more file paths.")
+
+
+@dataclass
+class MergeArgs:
+    """merge.py: where the merged model goes."""
+
+    merged_dir: str | None = flag(None, "output folder (default LORA_DIR-merged)")
+    save_dtype: str = flag("auto", "dtype of the saved weights: auto (the base checkpoint's) | fp32 | bf16 | fp16",
+                           choices=("auto", "fp32", "bf16", "fp16"))
+    max_shard_size: str = flag("2GB", "largest safetensors shard")
+    overwrite: bool = flag(False, "replace a non-empty --merged_dir")
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+
+
+@dataclass
+class ChatArgs:
+    """server.py: the terminal conversation."""
+
+    system: str | None = flag(None, "a system message for the conversation")
+    context_window: int | None = flag(None, "tokens of history kept (default: the model's own window)", min=16)
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+
+
+@dataclass
+class ServeArgs:
+    """web.py: where and how the HTTP server listens."""
+
+    host: str = flag("127.0.0.1", "address to bind (0.0.0.0 serves other machines too: set --api_key)")
+    port: int = flag(8410, "TCP port", min=1, max=65535)
+    api_key: str | None = flag(None, "require 'Authorization: Bearer KEY' (default: $ALPACA_COT_API_KEY)")
+    ui: bool = flag(True, "serve the chat page at /ui/ (False: the API alone)")
+
+    def __post_init__(self) -> None:
+        check_fields(self)

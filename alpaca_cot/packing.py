@@ -29,10 +29,9 @@ from transformers.masking_utils import AttentionMaskInterface
 from alpaca_cot.tokenize import IGNORE_INDEX
 
 VARLEN_ATTENTION = "varlen_sdpa"
-# Keyword arguments attention layers pass that change nothing here: the packed layout comes from
-# cu_seq_lens_q/pack_slots, and the sequence is causal by construction.
-_IGNORED = {"position_ids", "cu_seq_lens_k", "max_length_k", "is_causal", "output_attentions", "use_cache",
-            "head_mask", "layer_idx", "cache_position", "past_key_values", "position_embeddings"}
+# Keyword arguments of attention layers that change the attention itself in ways SDPA cannot apply
+# (Gemma 2's logit softcapping, gpt-oss's sink logits). Others (positions, cache, loss counts) pass by.
+_UNSUPPORTED = ("softcap", "s_aux", "sinks")
 
 
 def varlen_sdpa_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -47,9 +46,9 @@ def varlen_sdpa_attention(module: torch.nn.Module, query: torch.Tensor, key: tor
     attention (not the linear layers) touches padding. A keyword this function cannot honour
     (attention softcapping, sink logits) raises instead of being dropped.
     """
-    unknown = {k for k, v in kwargs.items() if v is not None and k not in _IGNORED}
-    if unknown:
-        raise NotImplementedError(f"varlen_sdpa cannot apply {sorted(unknown)}; this model must train with "
+    unsupported = [k for k in _UNSUPPORTED if kwargs.get(k) is not None]
+    if unsupported:
+        raise NotImplementedError(f"varlen_sdpa cannot apply {unsupported}; this model must train with "
                                   "transformers' own packed attention or padded batches (see choose_packing).")
     groups = query.shape[1] // key.shape[1]
     if groups > 1:  # grouped-query attention: share each key/value head across its query heads

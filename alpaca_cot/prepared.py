@@ -10,16 +10,18 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import random
 from dataclasses import asdict
 from typing import Any
 
 import numpy as np
 
 from alpaca_cot.datasets import load_data, resolve_data
+from alpaca_cot.errors import UserError
 from alpaca_cot.templates import Template
 from alpaca_cot.tokenize import count_trainable, encode_records
 
-FORMAT_VERSION = "1"  # bump when the encoding itself changes
+FORMAT_VERSION = "2"  # bump when the encoding itself changes
 
 
 def default_cache_dir() -> str:
@@ -82,30 +84,58 @@ def cache_key(paths: list[str], tokenizer: Any, template: Template, args: Any) -
                    args.train_on_inputs, args.max_samples, args.val_set_size, args.seed)
 
 
-def prepare_splits(args: Any, tokenizer: Any, template: Template, split: Any,
+def split_indices(n: int, val_set_size: float, seed: int) -> tuple[list[int], list[int]]:
+    """(train, validation) indices of ``n`` records shuffled with ``seed``; ``val_set_size`` is a count, or a
+    fraction when below 1."""
+    order = list(range(n))
+    random.Random(seed).shuffle(order)
+    n_val = int(round(val_set_size * n)) if 0 < val_set_size < 1 else int(val_set_size)
+    if n_val >= n:
+        raise UserError(f"--val_set_size {val_set_size:g} leaves no training records out of {n}; "
+                        "pass a smaller count, a fraction such as 0.05, or 0 for no evaluation.")
+    return order[n_val:], order[:n_val]
+
+
+def prepare_splits(args: Any, tokenizer: Any, template: Template,
                    cache_dir: str | None = None) -> tuple[TokenizedSplit, TokenizedSplit, dict]:
     """(train, validation, info): from the cache when the key matches, else tokenized and cached.
 
-    ``split(records) -> (train_records, val_records)``; ``info`` says whether the cache was hit and
-    how many records were left out for having no answer tokens within ``cutoff_len``.
+    ``info`` says whether the cache was hit, and lists under "truncation" every record cut to
+    ``cutoff_len`` or left out (no answer token left), by its index in ``--data`` and in its file.
     """
     cache_dir = cache_dir or default_cache_dir()
-    key = cache_key(resolve_data(args.data), tokenizer, template, args)
+    paths = resolve_data(args.data)
+    key = cache_key(paths, tokenizer, template, args)
     path = os.path.join(cache_dir, f"{key}.npz")
     if os.path.isfile(path):
         with np.load(path) as z:
             splits = [TokenizedSplit(z[f"{s}_ids"], z[f"{s}_labels"], z[f"{s}_offsets"]) for s in ("train", "val")]
             info = json.loads(str(z["info"]))
         return splits[0], splits[1], {**info, "cache": "hit", "cache_file": path}
-    records = load_data(args.data)
+    records: list[dict] = []
+    origin: list[tuple[str, int]] = []  # (file, index in that file) of every record
+    for file in paths:
+        part = load_data([file])
+        records += part
+        origin += [(file, i) for i in range(len(part))]
     if args.max_samples:
         records = records[: int(args.max_samples)]
-    info: dict[str, Any] = {}
+    info: dict[str, Any] = {"truncation": []}
     splits = []
-    for name, part in zip(("train", "val"), split(records), strict=True):
-        encoded = encode_records(part, template, tokenizer, args.cutoff_len, args.train_on_inputs)
-        kept = [{"input_ids": e.input_ids, "labels": e.labels} for e in encoded if count_trainable(e) > 0]
-        info[f"{name}_dropped"] = len(encoded) - len(kept)
+    for name, indices in zip(("train", "val"), split_indices(len(records), args.val_set_size, args.seed),
+                             strict=True):
+        encoded = encode_records([records[i] for i in indices], template, tokenizer, args.cutoff_len,
+                                 args.train_on_inputs)
+        kept = []
+        for index, e in zip(indices, encoded, strict=True):
+            action = "left out" if count_trainable(e) == 0 else "cut" if e.cut else None
+            if action != "left out":
+                kept.append({"input_ids": e.input_ids, "labels": e.labels})
+            if action:
+                file, in_file = origin[index]
+                info["truncation"].append({"split": name, "action": action, "index": index, "file": file,
+                                           "index_in_file": in_file, "tokens": e.full_length,
+                                           "kept_tokens": len(e.input_ids) if action == "cut" else 0})
         info[f"{name}_records"] = len(kept)
         splits.append(TokenizedSplit.from_lists(kept))
     os.makedirs(cache_dir, exist_ok=True)

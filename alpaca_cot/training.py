@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import math
 import os
-import random
 import resource
 import shutil
 import time
@@ -12,12 +12,14 @@ from typing import Any
 
 import torch
 import transformers
+from transformers.trainer_callback import ExportableState
+from transformers.trainer_pt_utils import LengthGroupedSampler
 
 from alpaca_cot.adapters import apply_peft, build_peft_config, resolve_target_modules
 from alpaca_cot.config import FinetuneArgs
 from alpaca_cot.errors import UserError
 from alpaca_cot.flops import matmul_peak_flops, mean_causal_context, training_flops_per_token
-from alpaca_cot.io import write_json_atomic
+from alpaca_cot.io import write_json_atomic, write_text_atomic
 from alpaca_cot.loading import load_model, load_tokenizer, resolve_dtype
 from alpaca_cot.packing import PackCollator, apply_packing, choose_packing, packed_loss
 from alpaca_cot.prepared import prepare_splits
@@ -27,6 +29,7 @@ from alpaca_cot.tokenize import IGNORE_INDEX
 
 METRICS_FILE = "metrics.json"
 LOSS_PLOT = "loss_curve.png"
+TRUNCATION_FILE = "truncated_records.jsonl"  # records cut to --cutoff_len or left out, by index
 
 
 def is_main_process() -> bool:
@@ -59,28 +62,91 @@ class PadCollator:
         return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
-class CountingTrainer(transformers.Trainer):
-    """Trainer that counts the real and the padded tokens of the batches it trains on, and the
-    seconds spent evaluating (to leave them out of the training throughput)."""
+class RunTotals(transformers.TrainerCallback, ExportableState):
+    """Whole-run totals: real and padded tokens trained on, the summed step losses and the seconds of
+    the train loop without evaluations. Saved in every checkpoint (``ExportableState``), so a resumed
+    run reports the whole run, also when it was killed during the final save."""
 
-    def __init__(self, *args: Any, **kwargs: Any):
-        super().__init__(*args, **kwargs)
+    def __init__(self) -> None:
         self.real_tokens = 0
         self.batch_tokens = 0
-        self.eval_seconds = 0.0
+        self.loss_sum = 0.0
+        self.seconds = 0.0
+        self._losses: torch.Tensor | None = None  # on the device: read only when saving (no per-step sync)
+        self._begin: float | None = None  # set when train() begins (the Trainer asks for state() before)
+        self._base = self._eval = 0.0
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self._begin, self._base, self._eval = time.perf_counter(), self.seconds, 0.0
+
+    def add_batch(self, inputs: dict, loss: torch.Tensor) -> None:
+        """Count one micro-batch's tokens and its loss (as the Trainer sums them for its logs)."""
+        mask = inputs.get("attention_mask")  # packed batches have none: every position is a real token
+        self.real_tokens += int(mask.sum()) if mask is not None else inputs["input_ids"].numel()
+        self.batch_tokens += inputs["input_ids"].numel()
+        self._losses = loss.detach() if self._losses is None else self._losses + loss.detach()
+
+    def add_eval_seconds(self, seconds: float) -> None:
+        """Leave an evaluation's seconds out of the train loop's."""
+        self._eval += seconds
+
+    def update(self) -> None:
+        """Fold the device-side losses and the elapsed loop time into the totals."""
+        if self._losses is not None:
+            self.loss_sum += float(self._losses)
+            self._losses = None
+        if self._begin is not None:
+            self.seconds = self._base + time.perf_counter() - self._begin - self._eval
+
+    def state(self) -> dict:
+        """What a checkpoint keeps (``ExportableState``)."""
+        self.update()
+        return {"args": {}, "attributes": {"real_tokens": self.real_tokens, "batch_tokens": self.batch_tokens,
+                                           "loss_sum": self.loss_sum, "seconds": self.seconds}}
+
+
+class CountingTrainer(transformers.Trainer):
+    """Trainer that keeps ``RunTotals`` and draws each epoch's length-grouped order from ``seed + epoch``,
+    so the order does not depend on what else used the global random state before (an evaluation
+    before training, or none on resume): a resumed run trains the same batches."""
+
+    @property
+    def totals(self) -> RunTotals:
+        """The run's totals (a resume replaces the callback with the one restored from the checkpoint)."""
+        return next(cb for cb in self.callback_handler.callbacks if isinstance(cb, RunTotals))
 
     def evaluate(self, *args: Any, **kwargs: Any) -> dict[str, float]:
         started = time.perf_counter()
         try:
             return super().evaluate(*args, **kwargs)
         finally:
-            self.eval_seconds += time.perf_counter() - started
+            self.totals.add_eval_seconds(time.perf_counter() - started)
 
     def training_step(self, model: Any, inputs: dict, num_items_in_batch: Any = None) -> torch.Tensor:
-        mask = inputs.get("attention_mask")  # packed batches have none: every position is a real token
-        self.real_tokens += int(mask.sum()) if mask is not None else inputs["input_ids"].numel()
-        self.batch_tokens += inputs["input_ids"].numel()
-        return super().training_step(model, inputs, num_items_in_batch)
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        self.totals.add_batch(inputs, loss)
+        return loss
+
+    def _get_train_sampler(self, train_dataset: Any = None) -> torch.utils.data.Sampler:
+        dataset = train_dataset if train_dataset is not None else self.train_dataset
+        return EpochLengthSampler(self.args.train_batch_size * self.args.gradient_accumulation_steps,
+                                  dataset.lengths(), self.args.seed)
+
+
+class EpochLengthSampler(LengthGroupedSampler):
+    """transformers' length-grouped order, drawn from a generator seeded with ``seed + epoch``."""
+
+    def __init__(self, batch_size: int, lengths: list[int], seed: int):
+        super().__init__(batch_size, lengths=lengths)
+        self.seed, self.epoch = seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Called by the Trainer at the start of each epoch."""
+        self.epoch = epoch
+
+    def __iter__(self) -> Any:
+        self.generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        return super().__iter__()
 
 
 class AdaLoraCallback(transformers.TrainerCallback):
@@ -91,18 +157,6 @@ class AdaLoraCallback(transformers.TrainerCallback):
 
     def on_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self.model.base_model.update_and_allocate(state.global_step)
-
-
-def split_records(records: list[dict], val_set_size: float, seed: int) -> tuple[list[dict], list[dict]]:
-    """Shuffle with ``seed``; hold out ``val_set_size`` records (a count, or a fraction when < 1)."""
-    order = list(range(len(records)))
-    random.Random(seed).shuffle(order)
-    n_val = int(round(val_set_size * len(records))) if 0 < val_set_size < 1 else int(val_set_size)
-    if n_val >= len(records):
-        raise UserError(f"--val_set_size {val_set_size:g} leaves no training records out of {len(records)}; "
-                        "pass a smaller count, a fraction such as 0.05, or 0 for no evaluation.")
-    shuffled = [records[i] for i in order]
-    return shuffled[n_val:], shuffled[:n_val]
 
 
 def prepare_output_dir(args: FinetuneArgs) -> None:
@@ -119,11 +173,25 @@ def prepare_output_dir(args: FinetuneArgs) -> None:
     os.makedirs(out, exist_ok=True)
 
 
+def report_truncation(entries: list[dict], args: FinetuneArgs) -> None:
+    """Log how many records were cut to --cutoff_len or left out, listing them in TRUNCATION_FILE."""
+    if not entries or not is_main_process():
+        return
+    path = os.path.join(args.output_dir, TRUNCATION_FILE)
+    write_text_atomic(path, "".join(json.dumps(e, ensure_ascii=False) + "\n" for e in entries))
+    cut = sum(e["action"] == "cut" for e in entries)
+    log(f"--cutoff_len {args.cutoff_len}: {cut} records cut (leading whole turns kept; a single turn shares the "
+        f"budget between prompt and answer) and {len(entries) - cut} left out (no answer token left); "
+        f"listed in {path}")
+
+
 def run_finetune(args: FinetuneArgs) -> tuple[dict, Any]:
     """Train as ``args`` say; write adapter, tokenizer, arguments, template, metrics and loss plot.
 
     Returns the metrics and the trained model (a PeftModel unless ``--peft_type full``).
     """
+    # Before anything random: the adapter's initialisation, dropout and the batch order follow --seed.
+    transformers.set_seed(args.seed)
     spec = get_model_spec(args.model_type)
     dtype, note = resolve_dtype(args.compute_dtype)
     if note:
@@ -132,13 +200,8 @@ def run_finetune(args: FinetuneArgs) -> tuple[dict, Any]:
     tokenizer = load_tokenizer(args.model_name_or_path, spec, args.trust_remote_code)
     template = get_template(args.template or _default_template(spec.template, tokenizer), tokenizer)
 
-    train_data, val_data, info = prepare_splits(
-        args, tokenizer, template, lambda records: split_records(records, args.val_set_size, args.seed),
-        cache_dir=args.cache_dir)
-    for name in ("train", "val"):
-        if info[f"{name}_dropped"]:
-            log(f"{name}: {info[f'{name}_dropped']} records have no answer tokens left after truncation to "
-                f"--cutoff_len {args.cutoff_len} (their prompt fills it); they are left out.")
+    train_data, val_data, info = prepare_splits(args, tokenizer, template, cache_dir=args.cache_dir)
+    report_truncation(info["truncation"], args)
     if not len(train_data):
         raise UserError("No training record has answer tokens within --cutoff_len; raise --cutoff_len.")
     log(f"data: {len(train_data)} training and {len(val_data)} validation records from {', '.join(args.data)}; "
@@ -191,16 +254,18 @@ def run_finetune(args: FinetuneArgs) -> tuple[dict, Any]:
         # Batches of similar lengths: padded batches waste less, and packed ones less attention work
         # (measured: one causal SDPA over samples laid out to the longest; 8% more tokens/s on CPU).
         train_sampling_strategy="group_by_length",
+        restore_callback_states_from_checkpoint=True,  # RunTotals: the whole run's metrics after a resume
         remove_unused_columns=False,
         ddp_find_unused_parameters=False if world > 1 else None,
         use_cpu=not torch.cuda.is_available(),
         disable_tqdm=not is_main_process(),
     )
     collator = PackCollator() if packing else PadCollator(tokenizer.pad_token_id)
+    callbacks = [RunTotals()] + ([AdaLoraCallback(model)] if args.peft_type == "adalora" else [])
     trainer = CountingTrainer(model=model, args=training_args, train_dataset=train_data,
                               eval_dataset=val_data if len(val_data) else None, data_collator=collator,
                               processing_class=tokenizer, compute_loss_func=packed_loss if packing else None,
-                              callbacks=[AdaLoraCallback(model)] if args.peft_type == "adalora" else None)
+                              callbacks=callbacks)
     metrics: dict[str, Any] = {"train_records": len(train_data), "validation_records": len(val_data),
                                "data_cache": info["cache"], "world_size": world,
                                "dtype": str(dtype).removeprefix("torch."), "template": template.name,
@@ -209,19 +274,19 @@ def run_finetune(args: FinetuneArgs) -> tuple[dict, Any]:
     # The precision actually in use: autocast runs the matmuls in bf16/fp16 even over fp32 weights.
     peak = matmul_peak_flops(dtype, next(model.parameters()).device)
     result = trainer.train(resume_from_checkpoint=args.resume_from_checkpoint or None)
-    # The train loop (data, forward, backward, optimizer steps) without the evaluations inside it: timing
-    # single steps would need a GPU sync per step, which stops the CPU queueing the next step's kernels.
-    loop_seconds = result.metrics["train_runtime"] - trainer.eval_seconds
+    totals = trainer.totals
+    totals.update()
     first_eval = next((h for h in trainer.state.log_history if "eval_loss" in h), None)
     if first_eval is not None and first_eval["step"] == 0:
         metrics["eval_loss_before"] = first_eval["eval_loss"]
         log(f"eval loss before training: {metrics['eval_loss_before']:.4f}")
-    metrics.update(train_loss=result.training_loss, train_runtime_s=result.metrics["train_runtime"],
-                   steps=trainer.state.global_step)
+    steps = trainer.state.global_step
+    metrics.update(train_loss=totals.loss_sum / max(steps, 1), train_runtime_s=result.metrics["train_runtime"],
+                   steps=steps)
     if len(val_data):
         metrics["eval_loss_after"] = trainer.evaluate()["eval_loss"]
         log(f"eval loss after training: {metrics['eval_loss_after']:.4f}")
-    metrics.update(_throughput(trainer, world, loop_seconds))
+    metrics.update(_throughput(totals, world))
     metrics["flops_per_token"] = training_flops_per_token(model, full, mean_causal_context(train_data.lengths()))
     metrics["matmul_peak_gflops"] = peak / 1e9
     metrics["mfu"] = metrics["effective_tokens_per_s"] / world * metrics["flops_per_token"] / peak
@@ -244,12 +309,14 @@ def _default_template(name: str, tokenizer: Any) -> str:
     return name
 
 
-def _throughput(trainer: CountingTrainer, world: int, loop_seconds: float) -> dict[str, float]:
-    counts = torch.tensor([trainer.real_tokens, trainer.batch_tokens], dtype=torch.float64)
+def _throughput(totals: RunTotals, world: int) -> dict[str, float]:
+    # The train loop (data, forward, backward, optimizer steps) without the evaluations inside it: timing
+    # single steps would need a GPU sync per step, which stops the CPU queueing the next step's kernels.
+    counts = torch.tensor([totals.real_tokens, totals.batch_tokens], dtype=torch.float64)
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.all_reduce(counts)
     real, total = counts.tolist()
-    seconds = max(loop_seconds, 1e-9)
+    seconds = max(totals.seconds, 1e-9)
     peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     out = {"effective_tokens": real, "effective_tokens_per_s": real / seconds, "train_loop_seconds": seconds,
            "padding_fraction": 1 - real / total if total else 0.0, "peak_rss_mb": peak_rss_mb}
