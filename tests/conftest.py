@@ -1,4 +1,5 @@
-"""Shared fixtures: paths into ../shared (skipped cleanly when absent) and a small trained adapter."""
+"""Shared fixtures: a tiny tokenizer, model and data set built in code (they run anywhere), a small
+adapter trained on them, and paths into ../shared for the real-data tests (skipped cleanly when absent)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,10 @@ import subprocess
 import sys
 
 import pytest
+
+from tests.fixtures.synthetic import synthetic_records
+from tests.fixtures.tiny_models import write_tiny_lm, write_tiny_model
+from tests.fixtures.tiny_tokenizer import write_tiny_tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED = os.environ.get("ALPACA_COT_SHARED", os.path.join(os.path.dirname(ROOT), "shared"))
@@ -26,6 +31,33 @@ def shared_path(*parts: str) -> str:
     if not os.path.exists(path):
         pytest.skip(f"{path} is absent (the shared data and models folder is not beside the project)")
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """The tiny byte-level BPE tokenizer (ChatML-like chat template), trained in code."""
+    return write_tiny_tokenizer(str(tmp_path_factory.mktemp("tiny-tokenizer")))
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A random tiny Llama (hidden 32, 2 layers) with the tiny tokenizer, built from its config."""
+    return write_tiny_model(str(tmp_path_factory.mktemp("tiny-llama")), "llama")
+
+
+@pytest.fixture(scope="session")
+def tiny_lm_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """The tiny Llama pretrained in code on synthetic text (it writes words), with the tiny tokenizer."""
+    return write_tiny_lm(str(tmp_path_factory.mktemp("tiny-lm")))
+
+
+@pytest.fixture(scope="session")
+def tiny_data_file(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """200 synthetic records in the unified format: Alpaca-style tasks with CoT answers, Chinese ones,
+    and 10 multi-turn chats."""
+    path = tmp_path_factory.mktemp("tiny-data") / "tiny200.json"
+    path.write_text(json.dumps(synthetic_records(200), ensure_ascii=False), encoding="utf-8")
+    return str(path)
 
 
 @pytest.fixture(scope="session")
@@ -56,11 +88,11 @@ def run_script(script: str, *args: str, timeout: int = 600, env: dict | None = N
 
 
 @pytest.fixture(scope="session")
-def trained_adapter(stories_dir: str, alpaca_file: str, tmp_path_factory: pytest.TempPathFactory) -> str:
-    """A LoRA adapter trained by uniform_finetune.py on stories260K-hf and real Alpaca rows."""
+def trained_adapter(tiny_lm_dir: str, tiny_data_file: str, tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A LoRA adapter trained by uniform_finetune.py on the pretrained tiny Llama and the synthetic records."""
     out = tmp_path_factory.mktemp("adapter") / "run"
-    run_script("uniform_finetune.py", "--model_type", "llama", "--model_name_or_path", stories_dir,
-               "--data", alpaca_file, "--val_set_size", "16", "--epochs", "1", "--per_gpu_train_batch_size", "8",
+    run_script("uniform_finetune.py", "--model_type", "llama", "--model_name_or_path", tiny_lm_dir,
+               "--data", tiny_data_file, "--val_set_size", "16", "--epochs", "1", "--per_gpu_train_batch_size", "8",
                "--learning_rate", "3e-3", "--lora_target_modules", "q_proj", "v_proj", "--output_dir", str(out),
                "--compute_dtype", "fp32")
     return str(out)
@@ -68,7 +100,7 @@ def trained_adapter(stories_dir: str, alpaca_file: str, tmp_path_factory: pytest
 
 @pytest.fixture(scope="module")
 def generator(trained_adapter: str):
-    """A Generator over the trained stories260K adapter, in fp32, on one thread."""
+    """A Generator over the trained tiny adapter, in fp32, on one thread."""
     import torch
 
     from alpaca_cot.generation import Generator
