@@ -4,13 +4,18 @@ Routes: ``POST /`` ``{"prompt"}`` -> ``{"response", "status", "time"}`` and ``GE
 original's); ``GET /v1/models``, ``POST /v1/chat/completions``, ``POST /v1/completions`` (OpenAI's shapes,
 streaming as server-sent events); the chat page at ``/ui/`` (``GET /`` redirects there).
 
-One model serves every client: requests wait in a first-come-first-served queue in front of the
-``Generator``; a client that disconnects, waiting or mid-answer, leaves the queue or stops its generation.
+One model serves every client: the requests that are waiting decode together in one batch (continuous
+batching: a request joins at the next token), each streamed to its own client with its own sampling settings
+and stop strings; beyond ``max_batch_size`` they wait in arrival order. With ``max_batch_size=1``, or a model
+that cannot be batched, requests are answered one at a time in a first-come-first-served queue. A client
+that disconnects, waiting or mid-answer, leaves the queue or stops its generation. Prompts are tokenized off
+the event loop; bodies above ``max_request_bytes`` get a 413.
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import copy
 import dataclasses
@@ -26,15 +31,22 @@ from typing import Annotated, Any, Literal
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, RedirectResponse, Response, StreamingResponse
+from fastapi.openapi.docs import get_swagger_ui_html
+from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from starlette.exceptions import HTTPException
 
-from alpaca_cot.generation import Generator, SamplingParams
+from alpaca_cot.errors import UserError
+from alpaca_cot.generation import SEED_MAX, SEED_MIN, Generator, SamplingParams
 from alpaca_cot.templates import record_from_messages
 
 UI_PATH = "/ui"
 DISCONNECT_POLL_S = 0.25  # how often a non-streaming request checks that its client is still there
+MAX_BATCH_SIZE = 64  # streams decoded together; more wait their turn
+# 2 MiB: well above any prompt a served context window holds (128k tokens of JSON text is about 600 KB),
+# well below what hurts the server to read and parse.
+MAX_REQUEST_BYTES = 2 * 1024 * 1024
+INT_MAX = 2**31 - 1  # the bound of integer fields that have no natural one
 
 
 class APIError(Exception):
@@ -77,7 +89,7 @@ class StreamOptions(BaseModel):
 class SamplingRequest(BaseModel):
     """Fields shared by both completion endpoints; unknown fields are refused, as OpenAI does."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)  # NaN and Infinity are no settings
 
     model: str
     max_tokens: int | None = Field(None, ge=1)
@@ -87,21 +99,21 @@ class SamplingRequest(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     stop: Annotated[list[Annotated[str, Field(min_length=1)]], Field(max_length=4)] = []  # or one string
-    seed: int | None = None
+    seed: int | None = Field(None, ge=SEED_MIN, le=SEED_MAX)
     presence_penalty: float = 0
     frequency_penalty: float = 0
     logprobs: bool | int | None = None
     user: str | None = None
     # Hugging Face sampling knobs (vLLM's names; the openai client sends them through extra_body)
-    top_k: int | None = Field(None, ge=0)
+    top_k: int | None = Field(None, ge=0, le=INT_MAX)
     repetition_penalty: float | None = Field(None, gt=0)
-    no_repeat_ngram_size: int | None = Field(None, ge=0)
+    no_repeat_ngram_size: int | None = Field(None, ge=0, le=INT_MAX)
 
     @field_validator("n")
     @classmethod
     def _one_choice(cls, n: int) -> int:
         if n != 1:
-            raise ValueError("only n=1 is supported (one model serves requests one at a time)")
+            raise ValueError("only n=1 is supported (one answer per request)")
         return n
 
     @field_validator("stop", mode="before")
@@ -167,17 +179,25 @@ def openai_record(messages: list[dict]) -> dict:
 
 
 class ModelService:
-    """One ``Generator`` shared by every client, behind a first-come-first-served queue."""
+    """One ``Generator`` shared by every client: batched (see ``Generator.batch_streams``), or behind a
+    first-come-first-served queue when ``max_batch_size`` is 1 or the model cannot be batched."""
 
-    def __init__(self, generator: Generator, defaults: SamplingParams, model_id: str):
+    def __init__(self, generator: Generator, defaults: SamplingParams, model_id: str, max_batch_size: int = 1):
         self.generator = generator
         self.defaults = defaults
         self.model_id = model_id
         self.window = generator.context_window()
-        # Counting uses its own tokenizer: a fast tokenizer used by two threads at once (this one and
-        # the generation thread) can fail with "Already borrowed".
+        self.batched = generator.batch_streams(max_batch_size)
+        # Counting uses its own tokenizer, in its own thread: a fast tokenizer used by two threads at once
+        # can fail with "Already borrowed", and a long prompt tokenized on the event loop would stall
+        # every other request.
         self.tokenizer = copy.deepcopy(generator.tokenizer)
-        self._turn = asyncio.Lock()  # asyncio locks wake waiters in arrival order
+        self._tokenizing = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokenize")
+        self._turn = asyncio.Lock()  # the one-at-a-time queue; asyncio locks wake waiters in arrival order
+
+    async def off_loop(self, fn: Any, *args: Any) -> Any:
+        """``fn(*args)`` in the tokenizing thread, so the event loop keeps serving."""
+        return await asyncio.get_running_loop().run_in_executor(self._tokenizing, fn, *args)
 
     def params(self, **overrides: Any) -> SamplingParams:
         """The server's defaults with the request's non-None values."""
@@ -220,7 +240,9 @@ class ModelService:
         pieces: asyncio.Queue[Any] = asyncio.Queue()
         halt = threading.Event()
         end = object()
-        await self._turn.acquire()  # cancelled while waiting = left the queue, nothing to undo
+        queued = not self.batched  # batched, the decoder keeps the queue
+        if queued:
+            await self._turn.acquire()  # cancelled while waiting = left the queue, nothing to undo
 
         def call(fn: Any, *args: Any) -> None:
             with contextlib.suppress(RuntimeError):  # the event loop is gone: the server is shutting down
@@ -234,12 +256,14 @@ class ModelService:
             except Exception as e:  # raised again in the request's task below
                 call(pieces.put_nowait, e)
             finally:
-                call(self._turn.release)
+                if queued:
+                    call(self._turn.release)
 
         try:
             threading.Thread(target=work, daemon=True).start()
         except BaseException:
-            self._turn.release()
+            if queued:
+                self._turn.release()
             raise
         text, sent = "", 0
         try:
@@ -297,6 +321,46 @@ def _sse(events: AsyncIterator[dict]) -> StreamingResponse:
 
 
 # ---- the app ------------------------------------------------------------------------------------
+class BodyLimit:
+    """ASGI middleware: a request body above ``max_bytes`` gets a 413 in OpenAI's shape before the app
+    reads it; the declared length decides at once, a chunked body is counted as it arrives."""
+
+    def __init__(self, app: Any, max_bytes: int):
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = dict(scope["headers"]).get(b"content-length", b"").decode("latin-1")
+        if length.isdigit():
+            if int(length) > self.max_bytes:
+                return await self._refuse(scope, receive, send)
+            return await self.app(scope, receive, send)
+        # No declared length (chunked): read the body here, up to the cap, and hand it on.
+        messages, size = [], 0
+        while True:
+            message = await receive()
+            messages.append(message)
+            if message["type"] != "http.request":
+                break
+            size += len(message.get("body", b""))
+            if size > self.max_bytes:
+                return await self._refuse(scope, receive, send)
+            if not message.get("more_body", False):
+                break
+
+        async def replay() -> dict:
+            return messages.pop(0) if messages else await receive()
+
+        await self.app(scope, replay, send)
+
+    async def _refuse(self, scope: dict, receive: Any, send: Any) -> None:
+        error = APIError(413, f"The request body is larger than this server's limit of {self.max_bytes} bytes.",
+                         code="request_too_large")
+        await error.response()(scope, receive, send)
+
+
 def _param_name(loc: tuple) -> str | None:
     """``("body", "messages", 0, "content", "str")`` -> ``messages[0].content`` (union member names dropped)."""
     name = ""
@@ -322,12 +386,25 @@ def _validation_error(exc: RequestValidationError) -> APIError:
 
 
 def create_app(generator: Generator, defaults: SamplingParams | None = None, *, model_id: str = "alpaca-cot",
-               api_key: str | None = None, ui: bool = True) -> FastAPI:
-    """The web service over ``generator``; with ``api_key``, the API wants ``Authorization: Bearer KEY``
-    and the chat page a login whose password is the key."""
-    service = ModelService(generator, defaults or SamplingParams(), model_id)
-    app = FastAPI(title="Alpaca-CoT", docs_url=None, redoc_url=None)
+               api_key: str | None = None, ui: bool = True, max_batch_size: int = MAX_BATCH_SIZE,
+               max_request_bytes: int = MAX_REQUEST_BYTES) -> FastAPI:
+    """The web service over ``generator``; with ``api_key``, the API (and ``/docs``, ``/openapi.json``) wants
+    ``Authorization: Bearer KEY`` and the chat page a login whose password is the key.
+
+    Up to ``max_batch_size`` requests decode together (1: one at a time, the others queue); this switches
+    ``generator`` to batched streaming. A request body above ``max_request_bytes`` gets a 413.
+    """
+    if max_batch_size < 1 or max_request_bytes < 1:
+        raise UserError(f"max_batch_size ({max_batch_size}) and max_request_bytes ({max_request_bytes}) "
+                        "must be at least 1")
+    service = ModelService(generator, defaults or SamplingParams(), model_id, max_batch_size)
+    app = FastAPI(title="Alpaca-CoT", docs_url=None, redoc_url=None, openapi_url=None)  # served below, keyed
     app.state.service = service
+    app.add_middleware(BodyLimit, max_bytes=max_request_bytes)
+
+    @app.exception_handler(UserError)
+    async def _bad_setting(request: Request, exc: UserError) -> JSONResponse:
+        return APIError(400, str(exc)).response()
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError) -> JSONResponse:
@@ -360,13 +437,15 @@ def create_app(generator: Generator, defaults: SamplingParams | None = None, *, 
         return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
                 "total_tokens": prompt_tokens + completion_tokens}
 
-    def finish_reason(text: str, params: SamplingParams) -> str:
-        return "length" if service.completion_tokens(text, params) >= params.max_new_tokens else "stop"
+    async def finish(text: str, params: SamplingParams) -> tuple[str, int]:
+        """(finish reason, completion tokens) of an answer."""
+        tokens = await service.off_loop(service.completion_tokens, text, params)
+        return "length" if tokens >= params.max_new_tokens else "stop", tokens
 
     async def answer(request: Request, req: SamplingRequest, record: dict, kind: str) -> Response:
         """Run one OpenAI request; ``kind`` is "chat.completion" or "text_completion"."""
         check_model(req.model)
-        prompt_tokens = service.prompt_tokens(record)
+        prompt_tokens = await service.off_loop(service.prompt_tokens, record)
         max_tokens = req.max_completion_tokens if isinstance(req, ChatCompletionRequest) else None
         params = service.params(max_new_tokens=service.budget(prompt_tokens, max_tokens or req.max_tokens),
                                 temperature=req.temperature, top_p=req.top_p, top_k=req.top_k, seed=req.seed,
@@ -390,8 +469,9 @@ def create_app(generator: Generator, defaults: SamplingParams | None = None, *, 
             text = await _unless_disconnected(request, _join(pieces))
             if text is None:
                 return Response(status_code=499)  # nobody is listening
-            return JSONResponse({**head, "object": kind, "choices": [choice(text, finish_reason(text, params), False)],
-                                 "usage": usage(prompt_tokens, service.completion_tokens(text, params))})
+            reason, tokens = await finish(text, params)
+            return JSONResponse({**head, "object": kind, "choices": [choice(text, reason, False)],
+                                 "usage": usage(prompt_tokens, tokens)})
 
         async def events() -> AsyncIterator[dict]:
             chunk = {**head, "object": "chat.completion.chunk" if kind == "chat.completion" else kind}
@@ -401,13 +481,22 @@ def create_app(generator: Generator, defaults: SamplingParams | None = None, *, 
             async for piece in pieces:
                 text += piece
                 yield {**chunk, "choices": [choice(piece, None, True)]}
-            yield {**chunk, "choices": [choice("", finish_reason(text, params), True)]}
+            reason, tokens = await finish(text, params)
+            yield {**chunk, "choices": [choice("", reason, True)]}
             if req.stream_options and req.stream_options.include_usage:
-                yield {**chunk, "choices": [], "usage": usage(prompt_tokens, service.completion_tokens(text, params))}
+                yield {**chunk, "choices": [], "usage": usage(prompt_tokens, tokens)}
 
         return _sse(events())
 
     api = [Depends(authorize)]
+
+    @app.get("/openapi.json", dependencies=api, include_in_schema=False)
+    async def openapi() -> JSONResponse:
+        return JSONResponse(app.openapi())
+
+    @app.get("/docs", dependencies=api, include_in_schema=False)
+    async def docs() -> HTMLResponse:
+        return get_swagger_ui_html(openapi_url="/openapi.json", title=f"{app.title} API")
 
     @app.get("/v1/models", dependencies=api)
     async def models() -> dict:
@@ -427,7 +516,8 @@ def create_app(generator: Generator, defaults: SamplingParams | None = None, *, 
 
     async def respond(request: Request, prompt: str) -> str | None:
         record = {"instruction": prompt, "input": ""}
-        params = service.params(max_new_tokens=service.budget(service.prompt_tokens(record), None))
+        params = service.params(max_new_tokens=service.budget(await service.off_loop(service.prompt_tokens, record),
+                                                              None))
         return await _unless_disconnected(request, _join(service.stream(record, params)))
 
     @app.post("/", dependencies=api)
@@ -463,8 +553,9 @@ def _mount_ui(app: FastAPI, service: ModelService, api_key: str | None) -> None:
         messages.append({"role": "user", "content": message})
         params = service.params(max_new_tokens=int(max_new_tokens), temperature=temperature, top_p=top_p,
                                 repetition_penalty=repetition_penalty)
-        messages = service.fit_messages(messages, params.max_new_tokens)
-        if service.prompt_tokens(record_from_messages(messages)) + params.max_new_tokens > service.window:
+        messages = await service.off_loop(service.fit_messages, messages, params.max_new_tokens)
+        if await service.off_loop(service.prompt_tokens, record_from_messages(messages)) + params.max_new_tokens \
+                > service.window:
             raise gr.Error(f"The message and the answer do not fit the model's {service.window}-token context; "
                            "shorten the message or lower max new tokens.")
         answer = ""

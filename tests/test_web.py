@@ -1,8 +1,10 @@
 """web.py: the openai client (plain and streaming) and the original API against the real script,
-errors in OpenAI's shape, auth, and one model shared fairly (queue order, disconnects)."""
+errors in OpenAI's shape, auth, input limits, and one model shared fairly: batched (each request its own
+settings, greedy answers unchanged) or one at a time, in arrival order, with disconnects stopping work."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -174,6 +176,22 @@ def test_auth_wants_the_key(web_url: str) -> None:
         openai.OpenAI(base_url=f"{web_url}/v1", api_key="wrong", max_retries=0).models.list()
 
 
+def test_api_description_wants_the_key(generator: Any) -> None:
+    from fastapi.testclient import TestClient
+
+    from alpaca_cot.webapp import create_app
+
+    with TestClient(create_app(generator, model_id="run", api_key=KEY, ui=False)) as keyed:
+        for path in ("/openapi.json", "/docs"):
+            for key in (None, "wrong"):
+                refused = keyed.get(path, headers={"Authorization": f"Bearer {key}"} if key else {})
+                assert refused.status_code == 401 and refused.json()["error"]["code"] == "invalid_api_key"
+        spec = keyed.get("/openapi.json", headers={"Authorization": f"Bearer {KEY}"})
+        assert spec.status_code == 200 and "/v1/chat/completions" in spec.json()["paths"]
+        docs = keyed.get("/docs", headers={"Authorization": f"Bearer {KEY}"})
+        assert docs.status_code == 200 and "/openapi.json" in docs.text
+
+
 def test_time_to_first_token(client: openai.OpenAI) -> None:
     """Streaming through the openai client: seconds from the request to the first text (median of 5)."""
     ask = {"model": "run", "messages": [{"role": "user", "content": QUESTION}], "max_tokens": 16, "stream": True}
@@ -235,10 +253,24 @@ CHAT = {"model": "run", "messages": [{"role": "user", "content": "Hi"}]}
     ("/v1/completions", {"model": "run", "prompt": ["one", "two"]}, 400, "prompt", None),
     ("/v1/completions", {"model": "run", "prompt": "Hi", "echo": True}, 400, "echo", None),
     ("/", {"question": "Hi"}, 400, "prompt", None),
+    # every number is range-checked: none reaches torch to fail there with a 500
+    ("/v1/chat/completions", {**CHAT, "seed": 2**64}, 400, "seed", None),
+    ("/v1/chat/completions", {**CHAT, "seed": -(2**64)}, 400, "seed", None),
+    ("/v1/chat/completions", {**CHAT, "seed": 2**64, "stream": True}, 400, "seed", None),
+    ("/v1/completions", {"model": "run", "prompt": "Hi", "seed": 10**30}, 400, "seed", None),
+    ("/v1/chat/completions", {**CHAT, "top_k": 2**64}, 400, "top_k", None),
+    ("/v1/chat/completions", {**CHAT, "no_repeat_ngram_size": 2**64}, 400, "no_repeat_ngram_size", None),
+    ("/v1/chat/completions", {**CHAT, "max_tokens": 2**64}, 400, "messages", "context_length_exceeded"),
+    ("/v1/chat/completions", {**CHAT, "max_completion_tokens": -1}, 400, "max_completion_tokens", None),
+    ("/v1/chat/completions", {**CHAT, "repetition_penalty": float("inf")}, 400, "repetition_penalty", None),
+    ("/v1/chat/completions", {**CHAT, "repetition_penalty": 1e309}, 400, "repetition_penalty", None),
+    ("/v1/chat/completions", {**CHAT, "temperature": float("nan")}, 400, "temperature", None),
+    ("/v1/chat/completions", {**CHAT, "top_p": float("nan")}, 400, "top_p", None),
 ])
 def test_invalid_requests_get_openai_errors(local: Any, path: str, body: Any, status: int, param: str | None,
                                             code: str | None) -> None:
-    response = local.post(path, **({"content": body} if isinstance(body, bytes) else {"json": body}))
+    content = body if isinstance(body, bytes) else json.dumps(body).encode()  # NaN and Infinity as Python writes them
+    response = local.post(path, content=content, headers={"Content-Type": "application/json"})
     error = response.json()["error"]
     assert response.status_code == status, error
     assert set(error) == {"message", "type", "param", "code"} and error["message"]
@@ -276,8 +308,8 @@ def test_chat_history_is_trimmed_to_the_context_window(generator: Any) -> None:
 
 @contextmanager
 def slow_model(generator: Any, seconds_per_token: float = 0.02) -> Iterator[list[str]]:
-    """Make every forward pass slow and EOS impossible (answers run to max_tokens); yield the list of
-    instructions the Generator starts on, in order."""
+    """Make every forward pass slow, and EOS and the template's stop strings impossible (answers run to
+    max_tokens); yield the list of instructions the Generator starts on, in order."""
     eos = generator.tokenizer.eos_token_id
 
     def hook(module: Any, args: Any, output: Any) -> Any:
@@ -295,22 +327,58 @@ def slow_model(generator: Any, seconds_per_token: float = 0.02) -> Iterator[list
     causal_lm = generator.model.get_base_model()  # generate() calls the model under the adapter wrapper
     handle = causal_lm.register_forward_hook(hook)
     generator.stream = stream
+    template, generator.template = generator.template, dataclasses.replace(generator.template, stop_strings=())
     try:
         yield started
     finally:
         handle.remove()
         del generator.stream
+        generator.template = template
 
 
 @contextmanager
-def serve_in_thread(generator: Any) -> Iterator[str]:
-    """The app without key under uvicorn in a thread, so that clients really connect and disconnect."""
+def prefills(generator: Any, names: list[str]) -> Iterator[list[str]]:
+    """Yield the list of the instructions among ``names`` whose prompts the model reads, in order: the
+    order in which requests got the model."""
+    tokenizer, template = generator.tokenizer, generator.template
+    ids = {tuple(tokenizer(generator.prompt({"instruction": name, "input": ""}),
+                           add_special_tokens=template.add_special_tokens)["input_ids"]): name for name in names}
+    seen: list[str] = []
+
+    def hook(module: Any, args: Any, kwargs: Any, output: Any) -> None:
+        input_ids = kwargs.get("input_ids")
+        if input_ids is not None and input_ids.shape[1] > 1:
+            seen.extend(ids[key] for key in map(tuple, input_ids.tolist()) if key in ids)
+
+    handle = generator.model.get_base_model().register_forward_hook(hook, with_kwargs=True)
+    try:
+        yield seen
+    finally:
+        handle.remove()
+
+
+@contextmanager
+def batch_rows(generator: Any) -> Iterator[list[int]]:
+    """Yield the list of batch sizes of the model's forward passes, in order."""
+    sizes: list[int] = []
+    handle = generator.model.get_base_model().register_forward_hook(
+        lambda module, args, kwargs, output: sizes.append(kwargs["input_ids"].shape[0]), with_kwargs=True)
+    try:
+        yield sizes
+    finally:
+        handle.remove()
+
+
+@contextmanager
+def serve_in_thread(generator: Any, **options: Any) -> Iterator[str]:
+    """The app without key under uvicorn in a thread, so that clients really connect and disconnect;
+    ``options`` go to ``create_app``."""
     import uvicorn
 
     from alpaca_cot.generation import SamplingParams
     from alpaca_cot.webapp import create_app
 
-    app = create_app(generator, SamplingParams(max_new_tokens=8), model_id="run", ui=False)
+    app = create_app(generator, SamplingParams(max_new_tokens=8), model_id="run", ui=False, **options)
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
@@ -332,10 +400,10 @@ def ask(url: str, instruction: str, max_tokens: int, timeout: float = 120) -> st
     return body["choices"][0]["text"]
 
 
-def test_disconnects_free_the_model_and_the_queue_keeps_order(generator: Any) -> None:
+def test_one_at_a_time_disconnects_free_the_model_and_the_queue_keeps_order(generator: Any) -> None:
     import httpx
 
-    with slow_model(generator) as started, serve_in_thread(generator) as url:
+    with slow_model(generator) as started, serve_in_thread(generator, max_batch_size=1) as url:
         # A streams a long answer (1500 tokens at 20 ms each: 30 s) and hangs up after its first piece.
         with httpx.Client(timeout=60) as http_client, http_client.stream(
                 "POST", f"{url}/v1/completions", json={"model": "run", "prompt": "A", "max_tokens": 1500,
@@ -359,3 +427,121 @@ def test_disconnects_free_the_model_and_the_queue_keeps_order(generator: Any) ->
     assert started == ["A", "C", "D"]  # B left the queue; the rest were served in arrival order
     assert set(results) == {"C", "D"}
     assert served_in < 5, f"C and D waited {served_in:.1f} s after A hung up: A's generation went on"
+
+
+def test_batched_disconnects_free_rows_and_the_queue_keeps_order(generator: Any) -> None:
+    import httpx
+
+    long = {"model": "run", "max_tokens": 1500, "stream": True}  # 1500 tokens at 20 ms each: 30 s
+    with slow_model(generator), prefills(generator, ["A", "X", "B", "C", "D"]) as started, \
+            serve_in_thread(generator, max_batch_size=2) as url:
+        # A and X fill the batch of two and hang up after their first piece.
+        with httpx.Client(timeout=60) as http_client, \
+                http_client.stream("POST", f"{url}/v1/completions", json={**long, "prompt": "A"}) as a, \
+                http_client.stream("POST", f"{url}/v1/completions", json={**long, "prompt": "X"}) as x:
+            lines = [a.iter_lines(), x.iter_lines()]  # kept: a dropped line iterator closes its response
+            for stream in lines:
+                assert any(line.startswith("data: {") and '"text": ""' not in line for line in stream)
+            # B waits for a row and gives up before it gets one; C and D wait after it, in that order.
+            with pytest.raises(OSError):
+                ask(url, "B", 4, timeout=0.5)
+            time.sleep(1)
+            results: dict[str, str] = {}
+            workers = []
+            for name in ("C", "D"):
+                workers.append(threading.Thread(target=lambda n=name: results.setdefault(n, ask(url, n, 4))))
+                workers[-1].start()
+                time.sleep(0.3)
+            assert started == ["A", "X"]  # C and D wait: the batch is full
+        hung_up = time.perf_counter()
+        for worker in workers:
+            worker.join(timeout=60)
+        served_in = time.perf_counter() - hung_up
+    assert started == ["A", "X", "C", "D"]  # B left the queue; the rest got rows in arrival order
+    assert set(results) == {"C", "D"}
+    assert served_in < 5, f"C and D waited {served_in:.1f} s after A and X hung up: their rows went on"
+
+
+def test_concurrent_requests_decode_together_with_their_own_settings(generator: Any) -> None:
+    """Eight greedy chats at once, with their own max_tokens and stop strings: the answers of one at a time."""
+    questions = [f"{QUESTION} ({i})" if i % 2 else f"Name {i + 2} animals." for i in range(8)]
+
+    def chat(url: str, i: int, stop: str | None = None) -> str:
+        status, body = http("POST", f"{url}/v1/chat/completions", {
+            "model": "run", "messages": [{"role": "user", "content": questions[i]}], "temperature": 0,
+            "max_tokens": 8 + 2 * i, **({"stop": stop} if stop else {})})
+        assert status == 200, body
+        return body["choices"][0]["message"]["content"]
+
+    with serve_in_thread(generator, max_batch_size=1) as url:
+        full = [chat(url, i) for i in range(8)]
+        stops = [answer.split()[len(answer.split()) // 2] if i % 3 == 0 and len(answer.split()) > 2 else None
+                 for i, answer in enumerate(full)]
+        expected = [chat(url, i, stops[i]) for i in range(8)]
+    assert any(stops) and expected != full
+    answers: list[str] = [""] * 8
+    with batch_rows(generator) as sizes, serve_in_thread(generator, max_batch_size=8) as url:
+        workers = [threading.Thread(target=lambda i=i: answers.__setitem__(i, chat(url, i, stops[i])))
+                   for i in range(8)]
+        for worker in workers:
+            worker.start()
+        for worker in workers:
+            worker.join(timeout=120)
+    assert max(sizes) > 1  # decoded together
+    assert answers == expected
+
+
+def test_request_bodies_over_the_limit_get_413(generator: Any, local: Any) -> None:
+    from fastapi.testclient import TestClient
+
+    from alpaca_cot.generation import SamplingParams
+    from alpaca_cot.webapp import create_app
+
+    app = create_app(generator, SamplingParams(max_new_tokens=4), model_id="run", ui=False, max_request_bytes=20_000)
+    body = {**CHAT, "messages": [{"role": "user", "content": "Hi " * 10_000}]}
+    with TestClient(app) as small:
+        assert small.post("/v1/chat/completions", json=CHAT).status_code == 200
+        declared = small.post("/v1/chat/completions", json=body)
+        chunks = [json.dumps(body).encode()[i:i + 4096] for i in range(0, 30_000, 4096)]
+        chunked = small.post("/v1/chat/completions", content=iter(chunks), headers={"Content-Type": "application/json"})
+    for response in (declared, chunked):
+        error = response.json()["error"]
+        assert response.status_code == 413 and error["code"] == "request_too_large"
+        assert "20000 bytes" in error["message"]
+    # The default limit lets a 1 MB prompt through to the context check: still a 400 in OpenAI's shape.
+    huge = local.post("/v1/chat/completions", json={**CHAT, "messages": [{"role": "user", "content": "x " * 500_000}]})
+    assert huge.status_code == 400 and huge.json()["error"]["code"] == "context_length_exceeded"
+
+
+def test_long_prompts_are_tokenized_off_the_event_loop(generator: Any) -> None:
+    """Ten 1 MB prompts at once: the server answers /v1/models meanwhile as fast as when idle."""
+    huge = {"model": "run", "prompt": "word " * 200_000}
+    finished: list[float] = []
+
+    def send(url: str) -> None:
+        status, body = http("POST", f"{url}/v1/completions", huge)
+        assert status == 400 and body["error"]["code"] == "context_length_exceeded"
+        finished.append(time.perf_counter())
+
+    with serve_in_thread(generator) as url:
+        idle = min(timed(lambda: http("GET", f"{url}/v1/models")) for _ in range(3))
+        start = time.perf_counter()
+        workers = [threading.Thread(target=send, args=(url,)) for _ in range(10)]
+        for worker in workers:
+            worker.start()
+        time.sleep(0.3)  # the bodies are in; their prompts are being tokenized
+        busy = timed(lambda: http("GET", f"{url}/v1/models"))
+        for worker in workers:
+            worker.join(timeout=120)
+    tokenizing = max(finished) - start
+    print(f"/v1/models: {idle * 1000:.0f} ms idle, {busy * 1000:.0f} ms while ten 1 MB prompts took "
+          f"{tokenizing:.2f} s")
+    assert len(finished) == 10 and tokenizing > 1.0  # long enough that a blocked loop would show
+    assert busy < max(0.3, 10 * idle) and busy < tokenizing / 3
+
+
+def timed(fn: Any) -> float:
+    """Seconds ``fn()`` takes."""
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
