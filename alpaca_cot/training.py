@@ -10,12 +10,16 @@ import shutil
 import time
 from typing import Any
 
+import peft
 import torch
 import transformers
-from transformers.trainer_callback import ExportableState
+from safetensors.torch import load_file
+from transformers.trainer import TRAINER_STATE_NAME
+from transformers.trainer_callback import ExportableState, TrainerState
 from transformers.trainer_pt_utils import LengthGroupedSampler
 
 from alpaca_cot.adapters import apply_peft, build_peft_config, resolve_target_modules
+from alpaca_cot.checkpoints import STAGING_SUFFIX, checkpoint_folders, choose_checkpoint, run_training, swap_in
 from alpaca_cot.config import FinetuneArgs
 from alpaca_cot.errors import UserError
 from alpaca_cot.flops import matmul_peak_flops, mean_causal_context, training_flops_per_token
@@ -127,6 +131,28 @@ class CountingTrainer(transformers.Trainer):
         self.totals.add_batch(inputs, loss)
         return loss
 
+    def train(self, resume_from_checkpoint: str | None = None, **kwargs: Any) -> transformers.trainer_utils.TrainOutput:
+        """``Trainer.train``, except from a checkpoint of the final step: transformers 5 would train one step
+        past the end there (it checks the step limit only after a step), so the finished run's weights and
+        state are restored instead (a run killed during its final save)."""
+        if resume_from_checkpoint:
+            state = TrainerState.load_from_json(os.path.join(resume_from_checkpoint, TRAINER_STATE_NAME))
+            if state.max_steps and state.global_step >= state.max_steps:
+                return self._restore_finished(resume_from_checkpoint, state)
+        return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+
+    def _restore_finished(self, checkpoint: str, state: TrainerState) -> transformers.trainer_utils.TrainOutput:
+        if isinstance(self.model, peft.PeftModel):
+            peft.set_peft_model_state_dict(self.model, peft.utils.load_peft_weights(checkpoint))
+        else:
+            self.model.load_state_dict(load_file(os.path.join(checkpoint, "model.safetensors")))
+        self.state = state
+        totals = self.totals
+        for name, value in state.stateful_callbacks.get(type(totals).__name__, {}).get("attributes", {}).items():
+            setattr(totals, name, value)
+        loss = totals.loss_sum / max(state.global_step, 1)
+        return transformers.trainer_utils.TrainOutput(state.global_step, loss, {"train_runtime": 0.0})
+
     def _get_train_sampler(self, train_dataset: Any = None) -> torch.utils.data.Sampler:
         dataset = train_dataset if train_dataset is not None else self.train_dataset
         return EpochLengthSampler(self.args.train_batch_size * self.args.gradient_accumulation_steps,
@@ -160,17 +186,30 @@ class AdaLoraCallback(transformers.TrainerCallback):
 
 
 def prepare_output_dir(args: FinetuneArgs) -> None:
-    """Refuse to overwrite a previous run unless resuming or asked to."""
+    """Check --output_dir before any work; nothing is created or deleted.
+
+    A previous run is kept unless resumed. With --overwrite_output_dir the new run trains in
+    ``<output_dir>.staging`` (``args.output_dir`` becomes that) and replaces the old run only once it
+    has finished (``save_outputs``). --resume_from_checkpoint must find a complete checkpoint.
+    """
     out = args.output_dir
-    if os.path.isdir(out) and os.listdir(out) and not args.resume_from_checkpoint:
-        if not args.overwrite_output_dir:
-            raise UserError(f"--output_dir {out} already holds files; pass --resume_from_checkpoint to continue "
-                            "that run, --overwrite_output_dir to replace it, or choose another --output_dir.")
-        if is_main_process():
-            shutil.rmtree(out)
-    if args.resume_from_checkpoint is True and not transformers.trainer_utils.get_last_checkpoint(out or "."):
-        raise UserError(f"--resume_from_checkpoint: {out} holds no checkpoint-* folder to resume from.")
-    os.makedirs(out, exist_ok=True)
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise UserError(f"--output_dir {out} is an existing file; pass a folder.")
+    if args.overwrite_output_dir:
+        args.output_dir = out + STAGING_SUFFIX
+        if checkpoint_folders(args.output_dir) and not args.resume_from_checkpoint:
+            raise UserError(f"{args.output_dir} holds checkpoints of an unfinished --overwrite_output_dir run; add "
+                            "--resume_from_checkpoint to continue it, or delete that folder to start again.")
+        log(f"--overwrite_output_dir: this run trains in {args.output_dir} and replaces {out} once it has finished")
+    elif _holds_files(out) and not args.resume_from_checkpoint:
+        raise UserError(f"--output_dir {out} already holds files; pass --resume_from_checkpoint to continue "
+                        "that run, --overwrite_output_dir to replace it, or choose another --output_dir.")
+    if args.resume_from_checkpoint:
+        choose_checkpoint(args.output_dir, args.resume_from_checkpoint, remove_incomplete=False)
+
+
+def _holds_files(folder: str) -> bool:
+    return os.path.isdir(folder) and bool(os.listdir(folder))
 
 
 def report_truncation(entries: list[dict], args: FinetuneArgs) -> None:
@@ -273,7 +312,7 @@ def run_finetune(args: FinetuneArgs) -> tuple[dict, Any]:
                                "attention": plan.attention or "padded"}
     # The precision actually in use: autocast runs the matmuls in bf16/fp16 even over fp32 weights.
     peak = matmul_peak_flops(dtype, next(model.parameters()).device)
-    result = trainer.train(resume_from_checkpoint=args.resume_from_checkpoint or None)
+    result = run_training(trainer, args.resume_from_checkpoint)
     totals = trainer.totals
     totals.update()
     first_eval = next((h for h in trainer.state.log_history if "eval_loss" in h), None)
@@ -342,8 +381,13 @@ def _replicas_in_sync(model: Any) -> bool:
 
 def save_outputs(args: FinetuneArgs, trainer: transformers.Trainer, tokenizer: Any, template: Template,
                  metrics: dict) -> None:
-    """Adapter (safetensors), tokenizer, arguments, template, metrics, loss plot: staged, then moved in."""
+    """Adapter (safetensors), tokenizer, arguments, template, metrics, loss plot: staged, then moved in.
+
+    An --overwrite_output_dir run, trained beside --output_dir, then takes the old run's place.
+    """
     out = args.output_dir
+    target = out.removesuffix(STAGING_SUFFIX) if args.overwrite_output_dir else out
+    args.output_dir = target  # what the saved arguments and the caller name
     staging = os.path.join(out, ".saving")
     shutil.rmtree(staging, ignore_errors=True)
     trainer.model.save_pretrained(staging, safe_serialization=True)
@@ -355,7 +399,9 @@ def save_outputs(args: FinetuneArgs, trainer: transformers.Trainer, tokenizer: A
     for name in os.listdir(staging):
         os.replace(os.path.join(staging, name), os.path.join(out, name))
     os.rmdir(staging)
-    log(f"saved to {out}: {', '.join(sorted(n for n in os.listdir(out) if not n.startswith('checkpoint')))}")
+    if target != out:
+        swap_in(out, target)
+    log(f"saved to {target}: {', '.join(sorted(n for n in os.listdir(target) if not n.startswith('checkpoint')))}")
 
 
 def plot_loss(history: list[dict], path: str) -> None:
