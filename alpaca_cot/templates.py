@@ -167,8 +167,9 @@ class Template:
                 raise UserError("This tokenizer's chat template changes the text of answers, so loss masks "
                                  "cannot be built from it; pass --template alpaca.")
             stop = at + len(content)
-            if full.startswith(end_marker, stop):
-                stop += len(end_marker)
+            rest = full[stop:]
+            if rest.lstrip().startswith(end_marker):  # after the answer's own trailing spaces, if it kept them
+                stop += len(rest) - len(rest.lstrip()) + len(end_marker)
             segments += [(full[cursor:at], False), (full[at:stop], True)]
             cursor = stop
         if cursor < len(full):

@@ -56,7 +56,7 @@ def time_cache(records: list[dict], tokenizer: object, template: object, cutoff_
         seconds = {}
         for expected in ("miss", "hit"):
             started = time.perf_counter()
-            info = prepare_splits(args, tokenizer, template, lambda r: (r, []), cache_dir=tmp)[2]
+            info = prepare_splits(args, tokenizer, template, cache_dir=tmp)[2]
             seconds[f"cache_{expected}_seconds"] = time.perf_counter() - started
             if info["cache"] != expected:
                 raise RuntimeError(f"expected a cache {expected}, got {info['cache']}")

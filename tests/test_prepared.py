@@ -10,7 +10,6 @@ from transformers import AutoTokenizer
 from alpaca_cot.config import FinetuneArgs
 from alpaca_cot.prepared import prepare_splits
 from alpaca_cot.templates import get_template
-from alpaca_cot.training import split_records
 from tests.conftest import shared_path
 
 
@@ -23,7 +22,7 @@ def test_cache_hits_and_invalidates(tmp_path, alpaca_file: str) -> None:
     cache = str(tmp_path / "cache")
 
     def prepare(a=args, t=template, tokenizer=tok):
-        return prepare_splits(a, tokenizer, t, lambda r: split_records(r, a.val_set_size, a.seed), cache_dir=cache)
+        return prepare_splits(a, tokenizer, t, cache_dir=cache)
 
     train, val, info = prepare()
     assert info["cache"] == "miss" and len(val) == 10

@@ -6,7 +6,7 @@ import pytest
 from transformers import AutoTokenizer
 
 from alpaca_cot.templates import ALPACA_PROMPT_NO_INPUT, Template, get_template
-from alpaca_cot.tokenize import IGNORE_INDEX, count_trainable, encode_records
+from alpaca_cot.tokenize import IGNORE_INDEX, count_trainable, encode_records, share_budget
 from tests.conftest import shared_path
 
 
@@ -50,11 +50,60 @@ def test_train_on_inputs_labels_everything(llama_tok) -> None:
     assert enc.labels == enc.input_ids
 
 
-def test_eos_survives_truncation(llama_tok) -> None:
+def test_a_cut_answer_does_not_end_in_eos(llama_tok) -> None:
+    # Teaching EOS at a cut would teach the model to stop mid-answer.
     record = {"instruction": "Tell a story.", "input": "", "output": "Once upon a time " * 50}
     [enc] = encode_records([record], get_template("alpaca", llama_tok), llama_tok, cutoff_len=200)
-    assert len(enc.input_ids) == 200
-    assert enc.input_ids[-1] == llama_tok.eos_token_id and enc.labels[-1] == llama_tok.eos_token_id
+    assert len(enc.input_ids) == 200 and enc.cut
+    assert llama_tok.eos_token_id not in enc.input_ids and llama_tok.eos_token_id not in enc.labels
+    assert enc.labels[-1] == enc.input_ids[-1] != IGNORE_INDEX  # the cut answer is still trained on
+
+
+def test_share_budget_is_llama_factorys_rule() -> None:
+    assert share_budget(10, 20, 100) == (10, 20)  # fits: nothing cut
+    assert share_budget(300, 40, 100) == (60, 40)  # an answer under half the budget is kept whole
+    assert share_budget(30, 300, 100) == (30, 70)  # a short prompt is kept whole
+    assert share_budget(300, 100, 100) == (75, 25)  # both long: in proportion
+
+
+def test_a_long_prompt_keeps_its_start_and_its_response_marker(llama_tok) -> None:
+    record = {"instruction": "Summarise.", "input": "lorem ipsum " * 200, "output": "Short."}
+    template = get_template("alpaca", llama_tok)
+    [enc] = encode_records([record], template, llama_tok, cutoff_len=120)
+    assert len(enc.input_ids) == 120 and enc.cut
+    text = llama_tok.decode(enc.input_ids)
+    assert text.startswith("<s>") and "Below is an instruction" in text
+    assert text.endswith("### Response: Short.</s>")  # the whole answer and its true EOS
+    assert llama_tok.decode([t for t in enc.labels if t != IGNORE_INDEX]) == "Short.</s>"
+
+
+def test_a_long_conversation_keeps_its_leading_whole_turns(llama_tok) -> None:
+    turns = []
+    for i in range(4):
+        turns += [{"role": "user", "content": f"Question {i}: " + "why is the sky blue " * 6},
+                  {"role": "assistant", "content": f"Answer {i}: " + "because of scattering " * 6}]
+    template = get_template("alpaca", llama_tok)
+    full = encode_records([{"messages": turns}], template, llama_tok, cutoff_len=4096)[0]
+    [enc] = encode_records([{"messages": turns}], template, llama_tok, cutoff_len=len(full.input_ids) - 5)
+    assert enc.cut and enc.input_ids == full.input_ids[:len(enc.input_ids)]
+    # It ends at the true end of an answer: the last label is that answer's EOS, never user text.
+    assert enc.labels[-1] == enc.input_ids[-1] == llama_tok.eos_token_id
+    trained = llama_tok.decode([t for t in enc.labels if t != IGNORE_INDEX])
+    assert trained.count("</s>") == 3 and "Answer 2:" in trained and "Answer 3" not in trained
+    assert "Question 3" not in llama_tok.decode(enc.input_ids)
+
+
+def test_a_cut_chat_conversation_ends_with_the_templates_end_marker(qwen_tok) -> None:
+    messages = []
+    for i in range(4):
+        messages += [{"role": "user", "content": f"Question {i}: " + "why is the sky blue " * 6},
+                     {"role": "assistant", "content": f"Answer {i}: " + "because of scattering " * 6}]
+    template = get_template("chat", qwen_tok)
+    full = encode_records([{"messages": messages}], template, qwen_tok, cutoff_len=4096)[0]
+    [enc] = encode_records([{"messages": messages}], template, qwen_tok, cutoff_len=len(full.input_ids) - 20)
+    assert qwen_tok.decode(enc.input_ids[-1:]) == "<|im_end|>" == qwen_tok.decode(enc.labels[-1:])
+    assert qwen_tok.eos_token_id not in enc.labels or qwen_tok.eos_token == "<|im_end|>"
+    assert "Answer 3" not in qwen_tok.decode(enc.input_ids)
 
 
 def test_multiturn_only_assistant_turns_carry_loss(llama_tok) -> None:
