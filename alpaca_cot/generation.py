@@ -349,13 +349,16 @@ class BatchedDecoder:
         out = self.model(input_ids=ids, attention_mask=mask, cache=cache, use_cache=True, logits_to_keep=1, **extra)
         return out.logits[:, -1, :].to(dtype=torch.float32)
 
-    def _choose(self, job: _Job, logits: torch.Tensor) -> int:
-        """Pick ``job``'s next token from its row of logits with its own settings and random generator."""
-        scores = job.processors(torch.tensor([job.ids], device=logits.device), logits[None])
-        if job.rng is None:
-            return int(scores.argmax(-1))
-        probs = torch.softmax(scores, dim=-1)
-        return int(torch.multinomial(probs, 1, generator=job.rng))
+    def _choose(self, jobs: list[_Job], logits: torch.Tensor) -> list[int]:
+        """Each job's next token from its row of ``logits``, with its own settings and random generator
+        (read back from the device once for the batch)."""
+        scores = torch.cat([job.processors(torch.tensor([job.ids], device=logits.device), logits[row:row + 1])
+                            for row, job in enumerate(jobs)])
+        tokens = scores.argmax(dim=-1)
+        for row, job in enumerate(jobs):
+            if job.rng is not None:
+                tokens[row] = torch.multinomial(torch.softmax(scores[row], dim=-1), 1, generator=job.rng)[0]
+        return tokens.tolist()
 
     def _emit(self, job: _Job, token: int) -> bool:
         """Hand ``token`` to the job's streamer; True when the job is finished."""
@@ -389,7 +392,7 @@ class BatchedDecoder:
                         one = transformers.DynamicCache()
                         logits = self._forward(ids, torch.ones_like(ids),
                                                torch.arange(ids.shape[1], device=ids.device)[None], one)
-                        if not self._emit(job, self._choose(job, logits[0])):
+                        if not self._emit(job, self._choose([job], logits)[0]):
                             cache, mask = _join(cache, mask, one, torch.ones_like(ids))
                             jobs.append(job)
                             continue
@@ -404,7 +407,8 @@ class BatchedDecoder:
                     mask = torch.cat([mask, mask.new_ones(len(jobs), 1)], dim=1)
                     positions = mask.sum(dim=1, keepdim=True) - 1
                     logits = self._forward(last, mask, positions, cache)
-                    finished = [self._emit(job, self._choose(job, logits[row])) for row, job in enumerate(jobs)]
+                    finished = [self._emit(job, token) for job, token in zip(jobs, self._choose(jobs, logits),
+                                                                             strict=True)]
             except Exception as e:  # the whole batch failed (e.g. out of memory): every row hears it
                 finished = [True] * len(jobs)
                 for job in jobs:

@@ -1,0 +1,201 @@
+"""Load test of the web service: batched decoding against the one-at-a-time queue, same machine, one command.
+
+Usage:
+  PYTHONPATH=. .venv/bin/python benchmarks/serve_load.py [--model_name_or_path ../shared/models/stories260K-hf]
+      [--streams 1,8,50] [--max_tokens 256] [--max_batch_size 64] [--threads 1] [--out results.json]
+
+For each mode (``max_batch_size`` of the server, and 1: the first-come-first-served queue) it starts the
+app of web.py on 127.0.0.1 in a process of its own, warms it up, then for each number of concurrent
+streams sends that many streaming chat completions at once through the official ``openai`` client (at
+least --min_requests in all, never more than that many in flight) and reports aggregate generated
+tokens/s, p50/p99 time to first token and p50/p99 total latency. Requests are greedy (temperature 0)
+and their prompts distinct, so both modes must give the same answers: the script checks that too.
+Each server stops by itself; the whole run stops after --time_limit_s.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import time
+import urllib.request
+from typing import Any
+
+from alpaca_cot.cli import run_cli
+from alpaca_cot.errors import UserError
+from alpaca_cot.io import write_json_atomic
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MODEL_ID = "bench"
+TOPICS = ["a cat", "the sea", "a dragon", "a red ball", "the moon", "a little girl", "a big tree", "a train",
+          "a birthday", "the rain"]
+VERBS = ["Tell me a story about", "Write a short poem about", "Describe", "Explain what you know about",
+         "Give three facts about"]
+
+
+def prompt(i: int) -> str:
+    """The i-th request's message (50 distinct ones, then they repeat)."""
+    return f"{VERBS[i // len(TOPICS) % len(VERBS)]} {TOPICS[i % len(TOPICS)]}."
+
+
+def percentile(values: list[float], q: int) -> float:
+    """The q-th percentile (inclusive method); the value itself for a single sample."""
+    return values[0] if len(values) == 1 else statistics.quantiles(values, n=100, method="inclusive")[q - 1]
+
+
+def serve(port: int, max_batch_size: int, model_name_or_path: str, model_type: str, lora_dir: str | None,
+          compute_dtype: str, threads: int, max_tokens: int) -> None:
+    """The server process: web.py's app over the model, on 127.0.0.1:``port``."""
+    import torch
+    import uvicorn
+
+    from alpaca_cot.generation import Generator, SamplingParams
+    from alpaca_cot.loading import load_for_inference
+    from alpaca_cot.webapp import create_app
+
+    torch.set_num_threads(threads)
+    generator = Generator(*load_for_inference(lora_dir, model_type=model_type, model_name_or_path=model_name_or_path,
+                                              compute_dtype=compute_dtype))
+    app = create_app(generator, SamplingParams(max_new_tokens=max_tokens), model_id=MODEL_ID, ui=False,
+                     max_batch_size=max_batch_size)
+    mode = "batched" if app.state.service.batched else "one at a time"
+    print(f"serving on 127.0.0.1:{port}, {mode}, on {generator.device}", flush=True)
+    uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning")
+
+
+async def one_request(client: Any, i: int, max_tokens: int) -> dict:
+    """One streamed greedy chat completion: its time to first token, latency, token count and text."""
+    start = time.perf_counter()
+    first, pieces, tokens = None, [], 0
+    stream = await client.chat.completions.create(
+        model=MODEL_ID, messages=[{"role": "user", "content": prompt(i)}], max_tokens=max_tokens, temperature=0,
+        stream=True, stream_options={"include_usage": True})
+    async for chunk in stream:
+        if chunk.choices and chunk.choices[0].delta.content:
+            first = first or time.perf_counter() - start
+            pieces.append(chunk.choices[0].delta.content)
+        if chunk.usage:
+            tokens = chunk.usage.completion_tokens
+    return {"i": i, "ttft": first if first is not None else time.perf_counter() - start,
+            "latency": time.perf_counter() - start, "tokens": tokens, "text": "".join(pieces)}
+
+
+async def load(url: str, streams: int, requests: int, max_tokens: int) -> dict:
+    """``requests`` requests, ``streams`` in flight at a time; the aggregate figures."""
+    import openai
+
+    async with openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=600) as client:
+        slots = asyncio.Semaphore(streams)
+
+        async def limited(i: int) -> dict:
+            async with slots:
+                return await one_request(client, i, max_tokens)
+
+        start = time.perf_counter()
+        results = await asyncio.gather(*(limited(i) for i in range(requests)))
+        wall = time.perf_counter() - start
+    tokens = sum(r["tokens"] for r in results)
+    ttft, latency = [r["ttft"] for r in results], [r["latency"] for r in results]
+    return {"streams": streams, "requests": requests, "tokens": tokens, "wall_s": round(wall, 2),
+            "tokens_per_s": round(tokens / wall, 1),
+            "ttft_p50_s": round(percentile(ttft, 50), 3), "ttft_p99_s": round(percentile(ttft, 99), 3),
+            "latency_p50_s": round(percentile(latency, 50), 3), "latency_p99_s": round(percentile(latency, 99), 3),
+            "answers": [r["text"] for r in sorted(results, key=lambda r: r["i"])]}
+
+
+def free_port() -> int:
+    """A TCP port free on the loopback interface now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_mode(max_batch_size: int, levels: list[int], min_requests: int, max_tokens: int, deadline: float,
+             server_args: list[str], threads: int) -> tuple[str, list[dict]]:
+    """Start a server with ``max_batch_size``, measure every level against it, stop it."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "HF_HUB_OFFLINE": "1", "PYTHONPATH": ROOT}
+    proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--serve_port", str(port),
+                             "--max_batch_size", str(max_batch_size), *server_args],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    try:
+        banner = proc.stdout.readline().strip()
+        while True:
+            if proc.poll() is not None:
+                raise UserError(f"the server exited ({proc.returncode}): {banner} {proc.stdout.read()[-2000:]}")
+            try:
+                urllib.request.urlopen(f"{url}/v1/models", timeout=5)
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise UserError("the server did not start before --time_limit_s") from None
+                time.sleep(0.3)
+        asyncio.run(load(url, 1, 1, 8))  # warm-up
+        results = []
+        for streams in levels:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise UserError("--time_limit_s ran out; lower --max_tokens or --streams")
+            results.append(asyncio.run(asyncio.wait_for(
+                load(url, streams, max(streams, min_requests), max_tokens), remaining)))
+        return banner, results
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def main(model_name_or_path: str = os.path.join(os.path.dirname(ROOT), "shared", "models", "stories260K-hf"),
+         model_type: str = "llama", lora_dir: str | None = None, compute_dtype: str = "fp32",
+         streams: str = "1,8,50", max_tokens: int = 256, max_batch_size: int = 64, min_requests: int = 4,
+         threads: int = 1, time_limit_s: float = 900, out: str | None = None, serve_port: int | None = None) -> None:
+    """Measure the server batched (--max_batch_size) and one request at a time, and print both tables.
+
+    --streams: the numbers of concurrent streams; --min_requests: requests per level at least (a level
+    of 1 stream sends them one after the other); --threads: torch threads of the server; --out: the
+    figures as JSON too. (--serve_port runs the server process itself.)
+    """
+    server_args = ["--model_name_or_path", model_name_or_path, "--model_type", model_type, "--compute_dtype",
+                   compute_dtype, "--threads", str(threads), "--max_tokens", str(max_tokens),
+                   *(["--lora_dir", lora_dir] if lora_dir else [])]
+    if serve_port is not None:
+        return serve(int(serve_port), int(max_batch_size), model_name_or_path, model_type, lora_dir, compute_dtype,
+                     int(threads), int(max_tokens))
+    levels = [int(s) for s in str(streams).strip("()[]").split(",") if s.strip()]
+    if not levels or min(levels) < 1 or int(max_batch_size) < 2:
+        raise UserError("--streams takes positive numbers (e.g. 1,8,50) and --max_batch_size must be 2 or more")
+    deadline = time.monotonic() + float(time_limit_s)
+    report: dict[str, Any] = {"model": lora_dir or model_name_or_path, "max_tokens": max_tokens,
+                              "load_average": os.getloadavg()[0]}
+    for name, size in (("batched", int(max_batch_size)), ("one_at_a_time", 1)):
+        banner, report[name] = run_mode(size, levels, int(min_requests), int(max_tokens), deadline, server_args,
+                                        int(threads))
+        print(f"{name}: {banner}", flush=True)
+    print(f"\nmodel {report['model']}, max_tokens {max_tokens}, greedy, load average at start "
+          f"{report['load_average']:.1f}\n")
+    print("| mode | streams | requests | tokens | wall s | tokens/s | TTFT p50 s | TTFT p99 s | latency p50 s | "
+          "latency p99 s |\n|---|---|---|---|---|---|---|---|---|---|")
+    for name in ("batched", "one_at_a_time"):
+        for r in report[name]:
+            print(f"| {name.replace('_', ' ')} | {r['streams']} | {r['requests']} | {r['tokens']} | {r['wall_s']} | "
+                  f"{r['tokens_per_s']} | {r['ttft_p50_s']} | {r['ttft_p99_s']} | {r['latency_p50_s']} | "
+                  f"{r['latency_p99_s']} |")
+    for batched, single in zip(report["batched"], report["one_at_a_time"], strict=True):
+        same = sum(a == b for a, b in zip(batched["answers"], single["answers"], strict=True))
+        print(f"{batched['streams']} streams: batched {batched['tokens_per_s'] / single['tokens_per_s']:.1f}x the "
+              f"tokens/s of one at a time; greedy answers identical in {same}/{batched['requests']}")
+    if out:
+        write_json_atomic(out, report)
+        print(f"figures written to {out}")
+
+
+if __name__ == "__main__":
+    run_cli(main)
