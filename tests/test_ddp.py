@@ -27,13 +27,14 @@ LAUNCHERS = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("launcher", sorted(LAUNCHERS))
-def test_two_process_ddp_ends_with_identical_lora_weights(tmp_path, launcher: str, stories_dir: str,
-                                                          alpaca_file: str) -> None:
+def test_two_process_ddp_ends_with_identical_lora_weights(tmp_path, launcher: str, tiny_model_dir: str,
+                                                          tiny_data_file: str) -> None:
     out = tmp_path / "out"
     cmd = LAUNCHERS[launcher](_free_port()) + [
-        os.path.join(ROOT, "uniform_finetune.py"), "--model_type", "llama", "--model_name_or_path", stories_dir,
-        "--data", alpaca_file, "--lora_target_modules", "q_proj", "v_proj", "--val_set_size", "8",
+        os.path.join(ROOT, "uniform_finetune.py"), "--model_type", "llama", "--model_name_or_path", tiny_model_dir,
+        "--data", tiny_data_file, "--lora_target_modules", "q_proj", "v_proj", "--val_set_size", "8",
         "--per_gpu_train_batch_size", "4", "--max_steps", "3", "--compute_dtype", "fp32", "--output_dir", str(out)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     env.pop("LOCAL_RANK", None)

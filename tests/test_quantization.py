@@ -14,16 +14,16 @@ pytest.importorskip("bitsandbytes")
 
 
 @pytest.mark.parametrize("bits", [8, 4])
-def test_quantized_lora_gets_gradients_after_eval(stories_dir: str, bits: int, monkeypatch) -> None:
+def test_quantized_lora_gets_gradients_after_eval(tiny_model_dir: str, bits: int, monkeypatch) -> None:
     import bitsandbytes.nn.modules as bnb_modules
 
     # Act as a CPU with AVX-512 BF16 (where bitsandbytes repacks 4-bit weights after an eval
     # forward), so the test guards the fix on any machine.
     monkeypatch.setattr(bnb_modules, "has_avx512bf16", lambda: True)
     spec = get_model_spec("llama")
-    model = load_model(stories_dir, spec, dtype=torch.float32, quantization_bit=bits)
+    model = load_model(tiny_model_dir, spec, dtype=torch.float32, quantization_bit=bits)
     assert getattr(model, "is_quantized", False) or getattr(model, f"is_loaded_in_{bits}bit", False)
-    args = FinetuneArgs(model_name_or_path=stories_dir, data=["x.json"], quantization_bit=bits)
+    args = FinetuneArgs(model_name_or_path=tiny_model_dir, data=["x.json"], quantization_bit=bits)
     config = build_peft_config(args, resolve_target_modules(model, spec, None), total_steps=1)
     model = apply_peft(model, config, quantized=True, gradient_checkpointing=False)
     ids = torch.tensor([[1, 410, 38, 306, 414, 263, 304, 341, 13, 440]])
