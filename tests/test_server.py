@@ -1,4 +1,5 @@
-"""server.py: the chat session (history within the context window) and the script on a pseudo-terminal."""
+"""server.py: the chat session (history within the context window) and the script on a pseudo-terminal,
+on tiny models built in code."""
 
 from __future__ import annotations
 
@@ -10,15 +11,18 @@ import signal
 import threading
 import time
 
+import peft
 import pytest
+import transformers
 
 from alpaca_cot.chat import ChatSession
 from alpaca_cot.errors import UserError
 from alpaca_cot.generation import Generator, SamplingParams
+from alpaca_cot.registry import get_model_spec
+from alpaca_cot.templates import get_template
 from tests.conftest import PYTHON, ROOT
 
 PARAMS = SamplingParams(do_sample=False, max_new_tokens=24)
-
 
 
 def test_history_drops_the_oldest_exchanges_to_fit(generator: Generator) -> None:
@@ -112,14 +116,27 @@ class Terminal:
         os.close(self.fd)
 
 
-def test_chat_on_a_terminal(trained_adapter: str) -> None:
-    # The seed's command line. Answers may run to 1500 tokens, so that Ctrl-C always lands mid-answer;
-    # a 1700-token window then leaves 200 for the prompt: a few exchanges fit, older ones are dropped.
+@pytest.mark.slow
+def test_chat_on_a_terminal(tiny_model_dir: str, tmp_path) -> None:
+    # The seed's command line, on an untrained LoRA over the random tiny Llama: greedy, it never ends an
+    # answer by itself (a fine-tuned one says EOS within a few tokens), so Ctrl-C always lands mid-answer.
+    # Answers may run to 1500 tokens; the window leaves room for a prompt of three messages (with empty
+    # answers): the first exchanges fit, older ones are dropped as the conversation grows.
+    base = transformers.AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    peft.get_peft_model(base, peft.LoraConfig(target_modules=["q_proj", "v_proj"])).save_pretrained(tmp_path)
+    people = (("Tom", "dog", "park"), ("Anna", "cat", "sea"), ("Ben", "bird", "city"), ("Mia", "fox", "forest"),
+              ("Sam", "horse", "river"))
+    messages = [f"Hello there, I am {name} and I would like to hear a long story about a {animal} that went to "
+                f"the {place} with a friend." for name, animal, place in people]
+    tokenizer = transformers.AutoTokenizer.from_pretrained(tiny_model_dir)
+    turns = [{"role": role, "content": m if role == "user" else ""} for m in messages[:3]
+             for role in ("user", "assistant")][:-1]
+    prompt = get_template(get_model_spec("chatglm").template, tokenizer).render_prompt({"messages": turns}, tokenizer)
+    window = 1500 + len(tokenizer(prompt)["input_ids"])
     term = Terminal(os.path.join(ROOT, "server.py"), "--model_type", "chatglm", "--size", "6b", "--lora_dir",
-                    trained_adapter, "--max_new_tokens", "1500", "--context_window", "1700")
+                    str(tmp_path), "--do_sample", "False", "--max_new_tokens", "1500", "--context_window", str(window))
     try:
         assert "'clear' empties the history" in term.expect("User: ")
-        messages = ["Hello there.", "Tell me a story about a dog.", "What happened next?", "And then?", "Thanks!"]
         for message in messages:
             term.type(message)
             term.expect("Assistant: ")
@@ -128,7 +145,7 @@ def test_chat_on_a_terminal(trained_adapter: str) -> None:
             answer = term.expect(" [stopped]")
             assert answer.strip() and "Traceback" not in answer
             term.expect("User: ")
-        assert re.search(r"\(dropped the \d+ oldest exchanges? to fit the 1700-token context window\)", term.seen)
+        assert re.search(rf"\(dropped the \d+ oldest exchanges? to fit the {window}-token context window\)", term.seen)
         # At the prompt Ctrl-C only discards the line, as in a shell. A SIGINT that lands between the
         # prompt being written and the read starting waits for the next line (CPython's input()),
         # so give the script the moment a person would.
