@@ -285,3 +285,12 @@ def test_web_py_serves_a_plain_peft_adapter(plain_adapter: str, tmp_path) -> Non
             "messages": [{"role": "user", "content": RECORDS[0]["instruction"]}]})
     assert [m["id"] for m in models["data"]] == ["adapter"]  # the --lora_dir folder's name
     assert status == 200 and reply["choices"][0]["message"]["content"] == _expected_answers(plain_adapter)[0]
+
+
+@torch.inference_mode()
+def test_a_foreign_full_model_folder_loads_as_the_model(base_dir: str) -> None:
+    model, tokenizer, template = load_for_inference(base_dir, compute_dtype="fp32")  # no finetune_args.json
+    assert not isinstance(model, peft.PeftModel) and model.name_or_path == base_dir
+    expected = transformers.AutoModelForCausalLM.from_pretrained(base_dir)(input_ids=_probe_ids()).logits
+    assert torch.equal(model(input_ids=_probe_ids()).logits, expected)
+    assert template.name == "alpaca" and tokenizer.name_or_path == base_dir
