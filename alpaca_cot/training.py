@@ -137,7 +137,8 @@ class CountingTrainer(transformers.Trainer):
         state are restored instead (a run killed during its final save)."""
         if resume_from_checkpoint:
             state = TrainerState.load_from_json(os.path.join(resume_from_checkpoint, TRAINER_STATE_NAME))
-            if state.max_steps and state.global_step >= state.max_steps:
+            end = self.args.max_steps if self.args.max_steps > 0 else state.max_steps  # epochs: the same count
+            if end and state.global_step >= end:
                 return self._restore_finished(resume_from_checkpoint, state)
         return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
 

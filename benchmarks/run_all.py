@@ -145,14 +145,15 @@ def median_metrics(runs: list[dict[str, Any]]) -> dict[str, float]:
 
 
 def machine_summary() -> str:
-    """CPU model, cores, bf16 support and load: the context the numbers were taken in."""
-    from alpaca_cot.loading import cpu_has_bf16
+    """CPU model, cores, measured bf16 and fp32 matmul rates, and load: the context the numbers were taken in."""
+    from alpaca_cot.loading import measured_matmul_rates
 
     model = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo", encoding="utf-8")
                   if line.startswith("model name")), platform.processor())
     load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
-    return (f"{model}, {os.cpu_count()} cores, native bf16 (AVX-512 BF16/AMX): "
-            f"{'yes' if cpu_has_bf16() else 'no'}; load average {load}")
+    rates = measured_matmul_rates()
+    return (f"{model}, {os.cpu_count()} cores, matmul bf16 {rates['bf16']:.0f} / fp32 {rates['fp32']:.0f} GFLOP/s; "
+            f"load average {load}")
 
 
 def versions(cache_dir: str) -> str:
@@ -230,17 +231,19 @@ def main(n_records: int = 200, repeats: int = 1, only: str | list[str] | None = 
          cache_dir: str = DEFAULT_CACHE, results: str = os.path.join(BENCH_DIR, "RESULTS.md")) -> None:
     """Run every contender (or those named in --only, comma-separated) and write RESULTS.md.
 
-    --bf16: auto (bf16 contenders only where the CPU or GPU runs bf16 natively) | yes | no.
+    --bf16: auto (bf16 contenders only where --compute_dtype auto measures bf16 faster) | yes | no.
     """
-    from alpaca_cot.loading import bf16_supported
+    import torch
+
+    from alpaca_cot.loading import resolve_dtype
 
     started = time.strftime("%Y-%m-%d %H:%M %Z")
     header = {"date": started, "machine": machine_summary()}
     workload = build_workload(int(n_records), cache_dir)
     out_root = os.path.join(BENCH_DIR, "runs")
-    native = bf16_supported()
+    native = resolve_dtype("auto")[0] == torch.bfloat16
     use_bf16 = {"auto": native, "yes": True, "no": False}[str(bf16)]
-    bf16_note = "not run: this machine has no native bf16 (AVX-512 BF16/AMX)" if not native else "not run: --bf16 no"
+    bf16_note = "not run: bf16 measured no faster than fp32 here" if not native else "not run: --bf16 no"
     lf_error = llama_factory.install(cache_dir)
     contenders = build_contenders(workload, out_root, int(threads), use_bf16, bf16_note, cache_dir)
     wanted = [w.strip() for w in (only.split(",") if isinstance(only, str) else only or [])]
