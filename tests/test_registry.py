@@ -1,4 +1,5 @@
-"""Every --model_type trains a few steps on a tiny model built from config."""
+"""Every --model_type trains a few steps on a tiny model built from config, with the tiny tokenizer built in
+code; the real Qwen3 and stories260K tokenizers train too when ../shared is there."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import os
 
 import pytest
 from safetensors.torch import load_file
+from transformers import AutoTokenizer
 
 from alpaca_cot.config import FinetuneArgs
 from alpaca_cot.errors import UserError
@@ -43,35 +45,48 @@ def _train(tmp_path, model_dir: str, model_type: str, data: str, **extra) -> dic
 
 
 @pytest.mark.parametrize("model_type", sorted(NATIVE))
-def test_native_type_trains(tmp_path, model_type: str, alpaca_file: str) -> None:
-    # qwen2 gets the real Qwen tokenizer, so its registry default (the chat template) is exercised.
-    tok = shared_path("models", "qwen3-tokenizer" if model_type == "qwen2" else "stories260K-hf")
-    model_dir = write_tiny_model(str(tmp_path / "model"), model_type, tok)
-    metrics = _train(tmp_path, model_dir, model_type, alpaca_file)
-    expected = "chat" if model_type == "qwen2" else "alpaca"
-    assert metrics["template"] == expected
+def test_native_type_trains(tmp_path, model_type: str, tiny_data_file: str) -> None:
+    # The tiny tokenizer has a chat template, so the chat types train on it (multi-turn records included).
+    model_dir = write_tiny_model(str(tmp_path / "model"), model_type)
+    metrics = _train(tmp_path, model_dir, model_type, tiny_data_file)
+    assert metrics["template"] == get_model_spec(model_type).template
+
+
+def test_chat_type_without_a_chat_template_trains_on_alpaca(tmp_path, tiny_data_file: str) -> None:
+    model_dir = write_tiny_model(str(tmp_path / "model"), "mistral")
+    os.remove(os.path.join(model_dir, "chat_template.jinja"))
+    assert not AutoTokenizer.from_pretrained(model_dir).chat_template
+    assert _train(tmp_path, model_dir, "mistral", tiny_data_file)["template"] == "alpaca"
+
+
+@pytest.mark.parametrize(("model_type", "tokenizer", "template"), [
+    pytest.param("qwen2", "qwen3-tokenizer", "chat", marks=pytest.mark.slow),  # 151k embeddings: 20 s
+    ("llama", "stories260K-hf", "alpaca")])
+def test_real_tokenizer_trains(tmp_path, model_type: str, tokenizer: str, template: str, alpaca_file: str) -> None:
+    model_dir = write_tiny_model(str(tmp_path / "model"), model_type, shared_path("models", tokenizer))
+    assert _train(tmp_path, model_dir, model_type, alpaca_file)["template"] == template
 
 
 @pytest.mark.parametrize("model_type", sorted(REMOTE))
-def test_remote_code_type_trains_only_when_trusted(tmp_path, model_type: str, alpaca_file: str) -> None:
-    tok = shared_path("models", "stories260K-hf")
-    model_dir = write_remote_model(str(tmp_path / "model"), REMOTE[model_type], tok)
+def test_remote_code_type_trains_only_when_trusted(tmp_path, model_type: str, tiny_tokenizer_dir: str,
+                                                   tiny_data_file: str) -> None:
+    model_dir = write_remote_model(str(tmp_path / "model"), REMOTE[model_type], tiny_tokenizer_dir)
     with pytest.raises(LoadError, match="--trust_remote_code"):
-        _train(tmp_path, model_dir, model_type, alpaca_file)
+        _train(tmp_path, model_dir, model_type, tiny_data_file)
     # MOSS prompts open with its long meta instruction: leave room for it.
-    _train(tmp_path, model_dir, model_type, alpaca_file, trust_remote_code=True, cutoff_len=1024)
+    _train(tmp_path, model_dir, model_type, tiny_data_file, trust_remote_code=True, cutoff_len=1024)
     assert os.path.isfile(tmp_path / "out" / "template.json")
 
 
-def test_chatglm_type_on_native_glm_maps_seed_target_names(tmp_path, alpaca_file: str) -> None:
+def test_chatglm_type_on_native_glm_maps_seed_target_names(tmp_path, tiny_data_file: str) -> None:
     # The seed's `--lora_target_modules query_key_value` means q/k/v_proj in native GLM checkpoints.
-    model_dir = write_tiny_model(str(tmp_path / "model"), "glm", shared_path("models", "stories260K-hf"))
-    _train(tmp_path, model_dir, "chatglm", alpaca_file, lora_target_modules=["query_key_value"])
+    model_dir = write_tiny_model(str(tmp_path / "model"), "glm")
+    _train(tmp_path, model_dir, "chatglm", tiny_data_file, lora_target_modules=["query_key_value"])
     weights = load_file(str(tmp_path / "out" / "adapter_model.safetensors"))
     assert {k.split(".")[-3] for k in weights if "lora_A" in k} == {"q_proj", "k_proj", "v_proj"}
 
 
-def test_wrong_target_lists_the_linear_layers(tmp_path, alpaca_file: str) -> None:
-    model_dir = write_tiny_model(str(tmp_path / "model"), "llama", shared_path("models", "stories260K-hf"))
+def test_wrong_target_lists_the_linear_layers(tmp_path, tiny_data_file: str) -> None:
+    model_dir = write_tiny_model(str(tmp_path / "model"), "llama")
     with pytest.raises(UserError, match="its linear layers are: down_proj, gate_proj"):
-        _train(tmp_path, model_dir, "llama", alpaca_file, lora_target_modules=["query_key_value"])
+        _train(tmp_path, model_dir, "llama", tiny_data_file, lora_target_modules=["query_key_value"])
