@@ -17,7 +17,7 @@ from alpaca_cot.merging import merge_adapter
 
 @command(ModelArgs, MergeArgs, defaults={"compute_dtype": "fp32"})
 def main(model: ModelArgs, args: MergeArgs) -> None:
-    """Merge the LoRA (or AdaLoRA) adapter of --lora_dir into its base and save it to --merged_dir.
+    """Merge the LoRA (or AdaLoRA) adapter of --lora_dir (a run of ours, or any PEFT adapter) into its base.
 
     The merged weights are saved as safetensors (in shards of --max_shard_size), with the tokenizer,
     the generation config, and the run's template.json and finetune_args.json, so generate.py,
@@ -28,13 +28,15 @@ def main(model: ModelArgs, args: MergeArgs) -> None:
     quantized base is refused. A non-empty --merged_dir is replaced only with --overwrite.
     """
     if not model.lora_dir:
-        raise UserError("Pass --lora_dir: the output folder of uniform_finetune.py that holds the adapter.")
-    merged_dir = args.merged_dir or os.path.normpath(model.lora_dir) + "-merged"
+        raise UserError("Pass --lora_dir: an output folder of uniform_finetune.py, or a PEFT adapter folder or hub id.")
+    # A hub id (org/name) names no local folder: its merge goes to ./name-merged.
+    local = model.lora_dir if os.path.isdir(model.lora_dir) else os.path.basename(os.path.normpath(model.lora_dir))
+    merged_dir = args.merged_dir or os.path.normpath(local) + "-merged"
     report = merge_adapter(model.lora_dir, merged_dir, model_type=model.model_type,
                            model_name_or_path=model.model_name_or_path, size=model.size,
                            compute_dtype=model.compute_dtype, save_dtype=args.save_dtype,
                            quantization_bit=model.quantization_bit, trust_remote_code=model.trust_remote_code,
-                           max_shard_size=args.max_shard_size, overwrite=args.overwrite)
+                           max_shard_size=args.max_shard_size, overwrite=args.overwrite, template=model.template)
     print(f"{report['changed_layers']} layers merged; probe logits differ by {report['max_abs_logit_diff']:.2e} "
           f"(tolerance {report['tolerance']:.2e}).")
     print(f"Merged model, tokenizer, generation config, template and report are in {merged_dir}")
