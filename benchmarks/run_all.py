@@ -68,14 +68,32 @@ def our_supports(flag: str) -> bool:
     return f"--{flag}=" in proc.stdout + proc.stderr  # fire prints help on stderr when not on a terminal
 
 
+def baseline_checkout(commit: str, cache_dir: str) -> str:
+    """A detached worktree of our code at ``commit`` (for a before/after comparison in one invocation)."""
+    sha = subprocess.run(["git", "rev-parse", "--short", commit], cwd=ROOT, capture_output=True, text=True,
+                         check=True).stdout.strip()
+    path = os.path.join(cache_dir, f"baseline-{sha}")
+    if not os.path.isdir(path):
+        subprocess.run(["git", "worktree", "add", "--detach", path, sha], cwd=ROOT, check=True, capture_output=True)
+    return path
+
+
 def build_contenders(workload: Workload, out_root: str, threads: int, bf16: bool, bf16_note: str,
-                     cache_dir: str) -> list[Contender]:
+                     cache_dir: str, baseline: str | None = None) -> list[Contender]:
     """Every contender of the comparison, in run order."""
     threads_env = {"OMP_NUM_THREADS": str(threads)}
-    ours = [sys.executable, "uniform_finetune.py", "--model_type", "llama", "--model_name_or_path",
-            workload.model_dir, "--data", workload.data_file, *OUR_FLAGS, "--max_samples", str(workload.n_records)]
+    args = ["--model_type", "llama", "--model_name_or_path", workload.model_dir, "--data", workload.data_file,
+            *OUR_FLAGS, "--max_samples", str(workload.n_records)]
+    ours = [sys.executable, "uniform_finetune.py", *args]
     has_packing = our_supports("packing")
-    contenders = [
+    contenders = []
+    if baseline:
+        tree = baseline_checkout(baseline, cache_dir)
+        name = f"ours @{os.path.basename(tree).removeprefix('baseline-')}"
+        contenders.append(Contender(name, "fp32", [sys.executable, os.path.join(tree, "uniform_finetune.py"), *args,
+                                                   "--compute_dtype", "fp32", "--output_dir", f"{out_root}/baseline"],
+                                    threads_env, f"{out_root}/baseline"))
+    contenders += [
         Contender("ours", "fp32", [*ours, "--compute_dtype", "fp32", "--output_dir", f"{out_root}/ours"],
                   threads_env, f"{out_root}/ours"),
         Contender("ours --packing False", "fp32",
@@ -228,8 +246,11 @@ def write_results(path: str, outcomes: list[Outcome], header: dict[str, str], ex
 
 def main(n_records: int = 200, repeats: int = 1, only: str | list[str] | None = None, threads: int = 2,
          bf16: str = "auto", heldout: bool = True, data_prep: bool = True, timeout_s: float = 7200,
-         cache_dir: str = DEFAULT_CACHE, results: str = os.path.join(BENCH_DIR, "RESULTS.md")) -> None:
+         cache_dir: str = DEFAULT_CACHE, results: str = os.path.join(BENCH_DIR, "RESULTS.md"),
+         baseline: str | None = None) -> None:
     """Run every contender (or those named in --only, comma-separated) and write RESULTS.md.
+
+    --baseline COMMIT adds our code at that commit (a git worktree) as a contender, for before/after ratios.
 
     --bf16: auto (bf16 contenders only where --compute_dtype auto measures bf16 faster) | yes | no.
     """
@@ -245,7 +266,7 @@ def main(n_records: int = 200, repeats: int = 1, only: str | list[str] | None = 
     use_bf16 = {"auto": native, "yes": True, "no": False}[str(bf16)]
     bf16_note = "not run: bf16 measured no faster than fp32 here" if not native else "not run: --bf16 no"
     lf_error = llama_factory.install(cache_dir)
-    contenders = build_contenders(workload, out_root, int(threads), use_bf16, bf16_note, cache_dir)
+    contenders = build_contenders(workload, out_root, int(threads), use_bf16, bf16_note, cache_dir, baseline)
     wanted = [w.strip() for w in (only.split(",") if isinstance(only, str) else only or [])]
     for c in contenders:
         if wanted and not any(w in c.name for w in wanted):
