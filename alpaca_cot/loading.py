@@ -147,9 +147,11 @@ def load_model(path: str, spec: ModelSpec, *, dtype: torch.dtype = torch.float32
 
 
 def _fix_cpu_4bit(model: Any) -> None:
-    # bitsandbytes 0.50's CPU 4-bit layer repacks its weights for AVX-512 BF16 after the first
-    # eval-mode forward; from then on LoRA above it silently gets zero gradients. Opt out before
-    # any forward (measured: gradients stay non-zero; see tests/test_quantization.py).
+    # A bitsandbytes bug, wrapped at our boundary: 0.50's CPU 4-bit layer (the fused kernel of
+    # bitsandbytes PR #1804) repacks its weights for AVX-512 BF16 after the first eval-mode forward;
+    # from then on LoRA above it silently gets zero gradients. Its public per-layer switch
+    # `support_avx512bf16_for_cpu` opts out before any forward (measured: gradients stay non-zero;
+    # see tests/test_quantization.py).
     try:
         import bitsandbytes as bnb
     except ImportError:
