@@ -1,0 +1,153 @@
+"""Checkpoints and run folders are complete or not used: nothing a killed run half-wrote is taken for whole.
+
+The HF Trainer (transformers 5, ``Trainer._save_checkpoint``) writes ``checkpoint-N/`` in place, in
+this order: the model (adapter) weights, the optimizer, scheduler, scaler and RNG states, and last
+``trainer_state.json``; only then does it delete older checkpoints. A folder killed mid-write
+therefore lacks ``trainer_state.json``, holds a torn one, or (after a machine crash, whose unflushed
+files can come back empty) holds empty files. The Trainer's own ``get_last_checkpoint`` takes the
+highest step whatever its state, and resuming from such a folder fails or, worse, silently skips a
+missing optimizer. We pick the folder ourselves and pass its path to ``trainer.train``.
+
+A run that replaces an earlier one (``--overwrite_output_dir``) trains in ``<output_dir>.staging``
+and is swapped in only when it has finished.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from typing import Any
+
+from transformers.trainer import OPTIMIZER_NAME, SCHEDULER_NAME, TRAINER_STATE_NAME
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+from transformers.utils import (
+    ADAPTER_SAFE_WEIGHTS_NAME,
+    ADAPTER_WEIGHTS_NAME,
+    SAFE_WEIGHTS_INDEX_NAME,
+    SAFE_WEIGHTS_NAME,
+    WEIGHTS_INDEX_NAME,
+    WEIGHTS_NAME,
+)
+
+from alpaca_cot.errors import UserError
+
+STAGING_SUFFIX = ".staging"  # where an --overwrite_output_dir run trains until it has finished
+REPLACED_SUFFIX = ".replaced"  # the old run for the moment of the swap
+CHECKPOINT_RE = re.compile(rf"^{PREFIX_CHECKPOINT_DIR}-(\d+)$")
+WEIGHT_FILES = (ADAPTER_SAFE_WEIGHTS_NAME, ADAPTER_WEIGHTS_NAME, SAFE_WEIGHTS_NAME, SAFE_WEIGHTS_INDEX_NAME,
+                WEIGHTS_NAME, WEIGHTS_INDEX_NAME)
+
+
+def checkpoint_folders(output_dir: str) -> list[tuple[int, str]]:
+    """``(step, path)`` of every ``checkpoint-N`` folder in ``output_dir``, by step."""
+    if not os.path.isdir(output_dir):
+        return []
+    found = [(int(m.group(1)), os.path.join(output_dir, name)) for name in os.listdir(output_dir)
+             if (m := CHECKPOINT_RE.match(name)) and os.path.isdir(os.path.join(output_dir, name))]
+    return sorted(found)
+
+
+def checkpoint_problem(path: str) -> str | None:
+    """Why the checkpoint folder at ``path`` cannot be resumed from, or None when it is complete."""
+    state_path = os.path.join(path, TRAINER_STATE_NAME)
+    if not os.path.isfile(state_path):
+        return f"no {TRAINER_STATE_NAME}"
+    try:
+        with open(state_path, encoding="utf-8") as f:
+            state = json.load(f)
+        names = os.listdir(path)
+        files = [n for n in names if os.path.isfile(os.path.join(path, n))]
+        empty = sorted(n for n in files if not os.path.getsize(os.path.join(path, n)))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return f"{TRAINER_STATE_NAME} is torn"
+    except FileNotFoundError:  # another process is deleting it (an older checkpoint, or an incomplete one)
+        return "being deleted"
+    match = CHECKPOINT_RE.match(os.path.basename(os.path.normpath(path)))
+    step = state.get("global_step") if isinstance(state, dict) else None
+    if match and step != int(match.group(1)):
+        return f"{TRAINER_STATE_NAME} is for step {step}"
+    if empty:
+        return f"empty {', '.join(empty)}"
+    missing = [n for n in (OPTIMIZER_NAME, SCHEDULER_NAME) if n not in names]
+    if not any(n in names for n in WEIGHT_FILES):
+        missing.insert(0, "model weights")
+    if not any(n.startswith("rng_state") for n in names):
+        missing.append("rng_state.pth")
+    return f"no {', '.join(missing)}" if missing else None
+
+
+def latest_complete_checkpoint(output_dir: str) -> tuple[str | None, list[tuple[str, str]]]:
+    """The latest complete checkpoint in ``output_dir`` (None if there is none), and the later
+    incomplete ones as ``(path, problem)``."""
+    skipped = []
+    for _, path in reversed(checkpoint_folders(output_dir)):
+        problem = checkpoint_problem(path)
+        if problem is None:
+            return path, skipped
+        skipped.append((path, problem))
+    return None, skipped
+
+
+def choose_checkpoint(output_dir: str, resume: str | bool, *, remove_incomplete: bool) -> tuple[str, list[str]]:
+    """The checkpoint folder ``--resume_from_checkpoint`` means, and lines saying what was chosen.
+
+    ``True`` (the bare flag) is the latest complete checkpoint in ``output_dir``; the incomplete
+    ones after it are named and, with ``remove_incomplete``, deleted (the resumed run trains and
+    saves those steps again). A folder named by the user must be complete.
+    """
+    if resume is not True:
+        path = str(resume)
+        if not os.path.isdir(path):
+            raise UserError(f"--resume_from_checkpoint {path}: no such folder; pass a checkpoint-N folder, or the "
+                            "bare flag for the latest complete checkpoint in --output_dir")
+        problem = checkpoint_problem(path)
+        if problem:
+            raise UserError(f"--resume_from_checkpoint {path} is incomplete ({problem}: it was being written when "
+                            "the run stopped); pass an earlier checkpoint, or the bare flag for the latest one")
+        return path, [f"resuming from {path}"]
+    path, skipped = latest_complete_checkpoint(output_dir)
+    if path is None:
+        found = "; incomplete: " + ", ".join(f"{os.path.basename(p)} ({why})" for p, why in skipped) if skipped else ""
+        raise UserError(f"--resume_from_checkpoint: {output_dir} holds no complete checkpoint-* folder to resume "
+                        f"from{found}")
+    notes = [f"resuming from {path}, the latest complete checkpoint"]
+    for folder, why in skipped:
+        if remove_incomplete:
+            shutil.rmtree(folder)
+        notes.append(f"skipped {folder}: incomplete ({why}), it was being written when the run stopped"
+                     + ("; removed it" if remove_incomplete else ""))
+    return path, notes
+
+
+def run_training(trainer: Any, resume: str | bool | None) -> Any:
+    """``trainer.train``, from the checkpoint ``resume`` means (see ``choose_checkpoint``), saying which.
+
+    A run that fails before saving anything leaves no empty output folder behind.
+    """
+    checkpoint = None
+    if resume:
+        main = trainer.is_world_process_zero()
+        checkpoint, notes = choose_checkpoint(trainer.args.output_dir, resume, remove_incomplete=main)
+        if main:
+            print("\n".join(notes), flush=True)
+    try:
+        return trainer.train(resume_from_checkpoint=checkpoint)
+    except BaseException:
+        out = trainer.args.output_dir
+        if trainer.is_world_process_zero() and os.path.isdir(out) and not os.listdir(out):
+            os.rmdir(out)
+        raise
+
+
+def swap_in(staging: str, target: str) -> None:
+    """Put the finished run in ``staging`` at ``target``; the run there before is deleted only after."""
+    old = target + REPLACED_SUFFIX
+    if os.path.isdir(target):
+        shutil.rmtree(old, ignore_errors=True)  # left by a swap killed after its second rename: already replaced
+        os.replace(target, old)
+    # A kill between the two renames leaves the old run in `old` and the new one in `staging`:
+    # the next --overwrite_output_dir --resume_from_checkpoint finishes the swap.
+    os.replace(staging, target)
+    shutil.rmtree(old, ignore_errors=True)
