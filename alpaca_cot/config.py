@@ -53,6 +53,13 @@ class FinetuneArgs:
     max_samples: int | None = flag(None, "train on the first N records only", min=1)
     train_on_inputs: bool = flag(False, "also train on the prompt tokens")
     cache_dir: str | None = flag(None, "tokenized-data cache (default ~/.cache/alpaca_cot/tokenized)")
+    data_files: list[str] | None = flag(None, "with a Hugging Face dataset id (org/name) in --data: the files of it "
+                                              "to load (globs, e.g. CoT/*.json)")
+    subset: str | None = flag(None, "with a Hugging Face dataset id in --data: its configuration (subset) name")
+    preprocessing_num_workers: int | None = flag(None, "processes that tokenize (default: the usable CPU cores, up "
+                                                       "to 8, one per 5,000 records)", min=1)
+    streaming: bool = flag(False, "tokenize --data as the Trainer reads it, with no cache (corpora larger than the "
+                                  "disk); needs --max_steps and --val_set_size as a count")
     # PEFT
     peft_type: str = flag("lora", " | ".join(PEFT_TYPES), choices=PEFT_TYPES)
     lora_r: int = flag(8, "LoRA rank (AdaLoRA: the target rank)", min=1)

@@ -1,4 +1,5 @@
-"""``--data`` resolution: short dataset names (through ``data/registry.json``) or file paths.
+"""``--data`` resolution: short dataset names (through ``data/registry.json``), file paths, folders
+written by ``datasets``' ``save_to_disk`` and Hugging Face hub dataset ids (``org/name``).
 
 A registry entry's ``files`` are paths under ``data/``: a file, a folder ending in ``/`` (every
 .json/.jsonl file below it) or a glob (``X/*.json``); ``download NAME`` puts the files there.
@@ -9,6 +10,8 @@ from __future__ import annotations
 import glob
 import json
 import os
+import re
+from dataclasses import dataclass
 from functools import cache
 
 from alpaca_cot.records import DataError, read_records
@@ -18,6 +21,17 @@ REGISTRY_PATH = os.path.join(DATA_DIR, "registry.json")
 HF_DATASET = "QingyiSi/Alpaca-CoT"
 RECORD_EXTENSIONS = (".json", ".jsonl")
 COLLECTION = "python3 data/collection.py"
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")  # org/name, as the hub spells dataset ids
+SAVED_MARKERS = ("state.json", "dataset_dict.json")  # what Dataset(Dict).save_to_disk writes into its folder
+
+
+@dataclass(frozen=True)
+class DataSource:
+    """One ``--data`` entry: unified-format ``files``, a ``save_to_disk`` folder ("disk") or a hub id ("hub")."""
+
+    kind: str
+    name: str
+    files: tuple[str, ...] = ()
 
 
 @cache
@@ -41,6 +55,25 @@ def resolve_data(sources: list[str]) -> list[str]:
             raise DataError(f"--data {source!r} is neither an existing file nor a known dataset name. "
                             f"Known names: {known}")
     return paths
+
+
+def resolve_sources(sources: list[str]) -> list[DataSource]:
+    """Classify the ``--data`` entries for training: an existing path (a ``save_to_disk`` folder, else
+    unified files), a registry name, else a hub dataset id (``org/name``)."""
+    registry = load_registry()
+    out = []
+    for source in sources:
+        if os.path.isdir(source) and any(os.path.isfile(os.path.join(source, m)) for m in SAVED_MARKERS):
+            out.append(DataSource("disk", source))
+        elif os.path.exists(source) or source in registry:
+            out.append(DataSource("files", source, tuple(resolve_data([source]))))
+        elif HUB_ID.fullmatch(source):
+            out.append(DataSource("hub", source))
+        else:
+            known = ", ".join(sorted(registry))
+            raise DataError(f"--data {source!r} is neither an existing file or folder, a known dataset name nor a "
+                            f"Hugging Face dataset id (org/name). Known names: {known}")
+    return out
 
 
 def folder_files(folder: str) -> list[str]:
@@ -107,10 +140,25 @@ def _files_of(name: str, registry: dict[str, dict], asked: str = "") -> list[str
                     f"Hugging Face dataset {HF_DATASET}), {alternative}.")
 
 
-def _answered(record: dict) -> bool:
+def answered(record: dict) -> bool:
+    """Whether a validated record has an answer to train on (an 'output' or a final assistant turn)."""
     if "messages" in record:
         return record["messages"][-1]["role"] == "assistant"
     return "output" in record
+
+
+def untrainable_error(where: str, total: int, unanswered: int, first: str) -> DataError | None:
+    """The error for a file (or dataset) of ``total`` records of which ``unanswered`` lack an answer, ``first``
+    being the first one's validation error; None when every record has one."""
+    if not unanswered:
+        return None
+    if unanswered == total:
+        return DataError(f"{where}: not trainable: the file is instruction-only (none of its {unanswered} records "
+                         "has an answer, i.e. an 'output' field or a final assistant turn), such as a "
+                         "benchmark's prompts; use it as prediction input (predict.py), or train on a file "
+                         "with answers")
+    return DataError(f"{where}: not trainable as it is: {unanswered} of {total} records have no answer; "
+                     f"the first: {first}")
 
 
 def load_data(sources: list[str]) -> list[dict]:
@@ -120,17 +168,15 @@ def load_data(sources: list[str]) -> list[dict]:
     records: list[dict] = []
     for path in resolve_data(sources):
         file_records = read_records(path, need_answer=False)
-        unanswered = sum(not _answered(record) for record in file_records)
-        if unanswered == len(file_records):
-            raise DataError(f"{path}: not trainable: the file is instruction-only (none of its {unanswered} records "
-                            "has an answer, i.e. an 'output' field or a final assistant turn), such as a "
-                            "benchmark's prompts; use it as prediction input (predict.py), or train on a file "
-                            "with answers")
+        unanswered = sum(not answered(record) for record in file_records)
+        first = ""
         if unanswered:
             try:
                 read_records(path)
             except DataError as e:
-                raise DataError(f"{path}: not trainable as it is: {unanswered} of {len(file_records)} records "
-                                f"have no answer; the first: {e}") from None
+                first = str(e)
+        error = untrainable_error(path, len(file_records), unanswered, first)
+        if error:
+            raise error
         records.extend(file_records)
     return records

@@ -1,27 +1,48 @@
-"""Tokenized training data, cached on disk keyed by everything it depends on.
+"""Tokenized training data in memory-mapped Arrow, cached on disk keyed by everything it depends on.
 
-The key hashes the data files' bytes, the tokenizer (its full serialized pipeline), the template,
-``cutoff_len``, ``train_on_inputs``, ``max_samples`` and the validation split, so a change to any
-of them prepares the data anew; a hit loads flat int32 arrays in well under a second.
+The key hashes the sources (data files' bytes, a ``save_to_disk`` folder's state, a hub dataset's
+files), the tokenizer (its full serialized pipeline), the template, ``cutoff_len``,
+``train_on_inputs``, ``max_samples`` and the validation split, so a change to any of them prepares
+the data anew. A cache folder holds the tokenized rows (``Dataset.map``'s Arrow files, in ``--data``
+order), each split's row order and the truncation report; a hit memory-maps them, so memory does
+not grow with the data. With ``--streaming`` nothing is cached: records are tokenized as the
+Trainer reads them (``stream_splits``).
 """
 
 from __future__ import annotations
 
-import hashlib
+import glob
 import json
 import os
 import random
+import shutil
+import tempfile
+from collections.abc import Iterator
 from dataclasses import asdict
 from typing import Any
 
+import datasets
 import numpy as np
+import torch
 
-from alpaca_cot.datasets import load_data, resolve_data
+from alpaca_cot.data_pipeline import (
+    default_workers,
+    digest,
+    load_unified,
+    main_process_first,
+    source_fingerprint,
+    stream_unified,
+    tokenize,
+)
+from alpaca_cot.datasets import resolve_sources
 from alpaca_cot.errors import UserError
+from alpaca_cot.io import write_json_atomic
 from alpaca_cot.templates import Template
-from alpaca_cot.tokenize import count_trainable, encode_records
 
-FORMAT_VERSION = "2"  # bump when the encoding itself changes
+FORMAT_VERSION = "3"  # bump when the encoding or the cache layout changes
+TOKENS = "tokens.arrow"  # with several processes: tokens_00000_of_0000N.arrow, ...
+INFO = "info.json"  # written last: a folder without it is not a cache entry
+SHUFFLE_BUFFER = 10_000  # --streaming: records shuffled together (a stream cannot be shuffled whole)
 
 
 def default_cache_dir() -> str:
@@ -31,57 +52,59 @@ def default_cache_dir() -> str:
 
 
 class TokenizedSplit:
-    """Records as flat arrays; item i is ``{"input_ids": [...], "labels": [...]}``."""
+    """A split's records, read from tokenized Arrow rows in the split's order; item i is
+    ``{"input_ids": [...], "labels": [...]}``."""
 
-    def __init__(self, ids: np.ndarray, labels: np.ndarray, offsets: np.ndarray):
-        self.ids, self.labels, self.offsets = ids, labels, offsets
-
-    @classmethod
-    def from_lists(cls, items: list[dict]) -> TokenizedSplit:
-        lengths = np.fromiter((len(x["input_ids"]) for x in items), dtype=np.int64, count=len(items))
-        offsets = np.concatenate([[0], np.cumsum(lengths)])
-        flat = lambda key: np.fromiter((t for x in items for t in x[key]), dtype=np.int32,  # noqa: E731
-                                       count=int(offsets[-1]))
-        return cls(flat("input_ids"), flat("labels"), offsets)
+    def __init__(self, tokens: datasets.Dataset, rows: np.ndarray):
+        self.tokens = tokens.select_columns(["input_ids", "labels"])
+        self.rows = rows
+        self._lengths = tokens.data.column("length").to_numpy()[rows] if len(rows) else np.zeros(0, np.int32)
 
     def __len__(self) -> int:
-        return len(self.offsets) - 1
+        return len(self.rows)
 
     def __getitem__(self, i: int) -> dict[str, list[int]]:
-        a, b = self.offsets[i], self.offsets[i + 1]
-        return {"input_ids": self.ids[a:b].tolist(), "labels": self.labels[a:b].tolist()}
+        return self.tokens[int(self.rows[i])]
 
     def lengths(self) -> list[int]:
         """Token count of every record (for length-grouped sampling)."""
-        return np.diff(self.offsets).tolist()
+        return self._lengths.tolist()
 
 
-def _digest(*parts: Any) -> str:
-    h = hashlib.sha256()
-    for part in parts:
-        h.update(part if isinstance(part, bytes) else json.dumps(part, sort_keys=True, default=str).encode())
-        h.update(b"\0")
-    return h.hexdigest()[:32]
+class StreamingSplit(torch.utils.data.IterableDataset):
+    """--streaming: tokenized training records as the Trainer reads them (an IterableDataset, so the Trainer
+    draws no sampler and needs --max_steps); ``lengths()`` are those of the records read so far."""
+
+    def __init__(self, stream: datasets.IterableDataset):
+        super().__init__()
+        self.stream = stream
+        self.seen: list[int] = []
+
+    def __iter__(self) -> Iterator[dict[str, list[int]]]:
+        for row in self.stream:
+            self.seen.append(row["length"])
+            yield {"input_ids": row["input_ids"], "labels": row["labels"]}
+
+    def set_epoch(self, epoch: int) -> None:
+        """Called by the Trainer at each pass: a new shuffle order."""
+        self.stream.set_epoch(epoch)
+
+    def lengths(self) -> list[int]:
+        """Token count of every record read so far."""
+        return list(self.seen)
 
 
 def _tokenizer_fingerprint(tokenizer: Any) -> str:
     backend = getattr(tokenizer, "backend_tokenizer", None)
     pipeline = backend.to_str() if backend is not None else json.dumps(tokenizer.get_vocab(), sort_keys=True)
-    return _digest(type(tokenizer).__name__, pipeline.encode(), tokenizer.special_tokens_map,
-                   getattr(tokenizer, "chat_template", None))
+    return digest(type(tokenizer).__name__, pipeline.encode(), tokenizer.special_tokens_map,
+                  getattr(tokenizer, "chat_template", None))
 
 
-def cache_key(paths: list[str], tokenizer: Any, template: Template, args: Any) -> str:
-    """The cache key of one run's prepared data."""
-    files = []
-    for path in paths:
-        h = hashlib.sha256()
-        with open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                h.update(block)
-        files.append(h.hexdigest())
-    return _digest(FORMAT_VERSION, files, _tokenizer_fingerprint(tokenizer), asdict(template), args.cutoff_len,
-                   args.train_on_inputs, args.max_samples, args.val_set_size, args.seed)
+def cache_key(fingerprints: list, tokenizer: Any, template: Template, args: Any) -> str:
+    """The cache key of one run's prepared data (``fingerprints``: the sources', from ``source_fingerprint``)."""
+    return digest(FORMAT_VERSION, fingerprints, _tokenizer_fingerprint(tokenizer), asdict(template), args.cutoff_len,
+                  args.train_on_inputs, args.max_samples, args.val_set_size, args.seed)
 
 
 def split_indices(n: int, val_set_size: float, seed: int) -> tuple[list[int], list[int]]:
@@ -96,52 +119,117 @@ def split_indices(n: int, val_set_size: float, seed: int) -> tuple[list[int], li
     return order[n_val:], order[:n_val]
 
 
-def prepare_splits(args: Any, tokenizer: Any, template: Template,
-                   cache_dir: str | None = None) -> tuple[TokenizedSplit, TokenizedSplit, dict]:
+def prepare_splits(args: Any, tokenizer: Any, template: Template, cache_dir: str | None = None
+                   ) -> tuple[TokenizedSplit | StreamingSplit, TokenizedSplit, dict]:
     """(train, validation, info): from the cache when the key matches, else tokenized and cached.
 
     ``info`` says whether the cache was hit, and lists under "truncation" every record cut to
     ``cutoff_len`` or left out (no answer token left), by its index in ``--data`` and in its file.
+    Under a launcher, each node's main process prepares and the other ranks load its cache.
     """
+    if args.streaming:
+        return stream_splits(args, tokenizer, template)
+    sources = resolve_sources(args.data)
+    check_hub_flags(args, sources)
     cache_dir = cache_dir or default_cache_dir()
-    paths = resolve_data(args.data)
-    key = cache_key(paths, tokenizer, template, args)
-    path = os.path.join(cache_dir, f"{key}.npz")
-    if os.path.isfile(path):
-        with np.load(path) as z:
-            splits = [TokenizedSplit(z[f"{s}_ids"], z[f"{s}_labels"], z[f"{s}_offsets"]) for s in ("train", "val")]
-            info = json.loads(str(z["info"]))
-        return splits[0], splits[1], {**info, "cache": "hit", "cache_file": path}
-    records: list[dict] = []
-    origin: list[tuple[str, int]] = []  # (file, index in that file) of every record
-    for file in paths:
-        part = load_data([file])
-        records += part
-        origin += [(file, i) for i in range(len(part))]
+    with main_process_first():
+        fingerprints = [source_fingerprint(s, args.data_files, args.subset) for s in sources]
+        path = os.path.join(cache_dir, cache_key(fingerprints, tokenizer, template, args))
+        if os.path.isfile(os.path.join(path, INFO)):
+            return _load(path, "hit")
+        _build(sources, args, tokenizer, template, path)
+        return _load(path, "miss")
+
+
+def check_hub_flags(args: Any, sources: list) -> None:
+    """--data_files and --subset choose within hub datasets: refuse them without one."""
+    if any(s.kind == "hub" for s in sources):
+        return
+    for name in ("data_files", "subset"):
+        if getattr(args, name):
+            raise UserError(f"--{name} applies to Hugging Face dataset ids (org/name) in --data, and --data names "
+                            "none; drop it or add the hub dataset")
+
+
+def _load(path: str, outcome: str) -> tuple[TokenizedSplit, TokenizedSplit, dict]:
+    files = sorted(glob.glob(os.path.join(path, "tokens*.arrow")))
+    tokens = datasets.concatenate_datasets([datasets.Dataset.from_file(f) for f in files])
+    with open(os.path.join(path, INFO), encoding="utf-8") as f:
+        info = json.load(f)
+    splits = [TokenizedSplit(tokens, np.load(os.path.join(path, f"{name}_rows.npy"))) for name in ("train", "val")]
+    return splits[0], splits[1], {**info, "cache": outcome, "cache_file": path}
+
+
+def _build(sources: list, args: Any, tokenizer: Any, template: Template, path: str) -> None:
+    """Tokenize into a private folder beside ``path``, then publish it there with one rename."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    build = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.", dir=os.path.dirname(path))
+    try:
+        parts = [part for s in sources for part in load_unified(s, build, args.data_files, args.subset)]
+        unified = datasets.concatenate_datasets([ds for _, ds in parts])
+        if args.max_samples:
+            unified = unified.select(range(min(len(unified), int(args.max_samples))))
+        out = os.path.join(build, "out")
+        os.makedirs(out)
+        tokens = tokenize(unified, tokenizer, template, args.cutoff_len, args.train_on_inputs,
+                          default_workers(len(unified), args.preprocessing_num_workers),
+                          os.path.join(out, TOKENS), os.path.basename(path))
+        columns = {k: tokens.data.column(k).to_numpy() for k in ("length", "full_length", "trainable")}
+        starts = np.cumsum([0] + [len(ds) for _, ds in parts])
+        info: dict[str, Any] = {"truncation": []}
+        for name, order in zip(("train", "val"), split_indices(len(unified), args.val_set_size, args.seed),
+                               strict=True):
+            rows = np.asarray(order, dtype=np.int64)
+            left_out = columns["trainable"][rows] == 0
+            cut = ~left_out & (columns["length"][rows] < columns["full_length"][rows])
+            for index in rows[left_out | cut].tolist():
+                part = int(np.searchsorted(starts, index, side="right")) - 1
+                action = "left out" if columns["trainable"][index] == 0 else "cut"
+                info["truncation"].append({"split": name, "action": action, "index": index, "file": parts[part][0],
+                                           "index_in_file": index - int(starts[part]),
+                                           "tokens": int(columns["full_length"][index]),
+                                           "kept_tokens": int(columns["length"][index]) if action == "cut" else 0})
+            np.save(os.path.join(out, f"{name}_rows.npy"), rows[~left_out])
+            info[f"{name}_records"] = int((~left_out).sum())
+        write_json_atomic(os.path.join(out, INFO), info)
+        try:
+            os.rename(out, path)
+        except OSError:  # another process published the same key first: its result is the same
+            if not os.path.isfile(os.path.join(path, INFO)):
+                raise
+    finally:
+        shutil.rmtree(build, ignore_errors=True)
+
+
+def stream_splits(args: Any, tokenizer: Any, template: Template) -> tuple[StreamingSplit, TokenizedSplit, dict]:
+    """--streaming: the first --val_set_size records (a count) tokenized now as the validation split; the
+    rest tokenized as the Trainer reads them, shuffled in a buffer of SHUFFLE_BUFFER records with --seed."""
+    if args.max_steps <= 0:
+        raise UserError("--streaming needs --max_steps: a stream has no length to count --epochs in")
+    if 0 < args.val_set_size < 1:
+        raise UserError(f"--streaming needs --val_set_size as a count of records (got the fraction "
+                        f"{args.val_set_size:g}): a stream has no length to take a fraction of")
+    sources = resolve_sources(args.data)
+    check_hub_flags(args, sources)
+    stream = stream_unified(sources, args.data_files, args.subset)
     if args.max_samples:
-        records = records[: int(args.max_samples)]
-    info: dict[str, Any] = {"truncation": []}
-    splits = []
-    for name, indices in zip(("train", "val"), split_indices(len(records), args.val_set_size, args.seed),
-                             strict=True):
-        encoded = encode_records([records[i] for i in indices], template, tokenizer, args.cutoff_len,
-                                 args.train_on_inputs)
-        kept = []
-        for index, e in zip(indices, encoded, strict=True):
-            action = "left out" if count_trainable(e) == 0 else "cut" if e.cut else None
-            if action != "left out":
-                kept.append({"input_ids": e.input_ids, "labels": e.labels})
-            if action:
-                file, in_file = origin[index]
-                info["truncation"].append({"split": name, "action": action, "index": index, "file": file,
-                                           "index_in_file": in_file, "tokens": e.full_length,
-                                           "kept_tokens": len(e.input_ids) if action == "cut" else 0})
-        info[f"{name}_records"] = len(kept)
-        splits.append(TokenizedSplit.from_lists(kept))
-    os.makedirs(cache_dir, exist_ok=True)
-    tmp = f"{path}.{os.getpid()}.tmp.npz"
-    arrays = {f"{s}_{k}": getattr(t, k) for s, t in zip(("train", "val"), splits, strict=True)
-              for k in ("ids", "labels", "offsets")}
-    np.savez(tmp, info=json.dumps(info), **arrays)
-    os.replace(tmp, path)
-    return splits[0], splits[1], {**info, "cache": "miss", "cache_file": path}
+        stream = stream.take(int(args.max_samples))
+    n_val = int(args.val_set_size)
+    tokens = tokenize(stream, tokenizer, template, args.cutoff_len, args.train_on_inputs)
+    val_rows = datasets.Dataset.from_list(list(tokens.take(n_val)), features=tokens.features) if n_val \
+        else datasets.Dataset.from_dict({k: [] for k in tokens.features}, features=tokens.features)
+    trainable = val_rows.data.column("trainable").to_numpy()
+    info: dict[str, Any] = {"truncation": [], "train_records": None, "val_records": int((trainable > 0).sum()),
+                            "cache": "none (--streaming)", "cache_file": "tokenized as the Trainer reads"}
+    for index, row in enumerate(val_rows):
+        action = "left out" if row["trainable"] == 0 else "cut" if row["length"] < row["full_length"] else None
+        if action:
+            info["truncation"].append({"split": "val", "action": action, "index": index, "file": None,
+                                       "index_in_file": None, "tokens": row["full_length"],
+                                       "kept_tokens": row["length"] if action == "cut" else 0})
+    train = tokens.skip(n_val).filter(lambda row: row["trainable"] > 0)
+    if next(iter(train), None) is None:
+        raise UserError(f"--data {' '.join(args.data)}: the stream holds no training record with answer tokens "
+                        f"within --cutoff_len {args.cutoff_len} (after {n_val} validation records)")
+    train = train.shuffle(seed=args.seed, buffer_size=SHUFFLE_BUFFER)
+    return StreamingSplit(train), TokenizedSplit(val_rows, np.flatnonzero(trainable > 0)), info

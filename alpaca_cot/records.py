@@ -84,10 +84,12 @@ def read_text(path: str) -> str:
 
 
 def iter_json_records(path: str) -> Iterator[tuple[str, Any]]:
-    """Yield ``(location, raw_object)`` from a JSON array or a JSON Lines file (any extension)."""
-    text = read_text(path)
-    head = text.lstrip()[:1]
-    if head == "[":
+    """Yield ``(location, raw_object)`` from a JSON array or a JSON Lines file (any extension).
+
+    JSON Lines files are read line by line, so a file larger than memory streams through; a JSON
+    array is parsed whole."""
+    if _first_char(path) == b"[":
+        text = read_text(path)
         try:
             items = json.loads(text)
         except json.JSONDecodeError as e:
@@ -95,17 +97,41 @@ def iter_json_records(path: str) -> Iterator[tuple[str, Any]]:
         for i, item in enumerate(items):
             yield f"{path}: record {i}", item
         return
-    # JSON Lines: split on \n only, since real files carry U+2028 inside strings.
-    for lineno, line in enumerate(text.split("\n"), start=1):
-        if not line.strip():
-            continue
-        try:
-            yield f"{path}:{lineno}", json.loads(line)
-        except json.JSONDecodeError as e:
-            if head == "{" and _is_one_object(text):
-                raise DataError(f"{path}: holds a single JSON object, not a list of records; wrap it in [ ] or "
-                                "write one record per line (JSON Lines)") from None
-            raise DataError(f"{path}:{lineno}: invalid JSON ({e.msg}, column {e.colno})") from None
+    # Binary lines split on b"\n" only, since real files carry U+2028 inside strings.
+    with open(path, "rb") as f:
+        offset = 0
+        for lineno, raw in enumerate(f, start=1):
+            start, offset = offset, offset + len(raw)
+            skip = len(codecs.BOM_UTF8) if lineno == 1 and raw.startswith(codecs.BOM_UTF8) else 0
+            try:
+                line = raw[skip:].decode("utf-8")
+            except UnicodeDecodeError as e:
+                at = start + skip + e.start
+                raise DataError(f"{path}:{lineno}: invalid UTF-8 at byte offset {at} (byte 0x{raw[at - start]:02x}); "
+                                "save the file as UTF-8") from None
+            if not line.strip():
+                continue
+            try:
+                yield f"{path}:{lineno}", json.loads(line)
+            except json.JSONDecodeError as e:
+                if _first_char(path) == b"{" and _is_one_object(read_text(path)):
+                    raise DataError(f"{path}: holds a single JSON object, not a list of records; wrap it in [ ] or "
+                                    "write one record per line (JSON Lines)") from None
+                raise DataError(f"{path}:{lineno}: invalid JSON ({e.msg}, column {e.colno})") from None
+
+
+def _first_char(path: str) -> bytes:
+    """The file's first byte that is not whitespace (after a byte-order mark), or b"" when there is none."""
+    with open(path, "rb") as f:
+        data = f.read(len(codecs.BOM_UTF8))
+        data = data[len(codecs.BOM_UTF8):] if data == codecs.BOM_UTF8 else data
+        while True:
+            stripped = data.lstrip()
+            if stripped:
+                return stripped[:1]
+            data = f.read(1 << 16)
+            if not data:
+                return b""
 
 
 def _is_one_object(text: str) -> bool:

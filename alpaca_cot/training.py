@@ -242,10 +242,11 @@ def run_finetune(args: FinetuneArgs) -> tuple[dict, Any]:
 
     train_data, val_data, info = prepare_splits(args, tokenizer, template, cache_dir=args.cache_dir)
     report_truncation(info["truncation"], args)
-    if not len(train_data):
+    if info["train_records"] == 0:  # None with --streaming (prepare_splits refuses an empty stream)
         raise UserError("No training record has answer tokens within --cutoff_len; raise --cutoff_len.")
-    log(f"data: {len(train_data)} training and {len(val_data)} validation records from {', '.join(args.data)}; "
-        f"template {template.name}; tokenized data cache {info['cache']} ({info['cache_file']})")
+    log(f"data: {info['train_records'] or 'streamed'} training and {len(val_data)} validation records from "
+        f"{', '.join(args.data)}; template {template.name}; tokenized data cache {info['cache']} "
+        f"({info['cache_file']})")
 
     full = args.peft_type == "full"
     model = load_model(args.model_name_or_path, spec, dtype=torch.float32 if full else dtype,
@@ -306,7 +307,7 @@ def run_finetune(args: FinetuneArgs) -> tuple[dict, Any]:
                               eval_dataset=val_data if len(val_data) else None, data_collator=collator,
                               processing_class=tokenizer, compute_loss_func=packed_loss if packing else None,
                               callbacks=callbacks)
-    metrics: dict[str, Any] = {"train_records": len(train_data), "validation_records": len(val_data),
+    metrics: dict[str, Any] = {"train_records": info["train_records"], "validation_records": len(val_data),
                                "data_cache": info["cache"], "world_size": world,
                                "dtype": str(dtype).removeprefix("torch."), "template": template.name,
                                "total_steps": total_steps, "packing": packing,
