@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import collections
+import contextlib
 import inspect
 import math
 import threading
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -230,30 +231,71 @@ class Generator:
 
             thread = threading.Thread(target=work, daemon=True)
             thread.start()
-        stops = self.template.stop_strings
-        text, emitted = "", 0
+        answer = _AnswerText(self.template.stop_strings)
         try:
             for piece in streamer:
-                text += piece
-                if emitted == 0:
-                    text = text.lstrip()
-                hits = [text.find(s) for s in stops if s in text]
-                if hits:
-                    text = text[:min(hits)]
+                if text := answer.feed(piece):
+                    yield text
+                if answer.done:
                     break
-                safe = len(text[:len(text) - _stop_start_length(text, stops)].rstrip())
-                if safe > emitted:
-                    yield text[emitted:safe]
-                    emitted = safe
-            rest = text.rstrip()[emitted:]
-            if rest:
-                yield rest
+            if text := answer.rest():
+                yield text
         finally:
             stop_event.set()  # a consumer that stops early (client gone) frees the model
             if thread is not None:
                 thread.join()
         if error:
             raise error[0]
+
+    async def stream_async(self, prompt_ids: list[int], params: SamplingParams,
+                           stop_event: threading.Event) -> AsyncIterator[str]:
+        """``stream`` for an asyncio caller once ``batch_streams`` is on, from the prompt's token ids: the
+        decoder hands its text straight to the event loop (no thread per request). Sampling only, no beams."""
+        if self.decoder is None or params.num_beams > 1:
+            raise ValueError("stream_async needs batch_streams on and num_beams 1")
+        streamer = transformers.AsyncTextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
+        error: list[BaseException] = []
+        self.decoder.submit(_Job(list(prompt_ids), params, streamer, stop_event, error))
+        answer = _AnswerText(self.template.stop_strings)
+        try:
+            async for piece in streamer:
+                if text := answer.feed(piece):
+                    yield text
+                if answer.done:
+                    break
+            if text := answer.rest():
+                yield text
+        finally:
+            stop_event.set()  # the decoder drops the row at its next step
+        if error:
+            raise error[0]
+
+
+class _AnswerText:
+    """An answer's streamed text: leading spaces dropped, cut at the first template stop string; text
+    that could begin one, and trailing spaces, held back until they are known not to end the answer."""
+
+    def __init__(self, stops: tuple[str, ...]):
+        self.stops = stops
+        self.text, self.emitted, self.done = "", 0, False
+
+    def feed(self, piece: str) -> str:
+        """The text that can be sent now that ``piece`` arrived ("" if none); ``done`` once a stop string came."""
+        text = self.text + piece
+        self.text = text.lstrip() if self.emitted == 0 else text
+        hits = [self.text.find(s) for s in self.stops if s in self.text]
+        if hits:
+            self.text, self.done = self.text[:min(hits)], True
+            return ""
+        safe = len(self.text[:len(self.text) - _stop_start_length(self.text, self.stops)].rstrip())
+        if safe <= self.emitted:
+            return ""
+        out, self.emitted = self.text[self.emitted:safe], safe
+        return out
+
+    def rest(self) -> str:
+        """What was held back and belongs to the answer, once the stream is over."""
+        return self.text.rstrip()[self.emitted:]
 
 
 def _stop_start_length(text: str, stops: tuple[str, ...]) -> int:
@@ -364,7 +406,10 @@ class BatchedDecoder:
         """Hand ``token`` to the job's streamer; True when the job is finished."""
         job.ids.append(token)
         job.new_tokens += 1
-        job.streamer.put(torch.tensor([token]))
+        try:
+            job.streamer.put(torch.tensor([token]))
+        except RuntimeError:  # an asyncio caller's event loop is closed: nobody is listening
+            return True
         return token in self.stop_ids or job.new_tokens >= job.params.max_new_tokens or job.stop_event.is_set()
 
     def _admit(self, active: int) -> list[_Job]:
@@ -374,7 +419,7 @@ class BatchedDecoder:
                 self._wake.wait()
             for job in [job for job in self._waiting if job.stop_event.is_set()]:
                 self._waiting.remove(job)
-                job.streamer.end()  # its consumer is waiting for the end of its stream
+                _end(job)  # its consumer is waiting for the end of its stream
             jobs = []
             while self._waiting and active + len(jobs) < self.max_batch_size:
                 jobs.append(self._waiting.popleft())
@@ -398,7 +443,7 @@ class BatchedDecoder:
                             continue
                 except Exception as e:  # this request fails alone
                     job.errors.append(e)
-                job.streamer.end()
+                _end(job)
             if not jobs:
                 continue
             try:
@@ -416,10 +461,16 @@ class BatchedDecoder:
             if any(finished):
                 for job, done in zip(jobs, finished, strict=True):
                     if done:
-                        job.streamer.end()
+                        _end(job)
                 keep = [row for row, done in enumerate(finished) if not done]
                 jobs = [jobs[row] for row in keep]
                 cache, mask = _select(cache, mask, keep) if jobs else (None, None)
+
+
+def _end(job: _Job) -> None:
+    """End ``job``'s stream (an asyncio caller whose event loop is gone hears nothing)."""
+    with contextlib.suppress(RuntimeError):
+        job.streamer.end()
 
 
 def _join(cache: transformers.DynamicCache | None, mask: torch.Tensor | None, new: transformers.DynamicCache,

@@ -203,10 +203,14 @@ class ModelService:
         """The server's defaults with the request's non-None values."""
         return dataclasses.replace(self.defaults, **{k: v for k, v in overrides.items() if v is not None})
 
+    def prompt_ids(self, record: dict) -> list[int]:
+        """Token ids of ``record``'s prompt."""
+        add_special = self.generator.template.add_special_tokens
+        return self.tokenizer(self.generator.prompt(record), add_special_tokens=add_special)["input_ids"]
+
     def prompt_tokens(self, record: dict) -> int:
         """Token count of ``record``'s prompt."""
-        add_special = self.generator.template.add_special_tokens
-        return len(self.tokenizer(self.generator.prompt(record), add_special_tokens=add_special)["input_ids"])
+        return len(self.prompt_ids(record))
 
     def completion_tokens(self, text: str, params: SamplingParams) -> int:
         """Token count of an answer, re-tokenized (which can exceed the generated count by a token or two)."""
@@ -233,12 +237,40 @@ class ModelService:
     async def stream(self, record: dict, params: SamplingParams, stop: Sequence[str] = ()) -> AsyncIterator[str]:
         """Answer text pieces, after waiting for this request's turn; cut at the first ``stop`` string.
 
-        Closing the iterator (a client gone) stops generation at the next token; the model is handed
-        to the next request only once its generation thread has finished.
+        Closing the iterator (a client gone) stops generation at the next token: batched, the request
+        leaves the batch (or the decoder's queue); one at a time, the model is handed to the next
+        request only once this one's generation thread has finished.
         """
+        halt = threading.Event()
+        if self.batched and params.num_beams == 1:
+            ids = await self.off_loop(self.prompt_ids, record)
+            source = self.generator.stream_async(ids, params, halt)  # no thread: the decoder feeds the loop
+        else:
+            source = self._threaded(record, params, halt)
+        text, sent = "", 0
+        try:
+            async for item in source:
+                text += item
+                cut = min((at for at in (text.find(s) for s in stop) if at >= 0), default=-1)
+                if cut >= 0:
+                    if cut > sent:
+                        yield text[sent:cut]
+                    return
+                safe = len(text) - _pending(text, stop)
+                if safe > sent:
+                    yield text[sent:safe]
+                    sent = safe
+            if len(text) > sent:
+                yield text[sent:]
+        finally:
+            halt.set()
+            await source.aclose()
+
+    async def _threaded(self, record: dict, params: SamplingParams, halt: threading.Event) -> AsyncIterator[str]:
+        """``Generator.stream`` in a thread of its own, its pieces relayed to the event loop; one request at
+        a time unless batched (beam search, when batched, runs beside the batch)."""
         loop = asyncio.get_running_loop()
         pieces: asyncio.Queue[Any] = asyncio.Queue()
-        halt = threading.Event()
         end = object()
         queued = not self.batched  # batched, the decoder keeps the queue
         if queued:
@@ -265,23 +297,11 @@ class ModelService:
             if queued:
                 self._turn.release()
             raise
-        text, sent = "", 0
         try:
             while (item := await pieces.get()) is not end:
                 if isinstance(item, Exception):
                     raise item
-                text += item
-                cut = min((at for at in (text.find(s) for s in stop) if at >= 0), default=-1)
-                if cut >= 0:
-                    if cut > sent:
-                        yield text[sent:cut]
-                    return
-                safe = len(text) - _pending(text, stop)
-                if safe > sent:
-                    yield text[sent:safe]
-                    sent = safe
-            if len(text) > sent:
-                yield text[sent:]
+                yield item
         finally:
             halt.set()
 
