@@ -25,7 +25,7 @@ from alpaca_cot.errors import UserError
 from alpaca_cot.flops import matmul_peak_flops, mean_causal_context, training_flops_per_token
 from alpaca_cot.io import write_json_atomic, write_text_atomic
 from alpaca_cot.loading import load_model, load_tokenizer, resolve_dtype
-from alpaca_cot.packing import PackCollator, apply_packing, choose_packing, packed_loss
+from alpaca_cot.packing import PackCollator, apply_packing, choose_packing, packed_loss, require_liger
 from alpaca_cot.prepared import prepare_splits
 from alpaca_cot.registry import get_model_spec
 from alpaca_cot.templates import Template, get_template
@@ -237,6 +237,8 @@ def run_finetune(args: FinetuneArgs) -> tuple[dict, Any]:
     if note:
         log(note)
     prepare_output_dir(args)
+    if args.use_liger_kernel:
+        require_liger()  # before any data or model work
     tokenizer = load_tokenizer(args.model_name_or_path, spec, args.trust_remote_code)
     template = get_template(args.template or _default_template(spec.template, tokenizer), tokenizer)
 
@@ -297,15 +299,24 @@ def run_finetune(args: FinetuneArgs) -> tuple[dict, Any]:
         train_sampling_strategy="group_by_length",
         restore_callback_states_from_checkpoint=True,  # RunTotals: the whole run's metrics after a resume
         remove_unused_columns=False,
+        # --streaming: each rank reads the stream and keeps its share; dispatching would cut packed batches
+        # (accelerate slices every tensor of a batch along its first dimension).
+        accelerator_config={"dispatch_batches": False} if args.streaming else None,
         ddp_find_unused_parameters=False if world > 1 else None,
         use_cpu=not torch.cuda.is_available(),
         disable_tqdm=not is_main_process(),
+        use_liger_kernel=args.use_liger_kernel,
+        torch_compile=args.torch_compile,
     )
-    collator = PackCollator() if packing else PadCollator(tokenizer.pad_token_id)
+    if args.use_liger_kernel:
+        require_liger(model)
+    # Liger's fused loss leaves no logits for packed_loss: the model computes its loss from the labels.
+    model_loss = args.use_liger_kernel or not packing
+    collator = PackCollator(model_loss=model_loss) if packing else PadCollator(tokenizer.pad_token_id)
     callbacks = [RunTotals()] + ([AdaLoraCallback(model)] if args.peft_type == "adalora" else [])
     trainer = CountingTrainer(model=model, args=training_args, train_dataset=train_data,
                               eval_dataset=val_data if len(val_data) else None, data_collator=collator,
-                              processing_class=tokenizer, compute_loss_func=packed_loss if packing else None,
+                              processing_class=tokenizer, compute_loss_func=None if model_loss else packed_loss,
                               callbacks=callbacks)
     metrics: dict[str, Any] = {"train_records": info["train_records"], "validation_records": len(val_data),
                                "data_cache": info["cache"], "world_size": world,
