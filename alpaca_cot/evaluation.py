@@ -317,6 +317,16 @@ def prepare_output_dir(output_dir: str, settings: dict, overwrite: bool) -> None
     write_json_atomic(marker, {"written_by": WRITER, "settings": settings})
 
 
+def model_files(lora_dir: str | None) -> dict[str, list[int]]:
+    """Size and modification time of each file in a local ``--lora_dir``: a retrained adapter in the same
+    folder is other settings, so its generations are never resumed from the old adapter's."""
+    if not lora_dir or not os.path.isdir(lora_dir):
+        return {}
+    stats = {name: os.stat(os.path.join(lora_dir, name)) for name in sorted(os.listdir(lora_dir))}
+    return {name: [st.st_size, st.st_mtime_ns] for name, st in stats.items() if os.path.isfile(
+        os.path.join(lora_dir, name))}
+
+
 def _read_json(path: str) -> dict:
     try:
         with open(path, encoding="utf-8") as f:
@@ -557,7 +567,8 @@ def render_table(results: dict) -> str:
 def run_evaluation(model_args: Any, sampling: Any, args: EvaluateArgs) -> dict:
     """Evaluate as ``args`` say; writes results.json and results.md and returns the results."""
     loader_kwargs = model_args.loader_kwargs()
-    settings = {"model": loader_kwargs, "sampling": asdict(sampling),
+    settings = {"model": loader_kwargs, "model_files": model_files(loader_kwargs.get("lora_dir")),
+                "sampling": asdict(sampling),
                 **{k: v for k, v in asdict(args).items() if k not in ("output_dir", "overwrite")}}
     for source in args.data:  # a bad name fails before anything is written
         resolve_data([source])
