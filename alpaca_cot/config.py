@@ -85,6 +85,9 @@ class FinetuneArgs:
     warmup_ratio: float = flag(0.1, "fraction of the steps spent warming up the learning rate", min=0, max=1)
     gradient_checkpointing: bool = flag(False, "recompute activations in the backward pass (less memory)")
     packing: bool = flag(True, "padding-free batches where exact for the model (else padded)")
+    use_liger_kernel: bool = flag(False, "Liger's fused kernels (CUDA, liger-kernel installed): linear cross-entropy "
+                                         "without materialised logits, RMSNorm, RoPE, SwiGLU")
+    torch_compile: bool = flag(False, "compile the model with torch.compile (the first steps pay the compilation)")
     logging_steps: int = flag(10, "optimizer steps between loss logs", min=1)
     eval_steps: int | None = flag(None, "optimizer steps between evaluations (default a fifth of the run)", min=1)
     save_steps: int | None = flag(None, "optimizer steps between checkpoints (default a fifth of the run)", min=1)

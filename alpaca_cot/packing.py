@@ -26,6 +26,7 @@ import torch
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface
 
+from alpaca_cot.errors import UserError
 from alpaca_cot.tokenize import IGNORE_INDEX
 
 VARLEN_ATTENTION = "varlen_sdpa"
@@ -162,9 +163,19 @@ class PackCollator:
     """Flattens a batch of ``{"input_ids", "labels"}`` samples into one padding-free row.
 
     ``labels`` come out as ``[-100, t1 ... tK]``: the K targets of the kept positions, in order (the
-    leading -100 because the Trainer counts a causal model's label tokens from index 1). Selecting
-    them here, on the CPU, spares the loss a boolean mask that would stop a GPU's queue every step.
+    leading -100 because the Trainer counts a causal model's label tokens from index 1), for
+    ``packed_loss``. Selecting them here, on the CPU, spares the loss a boolean mask that would stop a
+    GPU's queue every step.
+
+    With ``model_loss`` the model computes its own loss (``--use_liger_kernel``: Liger's fused linear
+    cross-entropy never materialises the logits, so no loss over ``outputs.logits`` is possible), from
+    transformers' padding-free layout: ``labels`` over the whole row, -100 at each sample's first token,
+    and ``shift_labels``, the targets of the kept positions, which the model's loss and the Trainer's
+    token count read instead of shifting ``labels`` (the head still runs on the kept positions only).
     """
+
+    def __init__(self, model_loss: bool = False):
+        self.model_loss = model_loss
 
     def __call__(self, features: list[dict]) -> dict[str, Any]:
         ids: list[int] = []
@@ -182,12 +193,38 @@ class PackCollator:
         # Position p predicts the token at p + 1: keep the positions whose next label counts.
         keep = [p for p, label in enumerate(labels[1:]) if label != IGNORE_INDEX]
         targets = [IGNORE_INDEX] + [labels[p + 1] for p in keep]
-        return {"input_ids": torch.tensor([ids]), "labels": torch.tensor([targets]),
-                "position_ids": torch.tensor([positions]), "cu_seq_lens_q": cu, "cu_seq_lens_k": cu,
-                "max_length_q": longest, "max_length_k": longest, "pack_slots": slots,
-                "logits_to_keep": torch.tensor(keep, dtype=torch.long),
-                # transformers detects packed position_ids only without a KV cache
-                "use_cache": False}
+        batch = {"input_ids": torch.tensor([ids]), "labels": torch.tensor([targets]),
+                 "position_ids": torch.tensor([positions]), "cu_seq_lens_q": cu, "cu_seq_lens_k": cu,
+                 "max_length_q": longest, "max_length_k": longest, "pack_slots": slots,
+                 "logits_to_keep": torch.tensor(keep, dtype=torch.long),
+                 # transformers detects packed position_ids only without a KV cache
+                 "use_cache": False}
+        if self.model_loss:
+            batch["labels"] = torch.tensor([labels])
+            batch["shift_labels"] = torch.tensor([targets[1:]])
+        return batch
+
+
+def require_liger(model: torch.nn.Module | None = None) -> None:
+    """Refuse ``--use_liger_kernel`` in one line where Liger cannot run: not installed, no CUDA GPU (its
+    kernels are Triton GPU kernels) or, given the loaded model, a family it has no kernels for (the
+    Trainer would then only log that nothing was applied)."""
+    from transformers.utils import is_liger_kernel_available
+
+    if not is_liger_kernel_available():
+        raise UserError("--use_liger_kernel needs liger-kernel (pip install liger-kernel, on a CUDA machine); "
+                        "it is not installed here. Drop the flag to train without it.")
+    if not torch.cuda.is_available():
+        raise UserError("--use_liger_kernel needs a CUDA GPU (Liger's kernels are Triton GPU kernels); "
+                        "this machine has none. Drop the flag to train without it.")
+    if model is None:
+        return
+    from liger_kernel.transformers.monkey_patch import MODEL_TYPE_TO_APPLY_LIGER_FN
+
+    model_type = model.config.model_type
+    if model_type not in MODEL_TYPE_TO_APPLY_LIGER_FN:
+        raise UserError(f"--use_liger_kernel: Liger has no kernels for model type {model_type!r}; it has them for "
+                        f"{', '.join(sorted(MODEL_TYPE_TO_APPLY_LIGER_FN))}. Drop the flag for this model.")
 
 
 def packed_loss(outputs: Any, labels: torch.Tensor, num_items_in_batch: Any = None) -> torch.Tensor:
