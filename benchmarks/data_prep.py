@@ -6,8 +6,9 @@ Usage:
 
 The records are bench_2k.json's 2,000 repeated; the tokenizer is the workload's LLaMA-2 tokenizer.
 The tokenization seconds cover ``alpaca_cot.tokenize.encode_records`` only (not reading JSON or
-loading the tokenizer); the cache seconds cover ``alpaca_cot.prepared.prepare_splits`` whole, as
-uniform_finetune.py calls it (hashing the file, reading it or the cache, tokenizing, saving).
+loading the tokenizer, in this one process); the cache seconds cover ``alpaca_cot.prepared.prepare_splits``
+whole, as uniform_finetune.py calls it (hashing the file, reading it or the cache, tokenizing with the
+default number of processes, writing the Arrow cache). benchmarks/data_scale.py measures larger sizes.
 """
 
 from __future__ import annotations
@@ -51,8 +52,9 @@ def time_cache(records: list[dict], tokenizer: object, template: object, cutoff_
         path = os.path.join(tmp, "records.json")
         with open(path, "w", encoding="utf-8") as f:
             json.dump(records, f, ensure_ascii=False)
-        args = SimpleNamespace(data=[path], cutoff_len=cutoff_len, train_on_inputs=False, max_samples=None,
-                               val_set_size=0, seed=0)
+        args = SimpleNamespace(data=[path], data_files=None, subset=None, streaming=False, cutoff_len=cutoff_len,
+                               train_on_inputs=False, max_samples=None, val_set_size=0, seed=0,
+                               preprocessing_num_workers=None)
         seconds = {}
         for expected in ("miss", "hit"):
             started = time.perf_counter()

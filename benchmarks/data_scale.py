@@ -3,6 +3,7 @@ for 20k, 200k and 1M records, then a cache hit of each, every case in a fresh pr
 
 Usage:
   .venv/bin/python benchmarks/data_scale.py [--sizes 20000,200000,1000000] [--workers 2] [--work_dir DIR]
+  .venv/bin/python benchmarks/data_scale.py --sizes 20000,200000 --npz_commit bbef18d  # the former npz cache
 
 The records are ../shared/bench/bench_2k.json's 2,000 repeated, written as one JSON Lines file per size;
 the tokenizer is ../shared/models/llama2-tokenizer; Alpaca template, --cutoff_len 512, no validation
@@ -11,10 +12,14 @@ split. "seconds" cover ``prepare_splits`` alone (reading and validating the file
 (``ru_maxrss``), and "workers" the largest tokenizing process's. The load average is printed with
 the figures: this machine may be shared. Targets (issue 11): peak RSS grows by at most 300 MB from
 20k to 1M records; at least 3,000 records/s on 2 cores; a cache hit at 1M under 2 s.
+
+``--npz_commit`` measures instead the ``prepare_splits`` of ``alpaca_cot/prepared.py`` at that commit
+(the in-memory tokenization and npz cache this pipeline replaced), on the same files.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import itertools
 import json
 import os
@@ -43,15 +48,16 @@ def write_records(path: str, n_records: int) -> None:
     os.replace(path + ".tmp", path)
 
 
-def measure(data: str, cache_dir: str, workers: int = 2) -> None:
+def measure(data: str, cache_dir: str, workers: int = 2, npz_commit: str | None = None) -> None:
     """One case, in this process: print prepare_splits' seconds and the peak RSS as one JSON line."""
     sys.path.insert(0, ROOT)
     from types import SimpleNamespace
 
     import transformers
 
-    from alpaca_cot.prepared import prepare_splits
     from alpaca_cot.templates import get_template
+
+    prepare_splits = _prepare_splits_at(npz_commit) if npz_commit else _current_prepare_splits()
 
     tokenizer = transformers.AutoTokenizer.from_pretrained(TOKENIZER)
     template = get_template("alpaca", tokenizer)
@@ -68,34 +74,56 @@ def measure(data: str, cache_dir: str, workers: int = 2) -> None:
                       "workers_peak_rss_mb": _rss_mb(resource.RUSAGE_CHILDREN)}))
 
 
+def _current_prepare_splits():
+    from alpaca_cot.prepared import prepare_splits
+
+    return prepare_splits
+
+
+def _prepare_splits_at(commit: str):
+    """``prepare_splits`` of alpaca_cot/prepared.py as it was at ``commit``."""
+    source = subprocess.run(["git", "show", f"{commit}:alpaca_cot/prepared.py"], cwd=ROOT, check=True,
+                            capture_output=True, text=True).stdout
+    path = os.path.join(tempfile.mkdtemp(), f"prepared_{commit}.py")
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(source)
+    spec = importlib.util.spec_from_file_location(f"prepared_{commit}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.prepare_splits
+
+
 def _rss_mb(who: int) -> float:
     return resource.getrusage(who).ru_maxrss / 1024  # Linux reports KiB
 
 
-def _run_case(data: str, cache_dir: str, workers: int) -> dict:
+def _run_case(data: str, cache_dir: str, workers: int, npz_commit: str | None) -> dict:
+    extra = ["--npz_commit", npz_commit] if npz_commit else []
     proc = subprocess.run([sys.executable, os.path.abspath(__file__), "measure", "--data", data,
-                           "--cache_dir", cache_dir, "--workers", str(workers)],
+                           "--cache_dir", cache_dir, "--workers", str(workers), *extra],
                           capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     if proc.returncode:
         raise SystemExit(f"the case {data} failed:\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def main(sizes: str = "20000,200000,1000000", workers: int = 2, work_dir: str | None = None) -> None:
+def main(sizes: str = "20000,200000,1000000", workers: int = 2, work_dir: str | None = None,
+         npz_commit: str | None = None) -> None:
     """Run every size (a cache miss, then a hit) and print the table with the load average."""
     sizes_list = [int(s) for s in str(sizes).replace("(", "").replace(")", "").split(",") if str(s).strip()]
     work_dir = work_dir or tempfile.mkdtemp(prefix="data_scale-")
-    print(f"work dir {work_dir}; {workers} tokenizing processes; cores usable: {len(os.sched_getaffinity(0))}")
+    what = f"the npz cache of {npz_commit} (one process)" if npz_commit else f"{workers} tokenizing processes"
+    print(f"work dir {work_dir}; {what}; cores usable: {len(os.sched_getaffinity(0))}")
     print(f"{'records':>9} {'miss s':>8} {'records/s':>9} {'peak RSS MB':>11} {'workers MB':>10} "
           f"{'hit s':>6} {'hit RSS MB':>10}  load average (1, 5, 15 min) before -> after")
     rows = []
     for n in sizes_list:
         data = os.path.join(work_dir, f"bench_{n}.jsonl")
         write_records(data, n)
-        cache = os.path.join(work_dir, f"cache_{n}")
+        cache = os.path.join(work_dir, f"cache_{n}" + (f"_npz_{npz_commit}" if npz_commit else ""))
         load_before = os.getloadavg()
-        miss = _run_case(data, cache, workers)
-        hit = _run_case(data, cache, workers)
+        miss = _run_case(data, cache, workers, npz_commit)
+        hit = _run_case(data, cache, workers, npz_commit)
         load_after = os.getloadavg()
         if (miss["cache"], hit["cache"]) != ("miss", "hit") or miss["first_ids"] != hit["first_ids"]:
             raise SystemExit(f"expected a miss then an equal hit, got {miss} and {hit}")
