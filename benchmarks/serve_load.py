@@ -10,7 +10,9 @@ streams sends that many streaming chat completions at once through the official 
 least --min_requests in all, never more than that many in flight) and reports aggregate generated
 tokens/s, p50/p99 time to first token and p50/p99 total latency. Requests are greedy (temperature 0)
 and their prompts distinct, so both modes must give the same answers: the script checks that too.
-Each server stops by itself; the whole run stops after --time_limit_s.
+Each server stops by itself; the whole run stops after --time_limit_s. The default --compute_dtype is
+fp32: there greedy answers are the same batched or not; in bf16 rounding differs with the batch's
+shape, and a few answers drift apart after some tokens.
 """
 
 from __future__ import annotations
