@@ -13,6 +13,7 @@ import os
 from dataclasses import dataclass
 
 from alpaca_cot.adapters import PEFT_TYPES
+from alpaca_cot.engines import DEEPSPEED_PRESETS, check_engine_flags
 from alpaca_cot.errors import UserError
 from alpaca_cot.flags import check_fields, flag
 from alpaca_cot.io import write_json_atomic
@@ -96,6 +97,12 @@ class FinetuneArgs:
     report_to: str = flag("none", "where to send logs: none, tensorboard, wandb, ... (commas between several)")
     resume_from_checkpoint: str | bool | None = flag(None, "True: the latest complete checkpoint in --output_dir; "
                                                            "or a checkpoint folder")
+    deepspeed: str | None = flag(None, "DeepSpeed ZeRO: " + " | ".join(DEEPSPEED_PRESETS) + " (configs/deepspeed/) "
+                                       "or a JSON config file; under a launcher (deepspeed, torchrun)")
+    fsdp: bool = flag(False, "FSDP2 full sharding, each decoder layer one unit; under a launcher (torchrun, "
+                             "accelerate launch), on CUDA GPUs")
+    fsdp_offload: bool = flag(False, "with --fsdp: keep the sharded weights, gradients and optimizer states in "
+                                     "CPU memory")
     # output
     output_dir: str | None = flag(None, "where the run goes (default saved_models/MODEL_DATA_LR/PEFT)")
     overwrite_output_dir: bool = flag(False, "replace a previous run in --output_dir once this one has finished")
@@ -124,6 +131,7 @@ class FinetuneArgs:
                                            self.peft_type)
         if os.path.exists(self.output_dir) and not os.path.isdir(self.output_dir):
             raise UserError(f"--output_dir {self.output_dir} is an existing file; pass a folder.")
+        check_engine_flags(self)
 
     def save(self, directory: str) -> None:
         """Write the arguments as JSON (other scripts read them back as defaults)."""

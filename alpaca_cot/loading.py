@@ -111,26 +111,31 @@ def load_tokenizer(path: str, spec: ModelSpec, trust_remote_code: bool = False) 
     return tokenizer
 
 
-def quantization_config(bits: int | None, dtype: torch.dtype) -> transformers.BitsAndBytesConfig | None:
-    """``--quantization_bit 8|4`` as a BitsAndBytesConfig (NF4 with double quantization for 4-bit)."""
+def quantization_config(bits: int | None, dtype: torch.dtype,
+                        quant_storage: torch.dtype | None = None) -> transformers.BitsAndBytesConfig | None:
+    """``--quantization_bit 8|4`` as a BitsAndBytesConfig (NF4 with double quantization for 4-bit); 4-bit weights
+    are packed into ``quant_storage`` elements (default uint8; FSDP shards them in the compute dtype)."""
     if bits in (None, 0, "", "none"):
         return None
     if int(bits) == 8:
         return transformers.BitsAndBytesConfig(load_in_8bit=True)
     if int(bits) == 4:
         return transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                                               bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype)
+                                               bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype,
+                                               bnb_4bit_quant_storage=quant_storage or torch.uint8)
     raise UserError(f"Unknown --quantization_bit {bits!r}; valid choices: 8, 4")
 
 
 def load_model(path: str, spec: ModelSpec, *, dtype: torch.dtype = torch.float32, quantization_bit: int | None = None,
-               trust_remote_code: bool = False, attn_implementation: str | None = None) -> Any:
-    """The base model on this process's device."""
+               trust_remote_code: bool = False, attn_implementation: str | None = None,
+               device: torch.device | None = None, quant_storage: torch.dtype | None = None) -> Any:
+    """The base model on ``device`` (default: this process's device); ``quant_storage`` as in
+    ``quantization_config``."""
     remote = _check_remote_code(path, spec, trust_remote_code)
     cls = getattr(transformers, spec.remote_model_class if remote else spec.model_class)
-    device = device_for_rank()
+    device = device or device_for_rank()
     kwargs: dict[str, Any] = {"dtype": dtype, "trust_remote_code": remote}
-    quant = quantization_config(quantization_bit, dtype)
+    quant = quantization_config(quantization_bit, dtype, quant_storage)
     if quant is not None:
         kwargs["quantization_config"] = quant
         kwargs["device_map"] = {"": device.index if device.type == "cuda" else "cpu"}

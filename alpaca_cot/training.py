@@ -21,6 +21,7 @@ from transformers.trainer_pt_utils import LengthGroupedSampler
 from alpaca_cot.adapters import apply_peft, build_peft_config, resolve_target_modules
 from alpaca_cot.checkpoints import STAGING_SUFFIX, checkpoint_folders, choose_checkpoint, run_training, swap_in
 from alpaca_cot.config import FinetuneArgs
+from alpaca_cot.engines import gathered_state_dict, plan_engine
 from alpaca_cot.errors import UserError
 from alpaca_cot.flops import matmul_peak_flops, mean_causal_context, training_flops_per_token
 from alpaca_cot.io import write_json_atomic, write_text_atomic
@@ -156,8 +157,10 @@ class CountingTrainer(transformers.Trainer):
 
     def _get_train_sampler(self, train_dataset: Any = None) -> torch.utils.data.Sampler:
         dataset = train_dataset if train_dataset is not None else self.train_dataset
-        return EpochLengthSampler(self.args.train_batch_size * self.args.gradient_accumulation_steps,
-                                  dataset.lengths(), self.args.seed)
+        # Grouped for the global batch: accelerate deals each rank every world-th batch of this order, so
+        # an optimizer step trains the same records whatever the number of processes.
+        global_batch = self.args.train_batch_size * self.args.gradient_accumulation_steps * self.args.world_size
+        return EpochLengthSampler(global_batch, dataset.lengths(), self.args.seed)
 
 
 class EpochLengthSampler(LengthGroupedSampler):
@@ -237,6 +240,7 @@ def run_finetune(args: FinetuneArgs) -> tuple[dict, Any]:
     if note:
         log(note)
     prepare_output_dir(args)
+    engine = plan_engine(args)  # before the data: an engine that cannot run here stops the run at once
     if args.use_liger_kernel:
         require_liger()  # before any data or model work
     tokenizer = load_tokenizer(args.model_name_or_path, spec, args.trust_remote_code)
@@ -252,7 +256,8 @@ def run_finetune(args: FinetuneArgs) -> tuple[dict, Any]:
 
     full = args.peft_type == "full"
     model = load_model(args.model_name_or_path, spec, dtype=torch.float32 if full else dtype,
-                       quantization_bit=args.quantization_bit, trust_remote_code=args.trust_remote_code)
+                       quantization_bit=args.quantization_bit, trust_remote_code=args.trust_remote_code,
+                       device=engine.load_device, quant_storage=engine.quant_storage(dtype))
     # Decided on the loaded model's config, so that --model_type auto packs whatever class the checkpoint
     # names, with an attention that is exact for it (sliding windows, softcapping) or not at all.
     plan = choose_packing(model, args.peft_type, args.packing, remote_code=args.trust_remote_code)
@@ -265,7 +270,7 @@ def run_finetune(args: FinetuneArgs) -> tuple[dict, Any]:
     targets = resolve_target_modules(model, spec, args.lora_target_modules) \
         if args.peft_type in ("lora", "adalora") else []
     peft_config = build_peft_config(args, targets, total_steps)
-    model = apply_peft(model, peft_config, quantized=args.quantization_bit is not None,
+    model = apply_peft(model, peft_config, quantized=engine.kbit_preparation,
                        gradient_checkpointing=args.gradient_checkpointing)
     if is_main_process() and hasattr(model, "print_trainable_parameters"):
         model.print_trainable_parameters()
@@ -303,7 +308,8 @@ def run_finetune(args: FinetuneArgs) -> tuple[dict, Any]:
         # (accelerate slices every tensor of a batch along its first dimension).
         accelerator_config={"dispatch_batches": False} if args.streaming else None,
         ddp_find_unused_parameters=False if world > 1 else None,
-        use_cpu=not torch.cuda.is_available(),
+        use_cpu=engine.use_cpu,
+        **engine.training_kwargs(model),
         disable_tqdm=not is_main_process(),
         use_liger_kernel=args.use_liger_kernel,
         torch_compile=args.torch_compile,
@@ -319,7 +325,7 @@ def run_finetune(args: FinetuneArgs) -> tuple[dict, Any]:
                               processing_class=tokenizer, compute_loss_func=None if model_loss else packed_loss,
                               callbacks=callbacks)
     metrics: dict[str, Any] = {"train_records": info["train_records"], "validation_records": len(val_data),
-                               "data_cache": info["cache"], "world_size": world,
+                               "data_cache": info["cache"], "world_size": world, "engine": engine.engine,
                                "dtype": str(dtype).removeprefix("torch."), "template": template.name,
                                "total_steps": total_steps, "packing": packing,
                                "attention": plan.attention or "padded"}
@@ -342,15 +348,16 @@ def run_finetune(args: FinetuneArgs) -> tuple[dict, Any]:
     metrics["flops_per_token"] = training_flops_per_token(model, full, mean_causal_context(train_data.lengths()))
     metrics["matmul_peak_gflops"] = peak / 1e9
     metrics["mfu"] = metrics["effective_tokens_per_s"] / world * metrics["flops_per_token"] / peak
-    if world > 1:
+    if world > 1 and not engine.params_sharded:  # sharded ranks hold different parts by design
         metrics["replicas_in_sync"] = _replicas_in_sync(trainer.model)
     log(f"throughput: {metrics['effective_tokens_per_s']:.0f} effective (non-padding) tokens/s over "
         f"{metrics['train_loop_seconds']:.1f} s of training (evaluation excluded); "
         f"padding {metrics['padding_fraction']:.1%}; "
         f"MFU {metrics['mfu']:.0%} of the {metrics['matmul_peak_gflops']:.0f} GFLOP/s {metrics['dtype']} matmul peak "
         f"measured at start-up")
+    state_dict = gathered_state_dict(trainer, engine)  # a collective: every rank takes part
     if trainer.is_world_process_zero():
-        save_outputs(args, trainer, tokenizer, template, metrics)
+        save_outputs(args, trainer, tokenizer, template, metrics, state_dict)
     return metrics, trainer.model
 
 
@@ -393,8 +400,10 @@ def _replicas_in_sync(model: Any) -> bool:
 
 
 def save_outputs(args: FinetuneArgs, trainer: transformers.Trainer, tokenizer: Any, template: Template,
-                 metrics: dict) -> None:
+                 metrics: dict, state_dict: dict | None = None) -> None:
     """Adapter (safetensors), tokenizer, arguments, template, metrics, loss plot: staged, then moved in.
+
+    ``state_dict``: the weights gathered from a sharded engine's ranks (default: the model's own).
 
     An --overwrite_output_dir run, trained beside --output_dir, then takes the old run's place.
     """
@@ -403,7 +412,7 @@ def save_outputs(args: FinetuneArgs, trainer: transformers.Trainer, tokenizer: A
     args.output_dir = target  # what the saved arguments and the caller name
     staging = os.path.join(out, ".saving")
     shutil.rmtree(staging, ignore_errors=True)
-    trainer.model.save_pretrained(staging, safe_serialization=True)
+    trainer.model.save_pretrained(staging, safe_serialization=True, state_dict=state_dict)
     tokenizer.save_pretrained(staging)
     template.save(staging)
     args.save(staging)

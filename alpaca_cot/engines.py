@@ -1,0 +1,184 @@
+"""The distributed engines, through the HF Trainer's own integration (no sharding of ours).
+
+- plain launcher (torchrun, accelerate launch, deepspeed): DDP, every rank holds the whole model.
+- ``--deepspeed zero2|zero2_offload|zero3|zero3_offload`` (configs/deepspeed/NAME.json) or a JSON file:
+  DeepSpeed ZeRO; the configs' ``"auto"`` values are filled by the Trainer from our flags (batch sizes,
+  gradient accumulation, clipping, bf16/fp16, and the learning rate of an offloaded optimizer).
+- ``--fsdp``: FSDP2 full sharding, each decoder layer (the model's ``_no_split_modules``) one unit;
+  ``--fsdp_offload`` keeps the shards in CPU memory.
+
+Every optimizer step sees the same records whatever the number of processes (the length-grouped order
+is drawn for the global batch, and the loss is normalised over the global token count), so 2 processes
+train what one process with the same global batch trains. The saved adapter or model is gathered from
+the shards (``gathered_state_dict``) and loads alone in plain transformers/peft.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from alpaca_cot.errors import UserError
+
+DEEPSPEED_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "deepspeed")
+DEEPSPEED_PRESETS = ("zero2", "zero2_offload", "zero3", "zero3_offload")
+ZERO_STAGES = (0, 1, 2, 3)
+
+
+def resolve_deepspeed_config(value: str) -> str:
+    """``--deepspeed`` as the absolute path of a readable ZeRO config: a preset name or a JSON file."""
+    path = os.path.join(DEEPSPEED_DIR, f"{value}.json") if value in DEEPSPEED_PRESETS else value
+    if not os.path.isfile(path):
+        raise UserError(f"--deepspeed {value!r} is neither a shipped config ({', '.join(DEEPSPEED_PRESETS)}) "
+                        "nor a JSON file")
+    read_deepspeed_config(path)
+    return os.path.abspath(path)
+
+
+def read_deepspeed_config(path: str) -> dict:
+    """The DeepSpeed config at ``path``; malformed JSON or a ZeRO stage outside 0-3 is one line naming the file."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            config = json.load(f)
+    except json.JSONDecodeError as e:
+        raise UserError(f"--deepspeed {path} line {e.lineno}: not valid JSON ({e.msg})") from None
+    if not isinstance(config, dict):
+        raise UserError(f"--deepspeed {path} holds a JSON {type(config).__name__}, not an object of settings")
+    stage = config.get("zero_optimization", {}).get("stage", 0)
+    if stage not in ZERO_STAGES:
+        raise UserError(f"--deepspeed {path}: zero_optimization.stage {stage!r} is not valid; valid choices: "
+                        f"{', '.join(map(str, ZERO_STAGES))}")
+    return config
+
+
+def check_engine_flags(args: Any) -> None:
+    """Refuse conflicting engine flags (called at the end of ``FinetuneArgs.__post_init__``).
+
+    The DeepSpeed config file itself is read when training starts (``plan_engine``): the inference
+    scripts read a run's saved arguments back, also where that file is absent.
+    """
+    if args.fsdp_offload and not args.fsdp:
+        raise UserError("--fsdp_offload applies to FSDP only; add --fsdp or drop --fsdp_offload.")
+    if args.deepspeed is not None and args.fsdp:
+        raise UserError("--deepspeed and --fsdp are two sharding engines; pass one of them.")
+    if args.fsdp and args.quantization_bit == 8:
+        raise UserError("--fsdp cannot shard 8-bit weights (bitsandbytes Int8Params); use --quantization_bit 4 "
+                        "(QLoRA) with --fsdp, or DDP for 8-bit.")
+    if args.deepspeed is not None and args.deepspeed not in DEEPSPEED_PRESETS and os.path.isfile(args.deepspeed):
+        args.deepspeed = os.path.abspath(args.deepspeed)  # a saved run names its config from any folder
+
+
+def zero_stage(path: str) -> int:
+    """The ZeRO stage of a DeepSpeed config file (0 when it names none)."""
+    return read_deepspeed_config(path).get("zero_optimization", {}).get("stage", 0)
+
+
+@dataclass(frozen=True)
+class EnginePlan:
+    """How a run is distributed: ``engine`` is "ddp" (also one process alone), "deepspeed" or "fsdp"."""
+
+    engine: str
+    world: int
+    cuda: bool
+    deepspeed_config: str | None = None
+    zero_stage: int | None = None
+    fsdp_offload: bool = False
+    quantized: bool = False
+
+    @property
+    def use_cpu(self) -> bool:
+        """``TrainingArguments(use_cpu=...)``: without CUDA, except for DeepSpeed, which ``use_cpu`` would switch
+        off (a CPU-only DeepSpeed process runs DeepSpeed's CPU accelerator)."""
+        return not self.cuda and self.engine != "deepspeed"
+
+    @property
+    def params_sharded(self) -> bool:
+        """Whether each rank holds only a shard of the weights (FSDP, ZeRO-3): no rank has the whole model."""
+        return self.engine == "fsdp" or self.zero_stage == 3
+
+    @property
+    def load_device(self) -> torch.device | None:
+        """Where to load the base model: on the CPU for DeepSpeed and FSDP, which move each rank's part (or
+        shard) to its GPU; None (this rank's device) otherwise. A bitsandbytes model quantizes on its device."""
+        return torch.device("cpu") if self.engine != "ddp" and not self.quantized else None
+
+    def quant_storage(self, dtype: torch.dtype) -> torch.dtype | None:
+        """``bnb_4bit_quant_storage`` for sharded QLoRA: the compute dtype, so FSDP shards the packed 4-bit
+        weights as it shards the other weights (PEFT's and bitsandbytes' FSDP-QLoRA recipe); None otherwise."""
+        return dtype if self.engine == "fsdp" and self.quantized else None
+
+    @property
+    def kbit_preparation(self) -> bool:
+        """Whether to run peft's k-bit preparation (it upcasts the unquantized weights to fp32): not under
+        FSDP, whose shards need the weights in one dtype (TRL skips it there for the same reason)."""
+        return self.quantized and self.engine != "fsdp"
+
+    def training_kwargs(self, model: Any) -> dict[str, Any]:
+        """``transformers.TrainingArguments`` keywords for this engine (none for DDP)."""
+        if self.engine == "deepspeed":
+            return {"deepspeed": self.deepspeed_config}
+        if self.engine == "fsdp":
+            config = {"version": 2, "auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
+                      "transformer_layer_cls_to_wrap": decoder_layer_classes(model), "reshard_after_forward": True,
+                      "state_dict_type": "FULL_STATE_DICT", "cpu_offload": self.fsdp_offload}
+            return {"fsdp": True, "fsdp_config": config}
+        return {}
+
+
+def plan_engine(args: Any, *, cuda: bool | None = None, world: int | None = None) -> EnginePlan:
+    """The engine ``args`` ask for on this machine, or a UserError where it cannot run here."""
+    cuda = torch.cuda.is_available() if cuda is None else cuda
+    world = int(os.environ.get("WORLD_SIZE", "1")) if world is None else world
+    launched = "LOCAL_RANK" in os.environ
+    quantized = args.quantization_bit is not None
+    if args.fsdp:
+        if not cuda:
+            # accelerate 1.15 turns FSDP on only for accelerator devices: on CPU the Trainer would silently
+            # train plain DDP with every rank holding the whole model (measured).
+            raise UserError("--fsdp needs CUDA GPUs: the Trainer's FSDP (through accelerate) runs only on "
+                            "accelerator devices; on CPU drop --fsdp (torchrun alone trains DDP).")
+        if not launched:
+            raise UserError("--fsdp runs under a launcher: torchrun --nproc_per_node N uniform_finetune.py ... "
+                            "(or accelerate launch).")
+        return EnginePlan("fsdp", world, cuda, fsdp_offload=args.fsdp_offload, quantized=quantized)
+    if args.deepspeed:
+        config = resolve_deepspeed_config(args.deepspeed)
+        stage = zero_stage(config)
+        if quantized and stage == 3:
+            raise UserError(f"--quantization_bit with ZeRO-3 (--deepspeed {args.deepspeed}): our loader puts the "
+                            "whole quantized model on every GPU before ZeRO-3 partitions it, so nothing is saved; "
+                            "shard QLoRA with --fsdp --quantization_bit 4, or use zero2 or zero2_offload.")
+        if not launched:
+            raise UserError("--deepspeed runs under a launcher: deepspeed uniform_finetune.py ... or torchrun "
+                            "--nproc_per_node N uniform_finetune.py ...")
+        if not cuda and world > 1:
+            # Without an accelerator, accelerate 1.15 records one process while DeepSpeed's CPU accelerator
+            # joins them all, and DeepSpeed then refuses the batch sizes (train_batch_size != micro x world).
+            raise UserError(f"--deepspeed on CPU runs one process only (the Trainer's DeepSpeed set-up counts one "
+                            f"process without a GPU; {world} were launched); use GPUs, or DDP (drop --deepspeed).")
+        return EnginePlan("deepspeed", world, cuda, deepspeed_config=config, zero_stage=stage, quantized=quantized)
+    return EnginePlan("ddp", world, cuda, quantized=quantized)
+
+
+def decoder_layer_classes(model: Any) -> list[str]:
+    """The decoder-layer class names FSDP wraps one by one: the base model's ``_no_split_modules``."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    names = list(getattr(base, "_no_split_modules", None) or [])
+    if not names:
+        raise UserError(f"--fsdp: {type(base).__name__} names no decoder layer class (_no_split_modules), so FSDP "
+                        "cannot wrap its layers; use --deepspeed instead.")
+    return names
+
+
+def gathered_state_dict(trainer: Any, plan: EnginePlan) -> dict[str, torch.Tensor] | None:
+    """The whole model's state dict gathered from the shards, for saving; None where the model itself is whole.
+
+    Call it on every rank (it is a collective); the full dict is on rank 0.
+    """
+    if plan.engine == "ddp":
+        return None
+    return trainer.accelerator.get_state_dict(trainer.model_wrapped)
