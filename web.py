@@ -33,7 +33,8 @@ def main(model: ModelArgs, sampling: SamplingParams, args: ServeArgs) -> None:
     api_key = args.api_key or os.environ.get("ALPACA_COT_API_KEY") or None
     base, tokenizer, template = load_for_inference(**model.loader_kwargs())
     model_id = os.path.basename(os.path.normpath(model.lora_dir or base.name_or_path))
-    app = create_app(Generator(base, tokenizer, template), sampling, model_id=model_id, api_key=api_key, ui=args.ui)
+    app = create_app(Generator(base, tokenizer, template), sampling, model_id=model_id, api_key=api_key, ui=args.ui,
+                     max_batch_size=args.max_batch_size, max_request_bytes=args.max_request_bytes)
     if args.host not in ("127.0.0.1", "localhost", "::1") and not api_key:
         print(f"warning: serving on {args.host} without --api_key: anyone who can reach this port can use the model")
     url = f"http://{args.host}:{args.port}"

@@ -236,6 +236,9 @@ class ServeArgs:
     port: int = flag(8410, "TCP port", min=1, max=65535)
     api_key: str | None = flag(None, "require 'Authorization: Bearer KEY' (default: $ALPACA_COT_API_KEY)")
     ui: bool = flag(True, "serve the chat page at /ui/ (False: the API alone)")
+    max_batch_size: int = flag(64, "requests decoded together, each streamed to its own client (1: one at a time)",
+                               min=1)
+    max_request_bytes: int = flag(2 * 2**20, "largest request body; a larger one gets 413", min=1024)
 
     def __post_init__(self) -> None:
         check_fields(self)
