@@ -238,6 +238,8 @@ class ServeArgs:
     ui: bool = flag(True, "serve the chat page at /ui/ (False: the API alone)")
     max_batch_size: int = flag(64, "requests decoded together, each streamed to its own client (1: one at a time)",
                                min=1)
+    # 2 MiB: well above any prompt a served context window holds (128k tokens of JSON text is about 600 KB),
+    # well below what hurts the server to read and parse.
     max_request_bytes: int = flag(2 * 2**20, "largest request body; a larger one gets 413", min=1024)
 
     def __post_init__(self) -> None:

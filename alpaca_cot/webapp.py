@@ -36,16 +36,15 @@ from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Resp
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from starlette.exceptions import HTTPException
 
+from alpaca_cot.config import ServeArgs
 from alpaca_cot.errors import UserError
 from alpaca_cot.generation import SEED_MAX, SEED_MIN, Generator, SamplingParams
 from alpaca_cot.templates import record_from_messages
 
 UI_PATH = "/ui"
 DISCONNECT_POLL_S = 0.25  # how often a non-streaming request checks that its client is still there
-MAX_BATCH_SIZE = 64  # streams decoded together; more wait their turn
-# 2 MiB: well above any prompt a served context window holds (128k tokens of JSON text is about 600 KB),
-# well below what hurts the server to read and parse.
-MAX_REQUEST_BYTES = 2 * 1024 * 1024
+MAX_BATCH_SIZE = ServeArgs.max_batch_size  # streams decoded together; more wait their turn (web.py's flags)
+MAX_REQUEST_BYTES = ServeArgs.max_request_bytes
 INT_MAX = 2**31 - 1  # the bound of integer fields that have no natural one
 
 
