@@ -23,7 +23,7 @@ import torch
 import transformers
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from measure import count_tokens, summarize, write_metrics  # noqa: E402
+from measure import Counts, LoopTimer, count_tokens, summarize, write_metrics  # noqa: E402
 from workload import build_workload, load_bench_records  # noqa: E402
 
 IGNORE_INDEX = -100
@@ -53,6 +53,23 @@ def tokenize_record(record: dict, tokenizer: Any, cutoff_len: int) -> dict[str, 
             "labels": [IGNORE_INDEX] * n_prompt + ids[n_prompt:]}
 
 
+class CountingCollator:
+    """Counts each batch's real (``input_ids != pad``) and padded positions on the CPU as it builds it.
+
+    On a GPU, counting in ``training_step`` (measure.count_tokens) would read a device tensor back every
+    step: a host-device sync that alpaca-lora's loop does not have.
+    """
+
+    def __init__(self, collator: Any, counts: Counts, pad_id: int):
+        self.collator, self.counts, self.pad_id = collator, counts, pad_id
+
+    def __call__(self, features: list[dict]) -> dict[str, Any]:
+        batch = self.collator(features)
+        self.counts.effective_tokens += int((batch["input_ids"] != self.pad_id).sum())
+        self.counts.batch_tokens += batch["input_ids"].numel()
+        return batch
+
+
 def run_reference(output_dir: str, model_dir: str, records: list[dict], group_by_length: bool = False,
                   batch_size: int = 8, cutoff_len: int = 512, learning_rate: float = 3e-4, threads: int = 2,
                   seed: int = 42, dtype: str = "fp32") -> dict[str, Any]:
@@ -71,13 +88,18 @@ def run_reference(output_dir: str, model_dir: str, records: list[dict], group_by
     lora = peft.LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], lora_dropout=0.05,
                            bias="none", task_type="CAUSAL_LM")
     model = peft.get_peft_model(model, lora)
-    counts, timer = count_tokens(tokenizer.pad_token_id)
     args = transformers.TrainingArguments(
         output_dir=output_dir, per_device_train_batch_size=batch_size, num_train_epochs=1,
         learning_rate=learning_rate, warmup_steps=int(0.1 * -(-len(data) // batch_size)), logging_steps=10,
         optim="adamw_torch", save_strategy="no", report_to=[], seed=seed, use_cpu=not cuda, bf16=bf16,
         train_sampling_strategy="group_by_length" if group_by_length else "random", disable_tqdm=True)
     collator = transformers.DataCollatorForSeq2Seq(tokenizer, padding=True, return_tensors="pt")
+    if cuda:
+        counts = Counts()
+        timer = LoopTimer(counts)
+        collator = CountingCollator(collator, counts, tokenizer.pad_token_id)
+    else:
+        counts, timer = count_tokens(tokenizer.pad_token_id)
     trainer = transformers.Trainer(model=model, args=args, train_dataset=data, data_collator=collator,
                                    processing_class=tokenizer, callbacks=[timer])
     result = trainer.train()
@@ -85,13 +107,16 @@ def run_reference(output_dir: str, model_dir: str, records: list[dict], group_by
     extra = {"peak_gpu_mb": torch.cuda.max_memory_allocated() / 2**20} if cuda else {}
     metrics = summarize(counts, result.training_loss, train_records=len(data),
                         dtype="bfloat16" if bf16 else "float32", group_by_length=group_by_length, **extra)
+    if cuda:  # training_step is not timed on a GPU (timing it would need a sync per step)
+        metrics = {k: v for k, v in metrics.items() if k not in ("step_seconds", "step_tokens_per_s",
+                                                                  "train_step_seconds")}
     write_metrics(output_dir, metrics)
     return metrics
 
 
 def main(output_dir: str = os.path.join("benchmarks", "runs", "reference"), group_by_length: bool = False,
          n_records: int = 200, threads: int = 2, dtype: str = "fp32", model_dir: str | None = None,
-         batch_size: int = 8) -> None:
+         batch_size: int = 8, cutoff_len: int = 512) -> None:
     """Run the reference loop on the first N workload records; print its numbers.
 
     ``--model_dir`` trains another model folder (as benchmarks/gpu.py does) instead of the workload's.
@@ -99,7 +124,7 @@ def main(output_dir: str = os.path.join("benchmarks", "runs", "reference"), grou
     model_dir = model_dir or build_workload(int(n_records)).model_dir
     metrics = run_reference(output_dir, model_dir, load_bench_records(int(n_records)),
                             group_by_length=bool(group_by_length), threads=int(threads), dtype=dtype,
-                            batch_size=int(batch_size))
+                            batch_size=int(batch_size), cutoff_len=int(cutoff_len))
     print(f"reference{' (grouped)' if group_by_length else ''}: {metrics['effective_tokens_per_s']:.0f} effective "
           f"tokens/s, padding {metrics['padding_fraction']:.1%}, peak RSS {metrics['peak_rss_mb']:.0f} MB, "
           f"loss {metrics['train_loss']:.4f}, {metrics['steps']} steps; metrics in {output_dir}")

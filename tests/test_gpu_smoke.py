@@ -1,0 +1,48 @@
+"""benchmarks/gpu.py --smoke: the whole GPU comparison runs on a CPU (a 2-layer Qwen3-shaped model, 5 steps).
+
+Every row a CPU can run trains through benchmarks/step_probe.py (steady window, a profiled step); the
+GPU-only rows are listed with their reason. Needs the Qwen3 tokenizer and bench_2k from ../shared.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from tests.conftest import SHARED, run_script, shared_path
+
+VOCAB = 151936  # Qwen3's: a random-init model's loss starts at ln(VOCAB)
+RAN = ("ours, batch 2", "ours --packing False, batch 2", "reference-grouped, batch 2", "reference, batch 2")
+GPU_ONLY = ("ours --use_liger_kernel, batch 2", "ours QLoRA (4-bit NF4), batch 2", "ours --torch_compile, batch 2",
+            "ours --deepspeed zero3 (1 process), batch 2")
+
+
+@pytest.mark.slow
+def test_gpu_benchmark_smoke_on_cpu(tmp_path) -> None:
+    shared_path("models", "qwen3-tokenizer")
+    shared_path("bench", "bench_2k.json")
+    run_script("benchmarks/gpu.py", "--smoke", "--out", str(tmp_path), "--report_dir", str(tmp_path / "report"),
+               env={"ALPACA_COT_SHARED": SHARED}, timeout=900)
+    results = json.loads((tmp_path / "gpu_results.json").read_text(encoding="utf-8"))
+    rows = {r["name"]: r for r in results["rows"]}
+    assert set(RAN) | set(GPU_ONLY) <= set(rows)
+    for name in RAN:
+        row = rows[name]
+        assert not row["error"] and not row["skipped"], name
+        assert row["steps"] == results["steps"] == 5 and not row["not_reached"], name
+        assert row["steady_tokens_per_s"] > 0 and 0 < row["mfu"] < 1, name
+        # 5 steps barely move LoRA: a loss over the wrong tokens or wrongly normalised would be far off
+        assert abs(row["train_loss"] - math.log(VOCAB)) < 0.05, (name, row["train_loss"])
+        assert row["profile"]["wall_ms"] > 0, name
+    assert rows["ours, batch 2"]["padding"] == 0 < rows["ours --packing False, batch 2"]["padding"]
+    for name in GPU_ONLY:
+        assert rows[name]["skipped"], name
+    profiles = (tmp_path / "profiles.txt").read_text(encoding="utf-8")
+    assert all(f"=== {name}" in profiles for name in RAN) and "aten::mm" in profiles
+    table = (tmp_path / "gpu_results.md").read_text(encoding="utf-8")
+    assert f"transformers {results['versions']['transformers']}" in table and "commit " in table
+    assert all(f"| {name} |" in table for name in rows)
+    report = sorted(p.name for p in (tmp_path / "report").iterdir())
+    assert report == ["gpu_results.json", "gpu_results.md", "logs.txt", "profiles.txt"]
