@@ -102,7 +102,8 @@ def final_answer(record: dict) -> tuple[str, str] | None:
         answer = reference.strip().rstrip(".")
     else:
         return None
-    return classify(answer), normalize_answer(classify(answer), answer)
+    kind = classify(answer)
+    return kind, normalize_answer(kind, answer)
 
 
 def classify(answer: str) -> str:
@@ -317,14 +318,16 @@ def prepare_output_dir(output_dir: str, settings: dict, overwrite: bool) -> None
     write_json_atomic(marker, {"written_by": WRITER, "settings": settings})
 
 
-def model_files(lora_dir: str | None) -> dict[str, list[int]]:
-    """Size and modification time of each file in a local ``--lora_dir``: a retrained adapter in the same
-    folder is other settings, so its generations are never resumed from the old adapter's."""
-    if not lora_dir or not os.path.isdir(lora_dir):
-        return {}
-    stats = {name: os.stat(os.path.join(lora_dir, name)) for name in sorted(os.listdir(lora_dir))}
-    return {name: [st.st_size, st.st_mtime_ns] for name, st in stats.items() if os.path.isfile(
-        os.path.join(lora_dir, name))}
+def file_stamps(paths: list[str]) -> dict[str, list[int]]:
+    """Size and modification time of each file: a retrained adapter in the same --lora_dir, or an edited
+    --data file, is other settings, so generations are never resumed from what was there before."""
+    return {os.path.abspath(path): [os.stat(path).st_size, os.stat(path).st_mtime_ns] for path in sorted(paths)}
+
+
+def _folder_files(folder: str | None) -> list[str]:
+    if not folder or not os.path.isdir(folder):
+        return []
+    return [os.path.join(folder, name) for name in os.listdir(folder) if os.path.isfile(os.path.join(folder, name))]
 
 
 def _read_json(path: str) -> dict:
@@ -398,7 +401,7 @@ def evaluate_data(source: str, model: LazyModel, sampling: Any, args: EvaluateAr
         loss_path = os.path.join(folder, f"{name}.loss.json")
         saved = _read_json(loss_path)
         if "eval_loss" not in saved:
-            saved = {"eval_loss": answer_loss(*model.get()[:3], records[:count], args.cutoff_len,
+            saved = {"eval_loss": answer_loss(*model.get(), records[:count], args.cutoff_len,
                                               args.eval_batch_size)}
             write_json_atomic(loss_path, saved)
         result["eval_loss"] = saved["eval_loss"]
@@ -567,11 +570,10 @@ def render_table(results: dict) -> str:
 def run_evaluation(model_args: Any, sampling: Any, args: EvaluateArgs) -> dict:
     """Evaluate as ``args`` say; writes results.json and results.md and returns the results."""
     loader_kwargs = model_args.loader_kwargs()
-    settings = {"model": loader_kwargs, "model_files": model_files(loader_kwargs.get("lora_dir")),
-                "sampling": asdict(sampling),
+    data_files = resolve_data(args.data) if args.data else []  # a bad name fails before anything is written
+    settings = {"model": loader_kwargs, "model_files": file_stamps(_folder_files(loader_kwargs.get("lora_dir"))),
+                "data_files": file_stamps(data_files), "sampling": asdict(sampling),
                 **{k: v for k, v in asdict(args).items() if k not in ("output_dir", "overwrite")}}
-    for source in args.data:  # a bad name fails before anything is written
-        resolve_data([source])
     names = [data_name(source) for source in args.data]
     duplicated = sorted({n for n in names if names.count(n) > 1})
     if duplicated:

@@ -40,6 +40,7 @@ COT_TASKS = ["strategyqa", "qasc", "ecqa", "sensemaking", "gsm8k"]  # FLAN's CoT
 HELD_OUT_TASKS = ["strategyqa", "qasc"]  # their last rows are held out of training
 OUTSIDE = "aqua/dev.json"  # AQuA-RAT dev: not a training task
 ARMS = ("no_cot", "cot")
+HELD_OUT_ROWS = 24  # per evaluation set, kept out of training whatever --eval_records (the first N are scored)
 
 
 def shared_raw() -> str:
@@ -70,7 +71,7 @@ def take_budget(records: list[dict], lengths: list[int], budget: int, cutoff: in
     return taken, used
 
 
-def build_data(raw: str, out: str, model: str, budget: int, eval_records: int, cutoff: int, seed: int) -> dict:
+def build_data(raw: str, out: str, model: str, budget: int, held_rows: int, cutoff: int, seed: int) -> dict:
     """Write the two training sets and the three evaluation sets; returns their sizes and token counts."""
     import transformers
 
@@ -81,9 +82,9 @@ def build_data(raw: str, out: str, model: str, budget: int, eval_records: int, c
     for task in COT_TASKS:
         records = convert_file(os.path.join(raw, "flan_v2_cot", f"{task}_train.tsv"))[0]
         if task in HELD_OUT_TASKS:
-            records, evals[f"{task}_heldout"] = records[:-eval_records], records[-eval_records:]
+            records, evals[f"{task}_heldout"] = records[:-held_rows], records[-held_rows:]
         cot += records
-    evals["aqua_dev"] = rng.sample(convert_file(os.path.join(raw, OUTSIDE))[0], eval_records)
+    evals["aqua_dev"] = rng.sample(convert_file(os.path.join(raw, OUTSIDE))[0], held_rows)
     held = [r for records in evals.values() for r in records]
     rng.shuffle(instructions)
     rng.shuffle(cot)
@@ -99,12 +100,28 @@ def build_data(raw: str, out: str, model: str, budget: int, eval_records: int, c
     random.Random(seed).shuffle(mixed)
     arms["cot"] = (mixed, used_inst + used_cot)
     for arm, (records, tokens) in arms.items():
-        write_json_atomic(os.path.join(out, f"train_{arm}.json"), records)
+        write_unchanged(os.path.join(out, f"train_{arm}.json"), records)
         sizes[arm] = {"records": len(records), "tokens": tokens}
     sizes["cot"]["cot_records"] = len(half_cot)
     for name, records in evals.items():
-        write_json_atomic(os.path.join(out, f"{name}.json"), records)
+        write_unchanged(os.path.join(out, f"{name}.json"), records)
     return sizes
+
+
+def write_unchanged(path: str, records: list[dict]) -> None:
+    """Write ``records`` unless ``path`` already holds them: an unchanged file keeps its time, so a trained
+    arm and its evaluations stay valid for a rerun (see ``trained``)."""
+    if os.path.isfile(path):
+        with open(path, encoding="utf-8") as f:
+            if json.load(f) == records:
+                return
+    write_json_atomic(path, records)
+
+
+def trained(run_dir: str, train_file: str) -> bool:
+    """Whether ``run_dir`` holds a finished run newer than its training file (a rerun reuses it)."""
+    metrics = os.path.join(run_dir, "metrics.json")
+    return os.path.isfile(metrics) and os.path.getmtime(metrics) > os.path.getmtime(train_file)
 
 
 def run(*args: str) -> None:
@@ -114,23 +131,32 @@ def run(*args: str) -> None:
 
 
 def main(budget_tokens: int = 8000, eval_records: int = 24, max_new_tokens: int = 80, cutoff_len: int = 384,
-         learning_rate: float = 1e-3, base: bool = False, seed: int = 0, data_dir: str = ".cache/ablation",
-         out_dir: str = "saved_models/ablation") -> None:
+         learning_rate: float = 1e-3, base: bool = False, retrain: bool = False, seed: int = 0,
+         data_dir: str = ".cache/ablation", out_dir: str = "saved_models/ablation") -> None:
     """Build the data, train both arms, evaluate them (and the base model with --base), write the table."""
     start = time.time()
     raw = shared_raw()
     model = subprocess.run([PY, "scripts/smollm2.py"], cwd=ROOT, check=True, capture_output=True,
                            text=True).stdout.strip().splitlines()[-1]
-    sizes = build_data(raw, data_dir, model, budget_tokens, eval_records, cutoff_len, seed)
+    if eval_records > HELD_OUT_ROWS:
+        print(f"error: --eval_records {eval_records}: at most {HELD_OUT_ROWS} rows per task are held out",
+              file=sys.stderr)
+        sys.exit(2)
+    sizes = build_data(raw, data_dir, model, budget_tokens, HELD_OUT_ROWS, cutoff_len, seed)
     print(json.dumps(sizes), flush=True)
     evals = ",".join(os.path.join(data_dir, f"{name}.json") for name in ("strategyqa_heldout", "qasc_heldout",
                                                                           "aqua_dev"))
-    eval_flags = ["--data", evals, "--max_new_tokens", str(max_new_tokens), "--eval_batch_size", "8"]
+    eval_flags = ["--data", evals, "--max_samples", str(eval_records), "--max_new_tokens", str(max_new_tokens),
+                  "--eval_batch_size", "8"]
     timings = {}
     for arm in ARMS:
         t = time.time()
-        run("uniform_finetune.py", "--model_type", "llama", "--model_name_or_path", model, "--data",
-            os.path.join(data_dir, f"train_{arm}.json"), "--val_set_size", "16", "--epochs", "1",
+        train_file = os.path.join(data_dir, f"train_{arm}.json")
+        if not retrain and trained(os.path.join(out_dir, arm), train_file):
+            print(f"{arm}: reusing the finished run in {os.path.join(out_dir, arm)} (--retrain to train again)")
+            continue
+        run("uniform_finetune.py", "--model_type", "llama", "--model_name_or_path", model, "--data", train_file,
+            "--val_set_size", "16", "--epochs", "1",
             "--eval_steps", "100000",  # the loss on the validation records before and after only
             "--per_gpu_train_batch_size", "8", "--cutoff_len", str(cutoff_len), "--learning_rate", str(learning_rate),
             "--lora_r", "16", "--lora_alpha", "32", "--lora_target_modules", "all", "--logging_steps", "10",
