@@ -26,6 +26,7 @@ from datasets import Features, List, Value
 
 from alpaca_cot.datasets import COLLECTION, DataSource, answered, untrainable_error
 from alpaca_cot.errors import UserError
+from alpaca_cot.io import write_json_atomic
 from alpaca_cot.records import DataError, iter_json_records, validate_record
 from alpaca_cot.templates import Template
 from alpaca_cot.tokenize import BATCH, count_trainable, encode_records
@@ -63,7 +64,8 @@ def default_workers(n_records: int, requested: int | None) -> int:
     """Tokenizing processes: ``requested``, else the usable cores (at most 8), one per RECORDS_PER_WORKER."""
     if requested:
         return requested
-    return max(1, min(len(os.sched_getaffinity(0)), MAX_WORKERS, n_records // RECORDS_PER_WORKER))
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, min(cores, MAX_WORKERS, n_records // RECORDS_PER_WORKER))
 
 
 def from_record(record: dict) -> dict:
@@ -237,11 +239,41 @@ def tokenize(unified: datasets.Dataset | datasets.IterableDataset, tokenizer: An
     return unified.map(tokenize_batch, **kwargs)
 
 
-def source_fingerprint(source: DataSource, data_files: list[str] | None, subset: str | None) -> list:
+class DigestMemo:
+    """SHA-256 digests of files, remembered in a JSON file with each file's size, mtime and inode: a cache hit
+    on a large corpus does not read it whole again, and a copy or a touched file is hashed once."""
+
+    def __init__(self, path: str):
+        self.path, self.changed = path, False
+        try:
+            with open(path, encoding="utf-8") as f:
+                self.entries: dict[str, dict] = json.load(f)
+        except (OSError, ValueError):  # none yet, or unreadable: hashing again is always correct
+            self.entries = {}
+
+    def digest(self, file: str) -> str:
+        """The file's SHA-256, hashed only when its size, mtime or inode changed since it was remembered."""
+        st = os.stat(file)
+        stamp = [st.st_size, st.st_mtime_ns, st.st_ino]
+        key = os.path.realpath(file)
+        entry = self.entries.get(key)
+        if entry is None or entry["stamp"] != stamp:
+            entry = self.entries[key] = {"stamp": stamp, "sha256": _file_digest(file)}
+            self.changed = True
+        return entry["sha256"]
+
+    def save(self) -> None:
+        """Write the digests back (atomically) when some were computed."""
+        if self.changed:
+            write_json_atomic(self.path, self.entries)
+
+
+def source_fingerprint(source: DataSource, data_files: list[str] | None, subset: str | None,
+                       memo: DigestMemo) -> list:
     """What a source's records depend on: its files' bytes, a saved folder's state files (they carry the
     ``datasets`` fingerprint of its content), or a hub dataset's id, options and cached Arrow files."""
     if source.kind == "files":
-        return [[path, _file_digest(path)] for path in source.files]
+        return [[path, memo.digest(path)] for path in source.files]
     if source.kind == "disk":
         states = []
         for root, _, names in sorted(os.walk(source.name)):

@@ -11,6 +11,7 @@ Trainer reads them (``stream_splits``).
 
 from __future__ import annotations
 
+import array
 import glob
 import json
 import os
@@ -26,6 +27,7 @@ import numpy as np
 import torch
 
 from alpaca_cot.data_pipeline import (
+    DigestMemo,
     default_workers,
     digest,
     load_unified,
@@ -41,7 +43,8 @@ from alpaca_cot.templates import Template
 
 FORMAT_VERSION = "3"  # bump when the encoding or the cache layout changes
 TOKENS = "tokens.arrow"  # with several processes: tokens_00000_of_0000N.arrow, ...
-INFO = "info.json"  # written last: a folder without it is not a cache entry
+INFO = "info.json"  # the cache entry's report; the whole folder is published by one rename
+DIGESTS = "file_digests.json"  # in the cache folder: data files' SHA-256 by size, mtime and inode
 SHUFFLE_BUFFER = 10_000  # --streaming: records shuffled together (a stream cannot be shuffled whole)
 
 
@@ -78,7 +81,7 @@ class StreamingSplit(torch.utils.data.IterableDataset):
     def __init__(self, stream: datasets.IterableDataset):
         super().__init__()
         self.stream = stream
-        self.seen: list[int] = []
+        self.seen = array.array("i")  # 4 bytes a record read: a long stream would not fit as a Python list
 
     def __iter__(self) -> Iterator[dict[str, list[int]]]:
         for row in self.stream:
@@ -91,7 +94,7 @@ class StreamingSplit(torch.utils.data.IterableDataset):
 
     def lengths(self) -> list[int]:
         """Token count of every record read so far."""
-        return list(self.seen)
+        return self.seen.tolist()
 
 
 def _tokenizer_fingerprint(tokenizer: Any) -> str:
@@ -125,7 +128,8 @@ def prepare_splits(args: Any, tokenizer: Any, template: Template, cache_dir: str
 
     ``info`` says whether the cache was hit, and lists under "truncation" every record cut to
     ``cutoff_len`` or left out (no answer token left), by its index in ``--data`` and in its file.
-    Under a launcher, each node's main process prepares and the other ranks load its cache.
+    Under a launcher, each node's main process prepares and the other ranks load its cache. With
+    ``--streaming`` the training split is a ``StreamingSplit`` and nothing is cached (``stream_splits``).
     """
     if args.streaming:
         return stream_splits(args, tokenizer, template)
@@ -133,7 +137,9 @@ def prepare_splits(args: Any, tokenizer: Any, template: Template, cache_dir: str
     check_hub_flags(args, sources)
     cache_dir = cache_dir or default_cache_dir()
     with main_process_first():
-        fingerprints = [source_fingerprint(s, args.data_files, args.subset) for s in sources]
+        memo = DigestMemo(os.path.join(cache_dir, DIGESTS))
+        fingerprints = [source_fingerprint(s, args.data_files, args.subset, memo) for s in sources]
+        memo.save()
         path = os.path.join(cache_dir, cache_key(fingerprints, tokenizer, template, args))
         if os.path.isfile(os.path.join(path, INFO)):
             return _load(path, "hit")

@@ -8,8 +8,10 @@ Usage:
 The records are ../shared/bench/bench_2k.json's 2,000 repeated, written as one JSON Lines file per size;
 the tokenizer is ../shared/models/llama2-tokenizer; Alpaca template, --cutoff_len 512, no validation
 split. "seconds" cover ``prepare_splits`` alone (reading and validating the file, tokenizing with
-``--workers`` processes, writing the Arrow cache); "peak RSS" is the measuring process's own
-(``ru_maxrss``), and "workers" the largest tokenizing process's. The load average is printed with
+``--workers`` processes, writing the Arrow cache); "rec/CPU-s" divides the records by the CPU seconds
+of the process and its workers (what the machine's other load does not change much: two free cores
+give about twice it per second); "peak RSS" is the measuring process's own (``ru_maxrss``), and
+"workers" the largest tokenizing process's. The load average is printed with
 the figures: this machine may be shared. Targets (issue 11): peak RSS grows by at most 300 MB from
 20k to 1M records; at least 3,000 records/s on 2 cores; a cache hit at 1M under 2 s.
 
@@ -64,12 +66,14 @@ def measure(data: str, cache_dir: str, workers: int = 2, npz_commit: str | None 
     args = SimpleNamespace(data=[data], data_files=None, subset=None, streaming=False, cutoff_len=512,
                            train_on_inputs=False, max_samples=None, val_set_size=0, seed=0,
                            preprocessing_num_workers=int(workers))
-    before_mb = _rss_mb(resource.RUSAGE_SELF)
+    before_mb, cpu_before, workers_before = _rss_mb(resource.RUSAGE_SELF), _cpu_seconds(), _cpu_seconds(True)
     started = time.perf_counter()
     train, _, info = prepare_splits(args, tokenizer, template, cache_dir=cache_dir)
-    seconds = time.perf_counter() - started
+    seconds, cpu = time.perf_counter() - started, _cpu_seconds() - cpu_before
+    workers_cpu = _cpu_seconds(True) - workers_before
     first = train[0]["input_ids"][:4]  # the data is there, read through the memory map
-    print(json.dumps({"cache": info["cache"], "records": len(train), "seconds": seconds, "first_ids": first,
+    print(json.dumps({"cache": info["cache"], "records": len(train), "seconds": seconds, "cpu_seconds": cpu,
+                      "workers_cpu_seconds": workers_cpu, "first_ids": first,
                       "rss_before_mb": before_mb, "peak_rss_mb": _rss_mb(resource.RUSAGE_SELF),
                       "workers_peak_rss_mb": _rss_mb(resource.RUSAGE_CHILDREN)}))
 
@@ -93,6 +97,12 @@ def _prepare_splits_at(commit: str):
     return module.prepare_splits
 
 
+def _cpu_seconds(children_only: bool = False) -> float:
+    """CPU seconds of this process and its finished children (the tokenizing processes), or theirs alone."""
+    who = (resource.RUSAGE_CHILDREN,) if children_only else (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)
+    return sum(r.ru_utime + r.ru_stime for r in map(resource.getrusage, who))
+
+
 def _rss_mb(who: int) -> float:
     return resource.getrusage(who).ru_maxrss / 1024  # Linux reports KiB
 
@@ -114,7 +124,7 @@ def main(sizes: str = "20000,200000,1000000", workers: int = 2, work_dir: str | 
     work_dir = work_dir or tempfile.mkdtemp(prefix="data_scale-")
     what = f"the npz cache of {npz_commit} (one process)" if npz_commit else f"{workers} tokenizing processes"
     print(f"work dir {work_dir}; {what}; cores usable: {len(os.sched_getaffinity(0))}")
-    print(f"{'records':>9} {'miss s':>8} {'records/s':>9} {'peak RSS MB':>11} {'workers MB':>10} "
+    print(f"{'records':>9} {'miss s':>8} {'records/s':>9} {'rec/CPU-s':>9} {'peak RSS MB':>11} {'workers MB':>10} "
           f"{'hit s':>6} {'hit RSS MB':>10}  load average (1, 5, 15 min) before -> after")
     rows = []
     for n in sizes_list:
@@ -128,7 +138,8 @@ def main(sizes: str = "20000,200000,1000000", workers: int = 2, work_dir: str | 
         if (miss["cache"], hit["cache"]) != ("miss", "hit") or miss["first_ids"] != hit["first_ids"]:
             raise SystemExit(f"expected a miss then an equal hit, got {miss} and {hit}")
         rows.append((n, miss, hit))
-        print(f"{n:>9} {miss['seconds']:>8.1f} {n / miss['seconds']:>9.0f} {miss['peak_rss_mb']:>11.0f} "
+        print(f"{n:>9} {miss['seconds']:>8.1f} {n / miss['seconds']:>9.0f} {n / miss['cpu_seconds']:>9.0f} "
+              f"{miss['peak_rss_mb']:>11.0f} "
               f"{miss['workers_peak_rss_mb']:>10.0f} {hit['seconds']:>6.2f} {hit['peak_rss_mb']:>10.0f}  "
               f"{_load(load_before)} -> {_load(load_after)}", flush=True)
     if len(rows) > 1:

@@ -95,13 +95,18 @@ def test_worker_processes_give_identical_tokens(tmp_path, tok, records) -> None:
     assert two[2]["truncation"] == one[2]["truncation"]
 
 
-def test_cache_hit_reads_memory_mapped_arrow(tmp_path, tok, records) -> None:
+def test_cache_hit_reads_memory_mapped_arrow(tmp_path, monkeypatch, tok, records) -> None:
+    import alpaca_cot.data_pipeline as pipeline
+
     data = _write(tmp_path / "d.jsonl", records, jsonl=True)
     template, cache = get_template("alpaca", tok), str(tmp_path / "cache")
     train, _, info = prepare_splits(_args([data]), tok, template, cache_dir=cache)
-    hit, _, hit_info = prepare_splits(_args([data]), tok, template, cache_dir=cache)
+    with monkeypatch.context() as m:  # a hit does not read the data file again (its digest is remembered)
+        m.setattr(pipeline, "_file_digest", lambda path: pytest.fail(f"{path} hashed again"))
+        hit, _, hit_info = prepare_splits(_args([data]), tok, template, cache_dir=cache)
     assert (info["cache"], hit_info["cache"]) == ("miss", "hit") and hit_info["cache_file"] == info["cache_file"]
-    assert os.listdir(cache) == [os.path.basename(info["cache_file"])]  # the build folder is gone
+    # The build folder is gone: the entry and the remembered digests remain.
+    assert sorted(os.listdir(cache)) == sorted([os.path.basename(info["cache_file"]), "file_digests.json"])
     files = [f["filename"] for f in hit.tokens.cache_files]
     assert files and all(f.startswith(info["cache_file"]) for f in files)  # read from the cache, not memory
     assert _items(hit) == _items(train) and hit_info["truncation"] == info["truncation"]
@@ -175,7 +180,7 @@ def test_file_errors_name_the_file_line_and_field(tmp_path, tok, records) -> Non
     with pytest.raises(DataError) as before:
         load_data([partly])
     assert str(ours.value) == str(before.value) and "1 of 3 records have no answer" in str(ours.value)
-    assert not os.path.exists(cache) or not os.listdir(cache)  # nothing half-built is left
+    assert os.listdir(cache) == ["file_digests.json"]  # nothing half-built is left
 
 
 def test_hub_failure_is_one_sentence(tmp_path, tok) -> None:
@@ -264,3 +269,31 @@ def test_under_torchrun_the_main_process_prepares_and_the_other_loads(tmp_path, 
                    key=lambda x: x["rank"])
     assert [(x["rank"], x["cache"]) for x in lines] == [(0, "miss"), (1, "hit")]
     assert lines[0]["n"] == lines[1]["n"] == 192
+
+
+@pytest.mark.slow
+def test_streaming_under_torchrun_trains_in_sync(tmp_path, tiny_model_dir: str, records) -> None:
+    data = _write(tmp_path / "d.jsonl", records, jsonl=True)
+    out = tmp_path / "out"
+    cmd = [PYTHON, "-m", "torch.distributed.run", "--nproc_per_node", "2", f"--master_port={_free_port()}",
+           os.path.join(ROOT, "uniform_finetune.py"), "--model_name_or_path", tiny_model_dir, "--data", data,
+           "--streaming", "--max_steps", "3", "--val_set_size", "8", "--per_gpu_train_batch_size", "4",
+           "--lora_target_modules", "q_proj", "--compute_dtype", "fp32", "--output_dir", str(out)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("LOCAL_RANK", None)
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    metrics = json.load(open(out / "metrics.json"))
+    assert metrics["world_size"] == 2 and metrics["steps"] == 3 and metrics["replicas_in_sync"] is True
+    assert metrics["train_records"] is None and metrics["validation_records"] == 8
+
+
+@pytest.mark.slow
+def test_streaming_without_max_steps_is_one_line(tmp_path, tiny_model_dir: str, tiny_data_file: str) -> None:
+    from tests.conftest import run_script
+
+    proc = run_script("uniform_finetune.py", "--model_name_or_path", tiny_model_dir, "--data", tiny_data_file,
+                      "--streaming", "--output_dir", str(tmp_path / "out"), check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].endswith("--streaming needs --max_steps: a stream has no length "
+                                                         "to count --epochs in")
