@@ -1,0 +1,236 @@
+"""The distributed engines (alpaca_cot/engines.py): shipped DeepSpeed configs, flag conflicts as one line,
+the Trainer keywords each engine gets, and end-to-end runs against a plain single-process run.
+
+On CPU: DeepSpeed ZeRO-2/3 in one process (DeepSpeed's CPU accelerator; the Trainer's set-up counts one
+process without a GPU, so several CPU processes are refused); the 2-process equivalence runs are DDP's
+(tests/test_ddp.py). FSDP runs only on GPUs through the Trainer: its tests need CUDA.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import peft
+import pytest
+import torch
+import transformers
+from safetensors.torch import load_file
+
+from alpaca_cot.config import FinetuneArgs
+from alpaca_cot.engines import (
+    DEEPSPEED_PRESETS,
+    EnginePlan,
+    decoder_layer_classes,
+    plan_engine,
+    read_deepspeed_config,
+    resolve_deepspeed_config,
+)
+from alpaca_cot.errors import UserError
+from alpaca_cot.loading import quantization_config
+from tests.conftest import run_script
+from tests.test_ddp import ADAPTER_ATOL, assert_trained, finetune, lora_flags, max_weight_diff
+
+
+def _args(tmp_path, **flags) -> FinetuneArgs:
+    return FinetuneArgs(model_name_or_path=str(tmp_path), data=["records.json"], output_dir=str(tmp_path / "out"),
+                        **flags)
+
+
+@pytest.mark.parametrize("name", DEEPSPEED_PRESETS)
+def test_shipped_deepspeed_configs(name: str) -> None:
+    path = resolve_deepspeed_config(name)
+    assert os.path.isabs(path) and path.endswith(f"{name}.json")
+    config = read_deepspeed_config(path)
+    zero = config["zero_optimization"]
+    assert zero["stage"] == int(name[len("zero")])
+    # The Trainer fills these from our flags, so the configs never disagree with them.
+    for key in ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size",
+                "gradient_clipping"):
+        assert config[key] == "auto", key
+    assert config["bf16"]["enabled"] == config["fp16"]["enabled"] == "auto"
+    offload = name.endswith("_offload")
+    assert (zero.get("offload_optimizer", {}).get("device") == "cpu") == offload
+    assert (zero.get("offload_param", {}).get("device") == "cpu") == (offload and zero["stage"] == 3)
+    if offload:  # DeepSpeed's CPU Adam, with the Trainer's learning rate
+        assert config["optimizer"]["params"]["lr"] == "auto"
+    if zero["stage"] == 3:  # the save gathers the partitioned weights
+        assert zero["stage3_gather_16bit_weights_on_model_save"] is True
+
+
+@pytest.mark.parametrize(("flags", "message"), [
+    ({"deepspeed": "zero2", "fsdp": True}, "--deepspeed and --fsdp are two sharding engines"),
+    ({"fsdp_offload": True}, "--fsdp_offload applies to FSDP only"),
+    ({"fsdp": True, "quantization_bit": 8}, "--fsdp cannot shard 8-bit weights"),
+])
+def test_conflicting_engine_flags_are_one_line(tmp_path, flags: dict, message: str) -> None:
+    with pytest.raises(UserError, match=message) as e:
+        _args(tmp_path, **flags)
+    assert "\n" not in str(e.value)
+
+
+def _bad_json(tmp_path) -> str:
+    path = tmp_path / "bad.json"
+    path.write_text('{"zero_optimization": {"stage": 2,}}')
+    return str(path)
+
+
+def _stage5(tmp_path) -> str:
+    path = tmp_path / "stage5.json"
+    path.write_text(json.dumps({"zero_optimization": {"stage": 5}}))
+    return str(path)
+
+
+@pytest.mark.parametrize(("flags", "cuda", "world", "launched", "message"), [
+    ({"deepspeed": "zero4"}, True, 2, True, "--deepspeed 'zero4' is neither a shipped config"),
+    ({"deepspeed": _bad_json}, True, 2, True, "bad.json line 1: not valid JSON"),
+    ({"deepspeed": _stage5}, True, 2, True, "zero_optimization.stage 5 is not valid; valid choices: 0, 1, 2, 3"),
+    ({"deepspeed": "zero3", "quantization_bit": 4}, True, 2, True, "--quantization_bit with ZeRO-3"),
+    ({"deepspeed": "zero2"}, True, 1, False, "--deepspeed runs under a launcher"),
+    ({"deepspeed": "zero2"}, False, 2, True, "--deepspeed on CPU runs one process only"),
+    ({"fsdp": True}, False, 2, True, "--fsdp needs CUDA GPUs"),
+    ({"fsdp": True}, True, 1, False, "--fsdp runs under a launcher"),
+])
+def test_engines_that_cannot_run_here_are_one_line(tmp_path, monkeypatch, flags: dict, cuda: bool, world: int,
+                                                   launched: bool, message: str) -> None:
+    flags = {k: v(tmp_path) if callable(v) else v for k, v in flags.items()}
+    if launched:
+        monkeypatch.setenv("LOCAL_RANK", "0")
+    else:
+        monkeypatch.delenv("LOCAL_RANK", raising=False)
+    args = _args(tmp_path, **flags)
+    with pytest.raises(UserError, match=message) as e:
+        plan_engine(args, cuda=cuda, world=world)
+    assert "\n" not in str(e.value)
+
+
+@pytest.fixture(scope="module")
+def tiny_lora_model(tiny_model_dir: str):
+    model = transformers.AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    return peft.get_peft_model(model, peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+
+
+def test_fsdp_wraps_each_decoder_layer(tmp_path, monkeypatch, tiny_lora_model) -> None:
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    plan = plan_engine(_args(tmp_path, fsdp=True, fsdp_offload=True), cuda=True, world=2)
+    kwargs = plan.training_kwargs(tiny_lora_model)
+    assert kwargs["fsdp"] is True
+    config = kwargs["fsdp_config"]
+    assert config["version"] == 2 and config["auto_wrap_policy"] == "TRANSFORMER_BASED_WRAP"
+    assert config["transformer_layer_cls_to_wrap"] == ["LlamaDecoderLayer"]
+    assert config["state_dict_type"] == "FULL_STATE_DICT" and config["cpu_offload"] is True
+    assert plan.params_sharded and plan.load_device == torch.device("cpu") and not plan.use_cpu
+    # transformers reads these keywords as given (a typo would raise there); one process, no launcher
+    monkeypatch.delenv("LOCAL_RANK")
+    args = transformers.TrainingArguments(output_dir=str(tmp_path / "t"), use_cpu=True, **kwargs)
+    assert args.fsdp_config["transformer_layer_cls_to_wrap"] == ["LlamaDecoderLayer"]
+
+
+def test_fsdp_qlora_stores_4bit_weights_in_the_compute_dtype(tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    plan = plan_engine(_args(tmp_path, fsdp=True, quantization_bit=4), cuda=True, world=2)
+    assert plan.quant_storage(torch.bfloat16) == torch.bfloat16
+    assert not plan.kbit_preparation  # peft's fp32 upcast would mix dtypes within FSDP's units
+    assert plan.load_device is None  # bitsandbytes quantizes on the GPU
+    assert quantization_config(4, torch.bfloat16, plan.quant_storage(torch.bfloat16)).bnb_4bit_quant_storage \
+        == torch.bfloat16
+    assert quantization_config(4, torch.bfloat16).bnb_4bit_quant_storage == torch.uint8
+    ddp = plan_engine(_args(tmp_path, quantization_bit=4), cuda=True, world=2)
+    assert ddp.quant_storage(torch.bfloat16) is None and ddp.kbit_preparation
+
+
+def test_plans_without_sharding(tmp_path, monkeypatch, tiny_lora_model) -> None:
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    ddp = plan_engine(_args(tmp_path), cuda=False, world=2)
+    assert ddp.engine == "ddp" and ddp.training_kwargs(tiny_lora_model) == {} and ddp.use_cpu
+    assert ddp.load_device is None and not ddp.params_sharded
+    zero2 = plan_engine(_args(tmp_path, deepspeed="zero2"), cuda=False, world=1)
+    # use_cpu would switch DeepSpeed off: a CPU process runs DeepSpeed's CPU accelerator instead
+    assert zero2.training_kwargs(tiny_lora_model) == {"deepspeed": resolve_deepspeed_config("zero2")}
+    assert not zero2.use_cpu and zero2.zero_stage == 2 and not zero2.params_sharded
+
+
+def test_fsdp_needs_decoder_layer_classes() -> None:
+    with pytest.raises(UserError, match="Linear names no decoder layer class"):
+        decoder_layer_classes(torch.nn.Linear(2, 2))
+
+
+def test_custom_deepspeed_config_is_saved_as_an_absolute_path(tmp_path, monkeypatch) -> None:
+    config = tmp_path / "mine.json"
+    config.write_text(json.dumps({"zero_optimization": {"stage": 1}}))
+    monkeypatch.chdir(tmp_path)
+    args = _args(tmp_path, deepspeed="mine.json")
+    assert args.deepspeed == str(config)
+    assert EnginePlan("deepspeed", 1, False, args.deepspeed, 1).training_kwargs(None) == {"deepspeed": str(config)}
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU refusal")
+def test_fsdp_on_cpu_stops_before_any_work(tmp_path, tiny_model_dir: str, tiny_data_file: str) -> None:
+    proc = run_script("uniform_finetune.py", "--model_name_or_path", tiny_model_dir, "--data", tiny_data_file,
+                      "--fsdp", "--output_dir", str(tmp_path / "out"), check=False)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: --fsdp needs CUDA GPUs")
+    assert not os.path.exists(tmp_path / "out")
+
+
+# --- end to end -----------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def reference_runs(tmp_path_factory, tiny_model_dir: str, tiny_data_file: str) -> dict:
+    """Plain single-process runs (LoRA and full) that the engines must reproduce: global batch 4 x 2."""
+    root = tmp_path_factory.mktemp("reference")
+    flags = lora_flags(tiny_model_dir, tiny_data_file, str(root / "cache")) + [
+        "--per_gpu_train_batch_size", "4", "--gradient_accumulation_steps", "2"]
+    finetune(str(root / "lora"), *flags)
+    assert_trained(str(root / "lora"))
+    finetune(str(root / "full"), *flags, "--peft_type", "full", "--learning_rate", "1e-3")
+    return {"flags": flags, "lora": str(root / "lora"), "full": str(root / "full")}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("preset", ["zero2", "zero3"])
+def test_deepspeed_lora_on_cpu_equals_the_plain_run(tmp_path, preset: str, reference_runs: dict,
+                                                    tiny_model_dir: str) -> None:
+    pytest.importorskip("deepspeed", reason="DeepSpeed is optional (pip install deepspeed)")
+    out = str(tmp_path / preset)
+    finetune(out, *reference_runs["flags"], "--deepspeed", preset, processes=1)
+    metrics = json.load(open(os.path.join(out, "metrics.json")))
+    assert metrics["engine"] == "deepspeed" and metrics["steps"] == 3
+    assert max_weight_diff(reference_runs["lora"], out) < ADAPTER_ATOL
+    # The saved adapter is whole and loads alone in plain peft over the base model.
+    base = transformers.AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    model = peft.PeftModel.from_pretrained(base, out)
+    saved = load_file(os.path.join(out, "adapter_model.safetensors"))
+    loaded = peft.get_peft_model_state_dict(model)
+    assert saved.keys() == loaded.keys()
+    assert all(torch.equal(saved[k], loaded[k]) for k in saved)
+
+
+@pytest.mark.slow
+def test_deepspeed_zero3_full_fine_tune_saves_the_gathered_model(tmp_path, reference_runs: dict) -> None:
+    pytest.importorskip("deepspeed", reason="DeepSpeed is optional (pip install deepspeed)")
+    out = str(tmp_path / "zero3-full")
+    finetune(out, *reference_runs["flags"], "--peft_type", "full", "--learning_rate", "1e-3", "--deepspeed",
+             "zero3", processes=1)
+    assert max_weight_diff(reference_runs["full"], out, "model.safetensors") < ADAPTER_ATOL
+    model = transformers.AutoModelForCausalLM.from_pretrained(out)  # plain transformers, no partitions left
+    saved = load_file(os.path.join(out, "model.safetensors"))
+    assert all(p.numel() > 0 for p in model.parameters()) and len(saved) >= len(list(model.parameters()))
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the Trainer runs FSDP only on GPUs")
+def test_fsdp_lora_on_gpus_equals_the_plain_run(tmp_path, tiny_model_dir: str, tiny_data_file: str) -> None:
+    gpus = torch.cuda.device_count()
+    flags = lora_flags(tiny_model_dir, tiny_data_file, str(tmp_path / "cache")) + [
+        "--per_gpu_train_batch_size", "2", "--gradient_accumulation_steps", "2"]
+    # One process with the same global batch: gpus x 2 records per step and rank.
+    finetune(str(tmp_path / "plain"), *flags[:-4], "--per_gpu_train_batch_size", str(2 * gpus),
+             "--gradient_accumulation_steps", "2")
+    finetune(str(tmp_path / "fsdp"), *flags, "--fsdp", processes=gpus)
+    metrics = json.load(open(tmp_path / "fsdp" / "metrics.json"))
+    assert metrics["engine"] == "fsdp" and metrics["world_size"] == gpus
+    assert max_weight_diff(str(tmp_path / "plain"), str(tmp_path / "fsdp")) < 1e-4  # GPU kernels: looser
+    base = transformers.AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    peft.PeftModel.from_pretrained(base, str(tmp_path / "fsdp"))
