@@ -9,8 +9,8 @@ adapters must be identical, or no comparison means anything). Then, in chains of
 starts a run in a fresh folder, kills it with SIGKILL, resumes it with the bare
 --resume_from_checkpoint, kills the resumed run, ... and lets the last resume finish; the chain's
 final adapter_model.safetensors must equal the uninterrupted run's byte for byte. A kill is aimed at
-a random moment: a random time after the start, or the first sight (polled every half millisecond,
-plus a random 0-5 ms) of a checkpoint folder, of a file inside one (the Trainer writes
+a random moment: a random time after the start, or the first sight (watched in a busy loop, plus a
+random 0-1 ms) of a checkpoint folder, of a file inside one (the Trainer writes
 trainer_state.json last), of the final save's staging folder ``.saving`` or a file in it, or of the
 adapter moved to the top level. Where each kill landed is read from the folder it left. A run killed
 before its first complete checkpoint is started again (with --overwrite_output_dir if it left files).
@@ -39,7 +39,7 @@ from alpaca_cot.io import write_json_atomic  # noqa: E402
 ADAPTER = "adapter_model.safetensors"
 CHECKPOINT_FILES = (ADAPTER, "optimizer.pt", "scheduler.pt", "rng_state.pth", "trainer_state.json")
 FINAL_FILES = (ADAPTER, "tokenizer.json", "finetune_args.json", "metrics.json", "loss_curve.png")
-POLL_S = 0.0005
+POLL_S = 0.0005  # timers
 
 
 def write_records(path: str, count: int, seed: int) -> None:
@@ -111,13 +111,13 @@ def choose_trigger(rng: random.Random, trainer: Trainer, folder: str, done_step:
         if options:
             step, name = rng.choice(options)
             path = os.path.join(folder, f"checkpoint-{step}", *([name] if name else []))
-            return f"checkpoint-{step}/{name or ''} appeared", path, rng.uniform(0, 0.005)
+            return f"checkpoint-{step}/{name or ''} appeared", path, rng.uniform(0, 0.001)
     if kind == "final":
         options = [n for n in (".saving", *(f".saving/{n}" for n in FINAL_FILES), ADAPTER)
                    if not os.path.exists(os.path.join(folder, n.split("/")[0]))]
         if options:
             name = rng.choice(options)
-            return f"final save: {name} appeared", os.path.join(folder, name), rng.uniform(0, 0.005)
+            return f"final save: {name} appeared", os.path.join(folder, name), rng.uniform(0, 0.001)
     delay = rng.uniform(0, seconds)
     return f"{delay:.2f} s after the start", None, delay
 
@@ -125,10 +125,10 @@ def choose_trigger(rng: random.Random, trainer: Trainer, folder: str, done_step:
 def kill_when(proc: subprocess.Popen, path: str | None, delay: float) -> bool:
     """SIGKILL ``proc`` ``delay`` s after ``path`` appears (after the start when None); False if it ended first."""
     if path is not None:
+        # A tiny model's checkpoint is written in milliseconds: watch without sleeping (one busy core).
         while not os.path.exists(path):
             if proc.poll() is not None:
                 return False
-            time.sleep(POLL_S)
     deadline = time.perf_counter() + delay
     while time.perf_counter() < deadline:
         if proc.poll() is not None:
