@@ -290,8 +290,13 @@ def versions() -> dict[str, str]:
             found[name] = "absent"
     found["cuda"] = torch.version.cuda or "none"
     found["device"] = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
-    git = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=ROOT, capture_output=True, text=True)
-    found["commit"] = git.stdout.strip() or "unknown (no git)"
+    try:
+        described = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=ROOT, capture_output=True,
+                                   text=True).stdout.strip()
+    except OSError:  # no git installed
+        described = ""
+    # a copy of the working tree without .git (the device machine): the commit gpu_setup.sh stamped
+    found["commit"] = described or f"{os.environ.get('ALPACA_COT_COMMIT', 'unknown')} (stamped, no git here)"
     return found
 
 

