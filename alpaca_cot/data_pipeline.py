@@ -29,7 +29,7 @@ from alpaca_cot.errors import UserError
 from alpaca_cot.io import write_json_atomic
 from alpaca_cot.records import DataError, iter_json_records, validate_record
 from alpaca_cot.templates import Template
-from alpaca_cot.tokenize import BATCH, count_trainable, encode_records
+from alpaca_cot.tokenize import BATCH, IGNORE_INDEX, encode_records
 
 UNIFIED_FEATURES = Features({
     "instruction": Value("string"), "input": Value("string"), "output": Value("string"),
@@ -221,7 +221,8 @@ def tokenize_batch(batch: dict[str, list], template: Template, tokenizer: Any, c
     encoded = encode_records([to_record(r) for r in rows], template, tokenizer, cutoff_len, train_on_inputs)
     return {"input_ids": [e.input_ids for e in encoded], "labels": [e.labels for e in encoded],
             "length": [len(e.input_ids) for e in encoded], "full_length": [e.full_length for e in encoded],
-            "trainable": [count_trainable(e) for e in encoded]}
+            # count_trainable's value, counted in C: the labels are most of the tokens of a large corpus
+            "trainable": [len(e.labels) - e.labels.count(IGNORE_INDEX) for e in encoded]}
 
 
 def tokenize(unified: datasets.Dataset | datasets.IterableDataset, tokenizer: Any, template: Template,
