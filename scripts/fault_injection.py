@@ -142,16 +142,18 @@ def kill_when(proc: subprocess.Popen, path: str | None, delay: float) -> bool:
 
 
 def snapshot(folder: str) -> dict[str, tuple[int, int]]:
-    """relative path -> (size, mtime in ns) of every file below ``folder``."""
+    """relative path -> (size, mtime in ns) of every file below ``folder``; folders end in "/" (size -1),
+    so that a folder created and killed before its first file counts as written."""
     files = {}
-    for root, _, names in os.walk(folder):
-        for name in names:
+    for root, dirs, names in os.walk(folder):
+        for name in names + [d + "/" for d in dirs]:
             path = os.path.join(root, name)
             try:
                 info = os.stat(path)
             except FileNotFoundError:
                 continue
-            files[os.path.relpath(path, folder)] = (info.st_size, info.st_mtime_ns)
+            files[os.path.relpath(path, folder) + ("/" if name.endswith("/") else "")] = \
+                (-1 if name.endswith("/") else info.st_size, info.st_mtime_ns)
     return files
 
 
@@ -161,8 +163,9 @@ def landing(folder: str, before: dict[str, tuple[int, int]]) -> tuple[str, str]:
     changed = {p for p, v in after.items() if before.get(p) != v}
     if any(p.startswith(".saving") for p in changed) or ADAPTER in changed:
         saving = os.path.join(folder, ".saving")
-        staged = len(os.listdir(saving)) if os.path.isdir(saving) else 0
-        return "final save", f"{staged} files in .saving" if staged else "moving the files to the top level"
+        if os.path.isdir(saving):
+            return "final save", f"{len(os.listdir(saving))} files in .saving"
+        return "final save", "moving the files to the top level"
     touched = sorted({int(p.split(os.sep)[0].split("-")[1]) for p in changed if p.startswith("checkpoint-")})
     for step in reversed(touched):
         problem = checkpoint_problem(os.path.join(folder, f"checkpoint-{step}"))
