@@ -82,7 +82,6 @@ class EnginePlan:
     """How a run is distributed: ``engine`` is "ddp" (also one process alone), "deepspeed" or "fsdp"."""
 
     engine: str
-    world: int
     cuda: bool
     deepspeed_config: str | None = None
     zero_stage: int | None = None
@@ -144,7 +143,7 @@ def plan_engine(args: Any, *, cuda: bool | None = None, world: int | None = None
         if not launched:
             raise UserError("--fsdp runs under a launcher: torchrun --nproc_per_node N uniform_finetune.py ... "
                             "(or accelerate launch).")
-        return EnginePlan("fsdp", world, cuda, fsdp_offload=args.fsdp_offload, quantized=quantized)
+        return EnginePlan("fsdp", cuda, fsdp_offload=args.fsdp_offload, quantized=quantized)
     if args.deepspeed:
         config = resolve_deepspeed_config(args.deepspeed)
         stage = zero_stage(config)
@@ -160,8 +159,8 @@ def plan_engine(args: Any, *, cuda: bool | None = None, world: int | None = None
             # joins them all, and DeepSpeed then refuses the batch sizes (train_batch_size != micro x world).
             raise UserError(f"--deepspeed on CPU runs one process only (the Trainer's DeepSpeed set-up counts one "
                             f"process without a GPU; {world} were launched); use GPUs, or DDP (drop --deepspeed).")
-        return EnginePlan("deepspeed", world, cuda, deepspeed_config=config, zero_stage=stage, quantized=quantized)
-    return EnginePlan("ddp", world, cuda, quantized=quantized)
+        return EnginePlan("deepspeed", cuda, deepspeed_config=config, zero_stage=stage, quantized=quantized)
+    return EnginePlan("ddp", cuda, quantized=quantized)
 
 
 def decoder_layer_classes(model: Any) -> list[str]:

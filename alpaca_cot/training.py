@@ -331,6 +331,9 @@ def run_finetune(args: FinetuneArgs) -> tuple[dict, Any]:
                                "attention": plan.attention or "padded"}
     # The precision actually in use: autocast runs the matmuls in bf16/fp16 even over fp32 weights.
     peak = matmul_peak_flops(dtype, next(model.parameters()).device)
+    # Counted before training: DeepSpeed ZeRO-3 partitions the parameters inside train() (each rank then
+    # sees only its part of them).
+    flops_per_token = training_flops_per_token(model, full, mean_causal_context(train_data.lengths()))
     result = run_training(trainer, args.resume_from_checkpoint)
     totals = trainer.totals
     totals.update()
@@ -345,7 +348,7 @@ def run_finetune(args: FinetuneArgs) -> tuple[dict, Any]:
         metrics["eval_loss_after"] = trainer.evaluate()["eval_loss"]
         log(f"eval loss after training: {metrics['eval_loss_after']:.4f}")
     metrics.update(_throughput(totals, world))
-    metrics["flops_per_token"] = training_flops_per_token(model, full, mean_causal_context(train_data.lengths()))
+    metrics["flops_per_token"] = flops_per_token
     metrics["matmul_peak_gflops"] = peak / 1e9
     metrics["mfu"] = metrics["effective_tokens_per_s"] / world * metrics["flops_per_token"] / peak
     if world > 1 and not engine.params_sharded:  # sharded ranks hold different parts by design
