@@ -122,12 +122,9 @@ class Template:
         return "".join(text for text, _ in segments)
 
     def cut_response(self, generated: str) -> str:
-        """The answer in generated text: cut at the first stop string and strip spaces."""
-        for stop in self.stop_strings:
-            cut = generated.find(stop)
-            if cut != -1:
-                generated = generated[:cut]
-        return generated.strip()
+        """The answer in generated text: cut where the earliest stop string starts, and strip spaces."""
+        cuts = [at for stop in self.stop_strings if (at := generated.find(stop)) != -1]
+        return (generated[:min(cuts)] if cuts else generated).strip()
 
     def _single_prompt(self, record: dict) -> str:
         fmt = self.prompt_input if record.get("input") else self.prompt_no_input
