@@ -155,8 +155,7 @@ def plan_rows(model_dir: str, out: str, batch: int, steps: int, cuda: bool, smok
     if zero3_row:
         why = ("our uniform_finetune.py has no --deepspeed" if "deepspeed" not in fields
                else f"{zero3} is absent" if not os.path.isfile(zero3)
-               else "deepspeed is not installed" if unavailable("deepspeed")
-               else "left to the GPU run (the CPU smoke keeps to its 2 minutes)" if smoke else "")
+               else "deepspeed is not installed" if unavailable("deepspeed") else "")
         tag = f"zero3-b{batch}"
         args, probe_file, _ = probe_args(tag, out, steps, profile=False, cuda=cuda)
         output_dir = os.path.join(out, tag)

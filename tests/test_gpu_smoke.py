@@ -6,6 +6,7 @@ GPU-only rows are listed with their reason. Needs the Qwen3 tokenizer and bench_
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 
@@ -14,9 +15,10 @@ import pytest
 from tests.conftest import SHARED, run_script, shared_path
 
 VOCAB = 151936  # Qwen3's: a random-init model's loss starts at ln(VOCAB)
-RAN = ("ours, batch 2", "ours --packing False, batch 2", "reference-grouped, batch 2", "reference, batch 2")
-GPU_ONLY = ("ours --use_liger_kernel, batch 2", "ours QLoRA (4-bit NF4), batch 2", "ours --torch_compile, batch 2",
-            "ours --deepspeed zero3 (1 process), batch 2")
+ZERO3 = "ours --deepspeed zero3 (1 process), batch 2"  # runs where deepspeed is installed (one CPU process)
+RAN = ("ours, batch 2", "ours --packing False, batch 2", "reference-grouped, batch 2", "reference, batch 2") + \
+    ((ZERO3,) if importlib.util.find_spec("deepspeed") else ())
+GPU_ONLY = ("ours --use_liger_kernel, batch 2", "ours QLoRA (4-bit NF4), batch 2", "ours --torch_compile, batch 2")
 
 
 @pytest.mark.slow
@@ -27,7 +29,7 @@ def test_gpu_benchmark_smoke_on_cpu(tmp_path) -> None:
                env={"ALPACA_COT_SHARED": SHARED}, timeout=900)
     results = json.loads((tmp_path / "gpu_results.json").read_text(encoding="utf-8"))
     rows = {r["name"]: r for r in results["rows"]}
-    assert set(RAN) | set(GPU_ONLY) <= set(rows)
+    assert set(RAN) | set(GPU_ONLY) | {ZERO3} <= set(rows)
     for name in RAN:
         row = rows[name]
         assert not row["error"] and not row["skipped"], name
@@ -35,12 +37,12 @@ def test_gpu_benchmark_smoke_on_cpu(tmp_path) -> None:
         assert row["steady_tokens_per_s"] > 0 and 0 < row["mfu"] < 1, name
         # 5 steps barely move LoRA: a loss over the wrong tokens or wrongly normalised would be far off
         assert abs(row["train_loss"] - math.log(VOCAB)) < 0.05, (name, row["train_loss"])
-        assert row["profile"]["wall_ms"] > 0, name
+        assert name == ZERO3 or row["profile"]["wall_ms"] > 0, name  # the ZeRO-3 run is not profiled
     assert rows["ours, batch 2"]["padding"] == 0 < rows["ours --packing False, batch 2"]["padding"]
     for name in GPU_ONLY:
         assert rows[name]["skipped"], name
     profiles = (tmp_path / "profiles.txt").read_text(encoding="utf-8")
-    assert all(f"=== {name}" in profiles for name in RAN) and "aten::mm" in profiles
+    assert all(f"=== {name}" in profiles for name in RAN if name != ZERO3) and "aten::mm" in profiles
     table = (tmp_path / "gpu_results.md").read_text(encoding="utf-8")
     assert f"transformers {results['versions']['transformers']}" in table and "commit " in table
     assert all(f"| {name} |" in table for name in rows)
