@@ -151,6 +151,6 @@ def test_template_round_trips_through_json(tmp_path, qwen_tok) -> None:
 def test_cut_response_cuts_at_the_earliest_stop_string() -> None:
     import dataclasses
 
-    template = dataclasses.replace(Template(name="alpaca"), stop_strings=("wer", "r i"))
-    assert template.cut_response("the answer is 4") == "the ans"  # "wer" starts first, though "r i" ends sooner
+    template = dataclasses.replace(Template(name="alpaca"), stop_strings=("r i", "wer"))
+    assert template.cut_response("the answer is 4") == "the ans"  # "wer" starts first, though "r i" is listed first
     assert template.cut_response("plain") == "plain"
