@@ -56,8 +56,8 @@ class EvaluateArgs:
                                "(each evaluated on its own)")
     tasks: list[str] = flag([], "lm-evaluation-harness task names (commas between several)")
     output_dir: str | None = flag(None, "the folder for results.json, results.md and generations/")
-    num_fewshot: int = flag(0, "worked examples before each question: other records of the same --data, or "
-                               "lm-eval's few-shot split for --tasks", min=0)
+    num_fewshot: int = flag(0, "worked examples before each question: other records of the same --data; for "
+                               "--tasks, from the task's few-shot split (0: the task's own default)", min=0)
     max_samples: int | None = flag(None, "evaluate the first N records of each --data (the --limit of --tasks)",
                                    min=1)
     eval_batch_size: int = flag(8, "records generated (or scored) together", min=1)

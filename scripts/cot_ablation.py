@@ -28,6 +28,7 @@ import time
 sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # import the project's packages
 
 from alpaca_cot.io import write_json_atomic, write_text_atomic  # noqa: E402
+from alpaca_cot.templates import get_template  # noqa: E402
 from data import curation  # noqa: E402
 from data.converters import convert_file  # noqa: E402
 
@@ -55,16 +56,17 @@ def shared_raw() -> str:
 
 
 def count_tokens(records: list[dict], tokenizer) -> list[int]:
-    """Tokens each record trains on: its instruction, input and output as the tokenizer counts them."""
-    texts = ["\n".join(filter(None, (r["instruction"], r.get("input", ""), r["output"]))) for r in records]
-    return [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
+    """Tokens each record trains on: its Alpaca-template text with BOS and EOS, as training tokenizes it."""
+    template = get_template("alpaca", tokenizer)
+    texts = ["".join(text for text, _ in template.render(r, tokenizer)) for r in records]
+    return [len(ids) + 1 for ids in tokenizer(texts, add_special_tokens=True)["input_ids"]]  # + EOS
 
 
 def take_budget(records: list[dict], lengths: list[int], budget: int, cutoff: int) -> tuple[list[dict], int]:
-    """Records in order until ``budget`` tokens (each counted up to ``cutoff``, as training cuts it)."""
+    """Records in order while they fit in ``budget`` tokens (each counted up to ``cutoff``, as training cuts it)."""
     taken, used = [], 0
     for record, length in zip(records, lengths, strict=True):
-        if used >= budget:
+        if used + min(length, cutoff) > budget:
             break
         taken.append(record)
         used += min(length, cutoff)
@@ -156,8 +158,8 @@ def main(budget_tokens: int = 8000, eval_records: int = 24, max_new_tokens: int 
             print(f"{arm}: reusing the finished run in {os.path.join(out_dir, arm)} (--retrain to train again)")
             continue
         run("uniform_finetune.py", "--model_type", "llama", "--model_name_or_path", model, "--data", train_file,
-            "--val_set_size", "16", "--epochs", "1",
-            "--eval_steps", "100000",  # the loss on the validation records before and after only
+            "--val_set_size", "0",  # every budgeted token is trained on; evaluate.py gives the held-out loss
+            "--epochs", "1",
             "--per_gpu_train_batch_size", "8", "--cutoff_len", str(cutoff_len), "--learning_rate", str(learning_rate),
             "--lora_r", "16", "--lora_alpha", "32", "--lora_target_modules", "all", "--logging_steps", "10",
             "--seed", str(seed), "--output_dir", os.path.join(out_dir, arm), "--overwrite_output_dir")
