@@ -15,14 +15,14 @@ steady-state effective tokens/s (after the first quarter of the steps: set-up, a
 compilation left out), one profiled step (batch 8: top operators by device time, into profiles.txt)
 and host-device syncs over the last two steps (``torch.cuda.set_sync_debug_mode``).
 
-Contenders, most important first (a run stops starting new ones when ``--budget_s`` is spent):
-ours (packed), the length-grouped reference, ours --packing False, --use_liger_kernel,
---quantization_bit 4 (QLoRA), --torch_compile, the ungrouped reference, and a 1-process ZeRO-3 run
-(``--deepspeed zero3`` under torchrun) where deepspeed is importable and our --deepspeed exists.
-A row that cannot run here is listed with the reason. MFU = steady tokens/s x training FLOPs per token
-(ours' count, benchmarks for the reference rows too) / the bf16 matmul peak measured at start-up.
-Writes gpu_results.md, gpu_results.json and profiles.txt to ``--out``; ``--report_dir`` gets those and
-logs.txt (each contender's last lines).
+Contenders (``run_order``: a run starts no new one once ``--budget_s`` is spent): ours (packed), the
+length-grouped reference, ours --packing False, --use_liger_kernel, --quantization_bit 4 (QLoRA),
+--torch_compile, the ungrouped reference, and a 1-process ZeRO-3 run (``--deepspeed zero3`` under
+torchrun) where deepspeed is importable. A row that cannot run here is listed with the reason.
+MFU = steady tokens/s x training FLOPs per token (ours' count; the reference rows take ours' at the
+same batch) / the highest bf16 matmul peak our runs measured at start-up. Writes gpu_results.md,
+gpu_results.json, profiles.txt and logs.txt (each contender's last lines) to ``--out``, and copies
+them to ``--report_dir``.
 """
 
 from __future__ import annotations
