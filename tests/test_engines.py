@@ -185,6 +185,7 @@ def reference_runs(tmp_path_factory, tiny_model_dir: str, tiny_data_file: str) -
     finetune(str(root / "lora"), *flags)
     assert_trained(str(root / "lora"))
     finetune(str(root / "full"), *flags, "--peft_type", "full", "--learning_rate", "1e-3")
+    assert max_weight_diff(tiny_model_dir, str(root / "full"), "model.safetensors") > 100 * ADAPTER_ATOL  # trained
     return {"flags": flags, "lora": str(root / "lora"), "full": str(root / "full")}
 
 
