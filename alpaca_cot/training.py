@@ -78,6 +78,7 @@ class RunTotals(transformers.TrainerCallback, ExportableState):
         self.loss_sum = 0.0
         self.seconds = 0.0
         self._losses: torch.Tensor | None = None  # on the device: read only when saving (no per-step sync)
+        self._padded_real: torch.Tensor | None = None
         self._begin: float | None = None  # set when train() begins (the Trainer asks for state() before)
         self._base = self._eval = 0.0
 
@@ -87,7 +88,10 @@ class RunTotals(transformers.TrainerCallback, ExportableState):
     def add_batch(self, inputs: dict, loss: torch.Tensor) -> None:
         """Count one micro-batch's tokens and its loss (as the Trainer sums them for its logs)."""
         mask = inputs.get("attention_mask")  # packed batches have none: every position is a real token
-        self.real_tokens += int(mask.sum()) if mask is not None else inputs["input_ids"].numel()
+        if mask is None:
+            self.real_tokens += inputs["input_ids"].numel()
+        else:  # summed on the device, read when saving (int() here would sync a GPU every step)
+            self._padded_real = mask.sum() if self._padded_real is None else self._padded_real + mask.sum()
         self.batch_tokens += inputs["input_ids"].numel()
         self._losses = loss.detach() if self._losses is None else self._losses + loss.detach()
 
@@ -100,6 +104,9 @@ class RunTotals(transformers.TrainerCallback, ExportableState):
         if self._losses is not None:
             self.loss_sum += float(self._losses)
             self._losses = None
+        if self._padded_real is not None:
+            self.real_tokens += int(self._padded_real)
+            self._padded_real = None
         if self._begin is not None:
             self.seconds = self._base + time.perf_counter() - self._begin - self._eval
 
@@ -217,15 +224,13 @@ def _holds_files(folder: str) -> bool:
 
 
 def report_truncation(entries: list[dict], args: FinetuneArgs) -> None:
-    """Log how many records were cut to --cutoff_len or left out, listing them in TRUNCATION_FILE."""
-    if not entries or not is_main_process():
+    """Log how many records were cut to --cutoff_len or left out (``save_outputs`` lists them)."""
+    if not entries:
         return
-    path = os.path.join(args.output_dir, TRUNCATION_FILE)
-    write_text_atomic(path, "".join(json.dumps(e, ensure_ascii=False) + "\n" for e in entries))
     cut = sum(e["action"] == "cut" for e in entries)
     log(f"--cutoff_len {args.cutoff_len}: {cut} records cut (leading whole turns kept; a single turn shares the "
         f"budget between prompt and answer) and {len(entries) - cut} left out (no answer token left); "
-        f"listed in {path}")
+        f"listed in {os.path.join(args.output_dir.removesuffix(STAGING_SUFFIX), TRUNCATION_FILE)} at the end")
 
 
 def run_finetune(args: FinetuneArgs) -> tuple[dict, Any]:
@@ -306,7 +311,9 @@ def run_finetune(args: FinetuneArgs) -> tuple[dict, Any]:
         remove_unused_columns=False,
         # --streaming: each rank reads the stream and keeps its share; dispatching would cut packed batches
         # (accelerate slices every tensor of a batch along its first dimension).
-        accelerator_config={"dispatch_batches": False} if args.streaming else None,
+        # non_blocking: batches reach a GPU without draining its queue at every step (pinned memory).
+        accelerator_config={"non_blocking": torch.cuda.is_available(),
+                            **({"dispatch_batches": False} if args.streaming else {})},
         ddp_find_unused_parameters=False if world > 1 else None,
         use_cpu=engine.use_cpu,
         **engine.training_kwargs(model),
@@ -342,8 +349,8 @@ def run_finetune(args: FinetuneArgs) -> tuple[dict, Any]:
         metrics["eval_loss_before"] = first_eval["eval_loss"]
         log(f"eval loss before training: {metrics['eval_loss_before']:.4f}")
     steps = trainer.state.global_step
-    metrics.update(train_loss=totals.loss_sum / max(steps, 1), train_runtime_s=result.metrics["train_runtime"],
-                   steps=steps)
+    metrics.update(train_loss=_mean_over_ranks(totals.loss_sum) / max(steps, 1),
+                   train_runtime_s=result.metrics["train_runtime"], steps=steps)
     if len(val_data):
         metrics["eval_loss_after"] = trainer.evaluate()["eval_loss"]
         log(f"eval loss after training: {metrics['eval_loss_after']:.4f}")
@@ -360,7 +367,7 @@ def run_finetune(args: FinetuneArgs) -> tuple[dict, Any]:
         f"measured at start-up")
     state_dict = gathered_state_dict(trainer, engine)  # a collective: every rank takes part
     if trainer.is_world_process_zero():
-        save_outputs(args, trainer, tokenizer, template, metrics, state_dict)
+        save_outputs(args, trainer, tokenizer, template, metrics, state_dict, truncation=info["truncation"])
     return metrics, trainer.model
 
 
@@ -371,13 +378,27 @@ def _default_template(name: str, tokenizer: Any) -> str:
     return name
 
 
+def _sum_over_ranks(values: list[float]) -> list[float]:
+    """``values`` summed over the processes of a launcher (unchanged in a single process)."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return values
+    # NCCL reduces only GPU tensors; gloo only CPU ones.
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else None
+    total = torch.tensor(values, dtype=torch.float64, device=device)
+    torch.distributed.all_reduce(total)
+    return total.tolist()
+
+
+def _mean_over_ranks(value: float) -> float:
+    """``value`` averaged over the processes of a launcher (each rank sums its own batches' losses)."""
+    world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+    return _sum_over_ranks([value])[0] / world
+
+
 def _throughput(totals: RunTotals, world: int) -> dict[str, float]:
     # The train loop (data, forward, backward, optimizer steps) without the evaluations inside it: timing
     # single steps would need a GPU sync per step, which stops the CPU queueing the next step's kernels.
-    counts = torch.tensor([totals.real_tokens, totals.batch_tokens], dtype=torch.float64)
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.all_reduce(counts)
-    real, total = counts.tolist()
+    real, total = _sum_over_ranks([totals.real_tokens, totals.batch_tokens])
     seconds = max(totals.seconds, 1e-9)
     peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     out = {"effective_tokens": real, "effective_tokens_per_s": real / seconds, "train_loop_seconds": seconds,
@@ -389,11 +410,13 @@ def _throughput(totals: RunTotals, world: int) -> dict[str, float]:
 
 def _replicas_in_sync(model: Any) -> bool:
     """Whether every rank ends with bit-identical trainable weights (DDP should guarantee it)."""
-    digest = torch.zeros(2, dtype=torch.float64)
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else None  # NCCL: GPU
+    digest = torch.zeros(2, dtype=torch.float64, device=device)
     for p in model.parameters():
         if p.requires_grad:
-            flat = p.detach().double().flatten()
-            digest += torch.stack([flat.sum(), (flat * torch.arange(1, flat.numel() + 1, dtype=torch.float64)).sum()])
+            flat = p.detach().to(device=digest.device, dtype=torch.float64).flatten()
+            positions = torch.arange(1, flat.numel() + 1, dtype=torch.float64, device=digest.device)
+            digest += torch.stack([flat.sum(), (flat * positions).sum()])
     gathered = [torch.zeros_like(digest) for _ in range(torch.distributed.get_world_size())]
     torch.distributed.all_gather(gathered, digest)
     same = all(torch.equal(g, gathered[0]) for g in gathered)
@@ -403,8 +426,9 @@ def _replicas_in_sync(model: Any) -> bool:
 
 
 def save_outputs(args: FinetuneArgs, trainer: transformers.Trainer, tokenizer: Any, template: Template,
-                 metrics: dict, state_dict: dict | None = None) -> None:
-    """Adapter (safetensors), tokenizer, arguments, template, metrics, loss plot: staged, then moved in.
+                 metrics: dict, state_dict: dict | None = None, truncation: list[dict] | None = None) -> None:
+    """Adapter (safetensors), tokenizer, arguments, template, metrics, loss plot and the records cut to
+    --cutoff_len (TRUNCATION_FILE): staged, then moved in.
 
     ``state_dict``: the weights gathered from a sharded engine's ranks (default: the model's own).
 
@@ -421,6 +445,9 @@ def save_outputs(args: FinetuneArgs, trainer: transformers.Trainer, tokenizer: A
     args.save(staging)
     write_json_atomic(os.path.join(staging, METRICS_FILE), metrics)
     plot_loss(trainer.state.log_history, os.path.join(staging, LOSS_PLOT))
+    if truncation:
+        write_text_atomic(os.path.join(staging, TRUNCATION_FILE),
+                          "".join(json.dumps(e, ensure_ascii=False) + "\n" for e in truncation))
     for name in os.listdir(staging):
         os.replace(os.path.join(staging, name), os.path.join(out, name))
     os.rmdir(staging)

@@ -255,8 +255,8 @@ def test_unknown_flag_stops_at_once_naming_the_closest(tmp_path) -> None:
 
     with pytest.raises(UserError, match=r"unknown flag --lora_rank; did you mean --lora_r"):
         check_argv(["--model_name_or_path", "m", "--lora_rank", "16"], uniform_finetune.main)
-    with pytest.raises(UserError, match="unknown flag --fsdp"):
-        check_argv(["--fsdp"], uniform_finetune.main)
+    with pytest.raises(UserError, match="unknown flag --zero_stage"):
+        check_argv(["--zero_stage", "3"], uniform_finetune.main)
     with pytest.raises(UserError, match="unexpected argument 'stray'"):
         check_argv(["stray", "--data", "x"], uniform_finetune.main)
     check_argv(["--nopacking", "--packing=False", "--data", "a", "--help"], uniform_finetune.main)
