@@ -216,6 +216,7 @@ def _expected_answers(adapter: str, **kwargs) -> list[str]:
     return answers
 
 
+@pytest.mark.slow
 def test_generate_py_answers_from_a_plain_peft_adapter_on_a_quiet_console(plain_adapter: str) -> None:
     proc = run_script("generate.py", "--lora_dir", plain_adapter, "--instruction", RECORDS[0]["instruction"],
                       "--do_sample", "False", "--max_new_tokens", "8", "--repetition_penalty", "1.0",
@@ -224,6 +225,7 @@ def test_generate_py_answers_from_a_plain_peft_adapter_on_a_quiet_console(plain_
     assert not [n for n in NOISE if n in proc.stderr], proc.stderr
 
 
+@pytest.mark.slow
 def test_predict_py_runs_the_original_layout(base_dir: str, original_adapter: str, tmp_path) -> None:
     data = tmp_path / "in.json"
     data.write_text(json.dumps([{**r, "output": ""} for r in RECORDS]))
@@ -235,6 +237,7 @@ def test_predict_py_runs_the_original_layout(base_dir: str, original_adapter: st
     assert not [n for n in NOISE if n in proc.stderr], proc.stderr
 
 
+@pytest.mark.slow
 def test_server_py_loads_a_hub_id_from_the_cache(plain_adapter: str, tmp_path) -> None:
     # The hub cache layout huggingface_hub reads offline: refs/main names the snapshot folder.
     repo = tmp_path / "hub" / "models--someone--tiny-lora"
@@ -255,6 +258,7 @@ def test_server_py_loads_a_hub_id_from_the_cache(plain_adapter: str, tmp_path) -
     assert _expected_answers(plain_adapter)[0].strip() in proc.stdout
 
 
+@pytest.mark.slow
 def test_merge_of_the_original_layout_equals_the_adapter(base_dir: str, original_adapter: str, tmp_path) -> None:
     out = tmp_path / "merged"
     run_script("merge.py", "--lora_dir", original_adapter, "--model_name_or_path", base_dir, "--merged_dir", str(out))
@@ -274,6 +278,7 @@ def test_merge_adapter_takes_a_plain_peft_adapter(plain_adapter: str, tmp_path) 
     assert json.loads((tmp_path / "merged" / "template.json").read_text())["name"] == "moss"
 
 
+@pytest.mark.slow
 def test_web_py_serves_a_plain_peft_adapter(plain_adapter: str, tmp_path) -> None:
     from tests.test_web import http, serve_web
 

@@ -128,6 +128,7 @@ def test_every_source_format_is_met_in_the_raw_files(converted):
                                   "mbpp"}
 
 
+@pytest.mark.slow
 def test_convert_then_validate_round_trips(converted, tmp_path):
     multi_turn = set()
     for i, (path, (records, report)) in enumerate(converted.items()):
@@ -226,6 +227,7 @@ def test_gsm8k_jsonl_and_flan_tsv_hold_the_same_answers(converted):
     assert same == 7473
 
 
+@pytest.mark.slow
 def test_cli_builds_cot_and_data_cot_resolves(raw, tmp_path, monkeypatch):
     out = tmp_path / "CoT_data.json"
     proc = run_script("data/collection.py", "convert", os.path.join(raw, "flan_v2_cot"), str(out))
@@ -281,6 +283,7 @@ def test_stats_reproduce_the_original_table(tmp_path, capsys):
         stats(str(tmp_path))  # not a file stats wrote: kept
 
 
+@pytest.mark.slow
 def test_stats_regenerates_its_own_files(tmp_path):
     stats(str(tmp_path))
     first = (tmp_path / "statistics.md").read_text(encoding="utf-8")
@@ -311,6 +314,7 @@ def test_registry_schema_and_names():
             assert entry["source_format"] in FORMATS or " " in entry["source_format"], name
 
 
+@pytest.mark.slow
 def test_mix_dedup_decontaminate(raw, tmp_path, capsys):
     sqa = str(tmp_path / "sqa.jsonl")
     write_records(sqa, convert_file(os.path.join(raw, "flan_v2_cot", "strategyqa_train.tsv"))[0])

@@ -80,6 +80,7 @@ PEFT_WRAP = ("import peft, transformers; peft.get_peft_model(transformers.LlamaF
              "peft.LoraConfig(target_modules=['q_proj'], task_type='CAUSAL_LM'))")
 
 
+@pytest.mark.slow
 def test_a_process_that_imports_alpaca_cot_first_starts_quietly() -> None:
     control = _stderr(PEFT_WRAP)
     assert "is_gradient_checkpointing" in control  # what every script printed before
@@ -102,6 +103,7 @@ def tensorboard_run(stories_dir: str, alpaca_file: str, tmp_path_factory: pytest
     return out
 
 
+@pytest.mark.slow
 def test_report_to_tensorboard_logs_the_training_losses(tensorboard_run: str) -> None:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 

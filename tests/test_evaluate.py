@@ -191,6 +191,7 @@ def _run(*args: str, check: bool = True):
     return run_script("evaluate.py", *args, "--compute_dtype", "fp32", "--max_new_tokens", "24", check=check)
 
 
+@pytest.mark.slow
 def test_evaluate_writes_results_and_resumes(trained_adapter: str, strategyqa_file: str, tmp_path) -> None:
     out = tmp_path / "eval"
     args = ("--lora_dir", trained_adapter, "--data", strategyqa_file, "--output_dir", str(out), "--num_fewshot", "1",
@@ -230,6 +231,7 @@ def test_evaluate_writes_results_and_resumes(trained_adapter: str, strategyqa_fi
     assert len(changed.stderr.strip().splitlines()) == 1
 
 
+@pytest.mark.slow
 def test_bad_flags_are_one_line(tmp_path, strategyqa_file: str) -> None:
     for args, message in [(("--output_dir", str(tmp_path / "a")), "Pass --data"),
                           (("--data", "no-such-set", "--output_dir", str(tmp_path / "b")), "no-such-set"),
@@ -243,6 +245,7 @@ def test_bad_flags_are_one_line(tmp_path, strategyqa_file: str) -> None:
         assert message in proc.stderr
 
 
+@pytest.mark.slow
 def test_lm_eval_offline_task_with_the_adapter(trained_adapter: str, tiny_lm_dir: str, tmp_path) -> None:
     """The shipped task config reads its local JSONL with HF_HUB_OFFLINE=1; lm-eval's HF model gets
     pretrained=BASE,peft=ADAPTER, and the adapter changes its log-likelihoods (so it was applied)."""

@@ -152,6 +152,7 @@ def _predict(data: str, result_dir: str, **flags) -> None:
     load_script("predict.py").main(data=data, result_dir=result_dir, lora_dir="/nonexistent", **flags)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("overwrite", [False, True])
 def test_a_file_predict_did_not_write_is_refused_untouched(tmp_path, overwrite: bool) -> None:
     data = tmp_path / "in.json"
@@ -193,6 +194,7 @@ def _lines(path: str) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
+@pytest.mark.slow
 def test_predict_resumes_after_being_killed(trained_adapter: str, alpaca_file: str, tmp_path) -> None:
     out = str(tmp_path / "yyy.txt")
     # The seed's command line, plus a small batch and sample count to have a run to kill.

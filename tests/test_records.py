@@ -48,6 +48,7 @@ def test_a_single_json_object_is_named_as_such(tmp_path) -> None:
         read_records(str(path))
 
 
+@pytest.mark.slow
 def test_predict_reports_invalid_utf8_in_one_line(tmp_path) -> None:
     path = tmp_path / "in.jsonl"
     path.write_bytes(b'{"instruction": "\xff"}\n')

@@ -100,10 +100,12 @@ def client(web_url: str) -> openai.OpenAI:
 
 
 # ---- the real script, through the openai client --------------------------------------------------
+@pytest.mark.slow
 def test_models_lists_the_served_adapter(client: openai.OpenAI) -> None:
     assert [m.id for m in client.models.list()] == ["run"]  # the --lora_dir folder's name
 
 
+@pytest.mark.slow
 def test_chat_completion_plain_and_streamed_agree(client: openai.OpenAI) -> None:
     ask = {"model": "run", "messages": [{"role": "user", "content": QUESTION}], "max_tokens": 16, "temperature": 0}
     plain = client.chat.completions.create(**ask)
@@ -122,6 +124,7 @@ def test_chat_completion_plain_and_streamed_agree(client: openai.OpenAI) -> None
     assert chunks[-1].usage.completion_tokens == plain.usage.completion_tokens
 
 
+@pytest.mark.slow
 def test_completion_plain_and_streamed_agree(client: openai.OpenAI) -> None:
     ask = {"model": "run", "prompt": QUESTION, "max_tokens": 12, "temperature": 0}
     plain = client.completions.create(**ask)
@@ -130,6 +133,7 @@ def test_completion_plain_and_streamed_agree(client: openai.OpenAI) -> None:
     assert streamed == plain.choices[0].text
 
 
+@pytest.mark.slow
 def test_stop_strings_cut_the_answer(client: openai.OpenAI) -> None:
     ask = {"model": "run", "messages": [{"role": "user", "content": QUESTION}], "max_tokens": 24, "temperature": 0}
     full = client.chat.completions.create(**ask).choices[0].message.content
@@ -141,6 +145,7 @@ def test_stop_strings_cut_the_answer(client: openai.OpenAI) -> None:
     assert streamed == cut
 
 
+@pytest.mark.slow
 def test_sampling_extensions_pass_through(client: openai.OpenAI) -> None:
     ask = {"model": "run", "messages": [{"role": "user", "content": QUESTION}], "max_tokens": 10, "seed": 7}
     extra = {"top_k": 5, "repetition_penalty": 1.2, "no_repeat_ngram_size": 3}
@@ -149,6 +154,7 @@ def test_sampling_extensions_pass_through(client: openai.OpenAI) -> None:
     assert first and first == again  # sampling with a seed repeats
 
 
+@pytest.mark.slow
 def test_multi_turn_chat(client: openai.OpenAI) -> None:
     messages = [{"role": "system", "content": "You tell stories."}, {"role": "user", "content": "Hello"},
                 {"role": "assistant", "content": "Once upon a time."}, {"role": "user", "content": QUESTION}]
@@ -156,6 +162,7 @@ def test_multi_turn_chat(client: openai.OpenAI) -> None:
     assert reply.choices[0].message.content
 
 
+@pytest.mark.slow
 def test_original_api(web_url: str) -> None:
     status, body = http("POST", f"{web_url}/", {"prompt": QUESTION}, key=KEY)
     assert status == 200 and set(body) == {"response", "status", "time"}
@@ -165,6 +172,7 @@ def test_original_api(web_url: str) -> None:
     assert status == 200 and body["query"] == "Hello" and body["answer"] and body["time"] > 0
 
 
+@pytest.mark.slow
 def test_auth_wants_the_key(web_url: str) -> None:
     for key, message in ((None, "No API key"), ("wrong", "Incorrect API key")):
         for method, path, body in (("GET", "/v1/models", None), ("POST", "/", {"prompt": "hi"}),
@@ -192,6 +200,7 @@ def test_api_description_wants_the_key(generator: Any) -> None:
         assert docs.status_code == 200 and "/openapi.json" in docs.text
 
 
+@pytest.mark.slow
 def test_time_to_first_token(client: openai.OpenAI) -> None:
     """Streaming through the openai client: seconds from the request to the first text (median of 5)."""
     ask = {"model": "run", "messages": [{"role": "user", "content": QUESTION}], "max_tokens": 16, "stream": True}
@@ -513,6 +522,7 @@ def test_request_bodies_over_the_limit_get_413(generator: Any, local: Any) -> No
     assert huge.status_code == 400 and huge.json()["error"]["code"] == "context_length_exceeded"
 
 
+@pytest.mark.slow
 def test_long_prompts_are_tokenized_off_the_event_loop(generator: Any) -> None:
     """Ten 1 MB prompts at once: the server answers /v1/models meanwhile as fast as when idle."""
     huge = {"model": "run", "prompt": "word " * 200_000}
