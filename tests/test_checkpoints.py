@@ -73,6 +73,7 @@ def _train(stories_dir: str, data: str, out: Path, *flags: str, check: bool = Tr
                       *flags, check=check)
 
 
+@pytest.mark.slow
 def test_bare_resume_skips_checkpoints_killed_mid_write(tmp_path, stories_dir: str, alpaca_file: str) -> None:
     out = tmp_path / "run"
     _train(stories_dir, alpaca_file, out, "--max_steps", "4")
@@ -102,6 +103,7 @@ def _listing(folder: Path) -> dict[str, bytes]:
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
+@pytest.mark.slow
 def test_overwrite_replaces_the_old_run_only_when_the_new_one_finished(tmp_path, stories_dir: str,
                                                                        alpaca_file: str) -> None:
     out = tmp_path / "run"

@@ -183,6 +183,7 @@ def test_file_errors_name_the_file_line_and_field(tmp_path, tok, records) -> Non
     assert os.listdir(cache) == ["file_digests.json"]  # nothing half-built is left
 
 
+@pytest.mark.slow
 def test_hub_failure_is_one_sentence(tmp_path, tok) -> None:
     with pytest.raises(DataError) as e:
         prepare_splits(_args(["no-such-org-x7/no-such-data"]), tok, get_template("alpaca", tok),

@@ -164,6 +164,7 @@ def test_custom_deepspeed_config_is_saved_as_an_absolute_path(tmp_path, monkeypa
     assert EnginePlan("deepspeed", False, args.deepspeed, 1).training_kwargs(None) == {"deepspeed": str(config)}
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU refusal")
 def test_fsdp_on_cpu_stops_before_any_work(tmp_path, tiny_model_dir: str, tiny_data_file: str) -> None:
     proc = run_script("uniform_finetune.py", "--model_name_or_path", tiny_model_dir, "--data", tiny_data_file,
