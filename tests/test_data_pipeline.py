@@ -298,3 +298,12 @@ def test_streaming_without_max_steps_is_one_line(tmp_path, tiny_model_dir: str, 
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines()[-1].endswith("--streaming needs --max_steps: a stream has no length "
                                                          "to count --epochs in")
+
+
+def test_default_workers_follow_the_data_size_and_the_cores() -> None:
+    from alpaca_cot.data_pipeline import MAX_WORKERS, RECORDS_PER_WORKER, default_workers
+
+    cores = len(os.sched_getaffinity(0))
+    assert default_workers(RECORDS_PER_WORKER - 1, None) == 1  # a small set: no process to start
+    assert default_workers(10**7, None) == min(cores, MAX_WORKERS)
+    assert default_workers(10, 3) == 3  # --preprocessing_num_workers as given
