@@ -388,6 +388,7 @@ def test_truncated_records_are_listed_beside_the_run(tmp_path, tiny_model_dir: s
     assert metrics["train_records"] == 3  # the record whose prompt alone is too long is kept: its answer fits
 
 
+@pytest.mark.slow
 def test_throughput_leaves_out_evaluations_inside_training_only(tmp_path, monkeypatch, tiny_model_dir: str,
                                                                  tiny_data_file: str) -> None:
     import time
