@@ -15,7 +15,6 @@ the shards (``gathered_state_dict``) and loads alone in plain transformers/peft.
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -23,6 +22,7 @@ from typing import Any
 import torch
 
 from alpaca_cot.errors import UserError
+from alpaca_cot.io import read_json_object
 
 DEEPSPEED_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "deepspeed")
 DEEPSPEED_PRESETS = ("zero2", "zero2_offload", "zero3", "zero3_offload")
@@ -41,13 +41,7 @@ def resolve_deepspeed_config(value: str) -> str:
 
 def read_deepspeed_config(path: str) -> dict:
     """The DeepSpeed config at ``path``; malformed JSON or a ZeRO stage outside 0-3 is one line naming the file."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            config = json.load(f)
-    except json.JSONDecodeError as e:
-        raise UserError(f"--deepspeed {path} line {e.lineno}: not valid JSON ({e.msg})") from None
-    if not isinstance(config, dict):
-        raise UserError(f"--deepspeed {path} holds a JSON {type(config).__name__}, not an object of settings")
+    config = read_json_object(path, f"--deepspeed {path}", "settings")
     stage = config.get("zero_optimization", {}).get("stage", 0)
     if stage not in ZERO_STAGES:
         raise UserError(f"--deepspeed {path}: zero_optimization.stage {stage!r} is not valid; valid choices: "

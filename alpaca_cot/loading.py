@@ -277,17 +277,10 @@ def resolve_base_model(folder: str, model_name_or_path: str | None = None) -> st
 
 def read_adapter_config(folder: str) -> dict:
     """adapter_config.json of ``folder`` as a dict; a malformed file is a one-line error."""
-    import json
+    from alpaca_cot.io import read_json_object
 
     path = os.path.join(folder, ADAPTER_CONFIG)
-    try:
-        with open(path, encoding="utf-8") as f:
-            config = json.load(f)
-    except json.JSONDecodeError as e:
-        raise LoadError(f"{path} line {e.lineno}: not valid JSON ({e.msg})") from None
-    if not isinstance(config, dict):
-        raise LoadError(f"{path} holds a JSON {type(config).__name__}, not an object of adapter settings")
-    return config
+    return read_json_object(path, path, "adapter settings", LoadError)
 
 
 def infer_model_type(base: str) -> str:
