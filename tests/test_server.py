@@ -79,15 +79,9 @@ class Terminal:
         """Read until ``text`` appears; returns what came before it."""
         deadline = time.time() + timeout
         while text not in self.unread:
-            ready, _, _ = select.select([self.fd], [], [], max(0.0, deadline - time.time()))
-            if not ready:
+            if time.time() > deadline:
                 raise AssertionError(f"no {text!r} after {timeout} s; the terminal shows:\n{self.seen[-2000:]}")
-            try:
-                data = os.read(self.fd, 4096).decode("utf-8", "replace").replace("\r\n", "\n")
-            except OSError:  # EIO: the child closed the terminal
-                raise AssertionError(f"exited before {text!r}; the terminal shows:\n{self.seen[-3000:]}") from None
-            self.seen += data
-            self.unread += data
+            self._read(deadline)
         before, _, self.unread = self.unread.partition(text)
         return before
 
@@ -95,7 +89,9 @@ class Terminal:
         """Read until one of ``texts`` appears; returns (the one that came first, what came before it)."""
         deadline = time.time() + timeout
         while not any(t in self.unread for t in texts):
-            self.expect(texts[0], timeout=0) if time.time() > deadline else self._read(deadline)
+            if time.time() > deadline:
+                raise AssertionError(f"none of {texts} after {timeout} s; the terminal shows:\n{self.seen[-2000:]}")
+            self._read(deadline)
         first = min((t for t in texts if t in self.unread), key=self.unread.index)
         return first, self.expect(first)
 
