@@ -1,12 +1,13 @@
 """Checkpoints and run folders are complete or not used: nothing a killed run half-wrote is taken for whole.
 
 The HF Trainer (transformers 5, ``Trainer._save_checkpoint``) writes ``checkpoint-N/`` in place, in
-this order: the model (adapter) weights, the optimizer, scheduler, scaler and RNG states, and last
-``trainer_state.json``; only then does it delete older checkpoints. A folder killed mid-write
-therefore lacks ``trainer_state.json``, holds a torn one, or (after a machine crash, whose unflushed
-files can come back empty) holds empty files. The Trainer's own ``get_last_checkpoint`` takes the
-highest step whatever its state, and resuming from such a folder fails or, worse, silently skips a
-missing optimizer. We pick the folder ourselves and pass its path to ``trainer.train``.
+this order: the model (adapter) weights, the optimizer (where the engine keeps it: DeepSpeed and FSDP
+have their own layouts), scheduler, scaler and RNG states, and last ``trainer_state.json``; only then
+does it delete older checkpoints. A folder killed mid-write therefore lacks ``trainer_state.json``,
+holds a torn one, or (after a machine crash, whose unflushed files can come back empty) holds empty
+files. The Trainer's own ``get_last_checkpoint`` takes the highest step whatever its state, and
+resuming from such a folder fails or, worse, silently skips a missing optimizer. We pick the folder
+ourselves and pass its path to ``trainer.train``.
 
 A run that replaces an earlier one (``--overwrite_output_dir``) trains in ``<output_dir>.staging``
 and is swapped in only when it has finished.
@@ -20,7 +21,13 @@ import re
 import shutil
 from typing import Any
 
-from transformers.trainer import OPTIMIZER_NAME, SCHEDULER_NAME, TRAINER_STATE_NAME
+from transformers.trainer import (
+    FSDP_MODEL_NAME,
+    OPTIMIZER_NAME,
+    OPTIMIZER_NAME_BIN,
+    SCHEDULER_NAME,
+    TRAINER_STATE_NAME,
+)
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from transformers.utils import (
     ADAPTER_SAFE_WEIGHTS_NAME,
@@ -36,6 +43,8 @@ from alpaca_cot.errors import UserError
 STAGING_SUFFIX = ".staging"  # where an --overwrite_output_dir run trains until it has finished
 REPLACED_SUFFIX = ".replaced"  # the old run for the moment of the swap
 CHECKPOINT_RE = re.compile(rf"^{PREFIX_CHECKPOINT_DIR}-(\d+)$")
+FSDP_SHARDED = re.compile(r"^optimizer_\d+$")  # accelerate's sharded FSDP optimizer state folders
+DEEPSPEED_LATEST = "latest"  # DeepSpeed's pointer to the step folder it finished writing
 WEIGHT_FILES = (ADAPTER_SAFE_WEIGHTS_NAME, ADAPTER_WEIGHTS_NAME, SAFE_WEIGHTS_NAME, SAFE_WEIGHTS_INDEX_NAME,
                 WEIGHTS_NAME, WEIGHTS_INDEX_NAME)
 
@@ -49,6 +58,31 @@ def checkpoint_folders(output_dir: str) -> list[tuple[int, str]]:
     return sorted(found)
 
 
+def _state_files(path: str, names: list[str]) -> tuple[list[str], list[str]]:
+    """The model-weight and optimizer files of a checkpoint, wherever its engine puts them (relative paths).
+
+    The Trainer alone (and DDP): ``optimizer.pt`` beside the weights. FSDP (accelerate's savers): the gathered
+    ``pytorch_model_fsdp.bin`` and ``optimizer.bin``, or sharded ``pytorch_model_fsdp_N/`` and ``optimizer_N/``
+    folders. DeepSpeed: the folder that ``latest`` names (``global_stepN/``) holds every rank's
+    ``*model_states.pt`` and ``*optim_states.pt``; it writes ``latest`` after them.
+    """
+    weights = [n for n in names if n in WEIGHT_FILES or n == f"{FSDP_MODEL_NAME}.bin"]
+    optimizer = [n for n in names if n in (OPTIMIZER_NAME, OPTIMIZER_NAME_BIN)]
+    for name in names:
+        folder = os.path.join(path, name)
+        if os.path.isdir(folder) and (FSDP_SHARDED.match(name) or name.startswith(f"{FSDP_MODEL_NAME}_")):
+            (optimizer if FSDP_SHARDED.match(name) else weights).extend(
+                os.path.join(name, f) for f in os.listdir(folder))
+    if DEEPSPEED_LATEST in names:
+        with open(os.path.join(path, DEEPSPEED_LATEST), encoding="utf-8") as f:
+            tag = f.read().strip()
+        folder = os.path.join(path, tag)
+        found = [os.path.join(tag, f) for f in os.listdir(folder)] if tag and os.path.isdir(folder) else []
+        weights += [f for f in found if f.endswith("model_states.pt")]
+        optimizer += [f for f in found if f.endswith("optim_states.pt")]
+    return weights, optimizer
+
+
 def checkpoint_problem(path: str) -> str | None:
     """Why the checkpoint folder at ``path`` cannot be resumed from, or None when it is complete."""
     state_path = os.path.join(path, TRAINER_STATE_NAME)
@@ -58,8 +92,10 @@ def checkpoint_problem(path: str) -> str | None:
         with open(state_path, encoding="utf-8") as f:
             state = json.load(f)
         names = os.listdir(path)
-        files = [n for n in names if os.path.isfile(os.path.join(path, n))]
-        empty = sorted(n for n in files if not os.path.getsize(os.path.join(path, n)))
+        # Every file, in the engines' sub-folders too: a machine crash can bring back unflushed files empty.
+        empty = sorted(os.path.relpath(os.path.join(root, n), path) for root, _, files in os.walk(path)
+                       for n in files if not os.path.getsize(os.path.join(root, n)))
+        weights, optimizer = _state_files(path, names)
     except (json.JSONDecodeError, UnicodeDecodeError):
         return f"{TRAINER_STATE_NAME} is torn"
     except FileNotFoundError:  # another process is deleting it (an older checkpoint, or an incomplete one)
@@ -70,9 +106,11 @@ def checkpoint_problem(path: str) -> str | None:
         return f"{TRAINER_STATE_NAME} is for step {step}"
     if empty:
         return f"empty {', '.join(empty)}"
-    missing = [n for n in (OPTIMIZER_NAME, SCHEDULER_NAME) if n not in names]
-    if not any(n in names for n in WEIGHT_FILES):
-        missing.insert(0, "model weights")
+    missing = [] if weights else ["model weights"]
+    if not optimizer:
+        missing.append("optimizer state")
+    if SCHEDULER_NAME not in names:
+        missing.append(SCHEDULER_NAME)
     if not any(n.startswith("rng_state") for n in names):
         missing.append("rng_state.pth")
     return f"no {', '.join(missing)}" if missing else None

@@ -50,7 +50,7 @@ def test_resume_takes_the_latest_complete_checkpoint_and_names_the_rest(tmp_path
 
 @pytest.mark.parametrize(("damage", "problem"), [
     ("optimizer.pt", "empty optimizer.pt"),  # a machine crash can bring back unflushed files empty
-    ("-optimizer.pt", "no optimizer.pt"),  # deleted mid-way (rotation of old checkpoints)
+    ("-optimizer.pt", "no optimizer state"),  # deleted mid-way (rotation of old checkpoints)
     ("-adapter_model.safetensors", "no model weights"),
     ("-rng_state.pth", "no rng_state.pth"),
 ])
@@ -64,6 +64,54 @@ def test_every_file_a_resume_needs_is_checked(tmp_path, damage: str, problem: st
     with pytest.raises(UserError, match=rf"holds no complete checkpoint-\* folder to resume from; incomplete: "
                                         rf"checkpoint-3 \({problem}\)"):
         choose_checkpoint(str(tmp_path), True, remove_incomplete=False)
+
+
+# The layouts of the engines' checkpoints (transformers 5.24, accelerate 1.15, DeepSpeed 0.19), besides the
+# scheduler, RNG and trainer state: what a complete one holds, and the problem named when one file is gone.
+ENGINE_LAYOUTS = {
+    "deepspeed": (["adapter_model.safetensors", "latest:global_step4", "global_step4/mp_rank_00_model_states.pt",
+                   "global_step4/zero_pp_rank_0_mp_rank_00_optim_states.pt",
+                   "global_step4/zero_pp_rank_1_mp_rank_00_optim_states.pt"],
+                  [("-global_step4/zero_pp_rank_0_mp_rank_00_optim_states.pt",
+                    "-global_step4/zero_pp_rank_1_mp_rank_00_optim_states.pt", "no optimizer state"),
+                   ("latest:global_step2", "no optimizer state"),  # names a step folder that is not there
+                   ("global_step4/zero_pp_rank_1_mp_rank_00_optim_states.pt:",
+                    "empty global_step4/zero_pp_rank_1_mp_rank_00_optim_states.pt")]),
+    "deepspeed zero3 full": (["latest:global_step4", "global_step4/zero_pp_rank_0_mp_rank_00_model_states.pt",
+                              "global_step4/bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt"],
+                             [("-global_step4/zero_pp_rank_0_mp_rank_00_model_states.pt", "no model weights"),
+                              ("-latest", "no model weights, optimizer state")]),
+    "fsdp full state dict": (["adapter_model.safetensors", "pytorch_model_fsdp.bin", "optimizer.bin"],
+                             [("-optimizer.bin", "no optimizer state"), ("optimizer.bin:", "empty optimizer.bin")]),
+    "fsdp sharded": (["pytorch_model_fsdp_0/__0_0.distcp", "optimizer_0/__0_0.distcp", "optimizer_0/__1_0.distcp"],
+                     [("-pytorch_model_fsdp_0/__0_0.distcp", "no model weights"),
+                      ("optimizer_0/__1_0.distcp:", "empty optimizer_0/__1_0.distcp")]),
+}
+
+
+def _write(path: Path, spec: str) -> None:
+    """``name`` (a one-byte file), ``name:text`` (a file holding text; empty after the colon) or ``-name``."""
+    if spec.startswith("-"):
+        (path / spec[1:]).unlink()
+        return
+    name, _, text = spec.partition(":")
+    (path / name).parent.mkdir(parents=True, exist_ok=True)
+    (path / name).write_text(text if ":" in spec else "x", encoding="utf-8")
+
+
+@pytest.mark.parametrize("engine", sorted(ENGINE_LAYOUTS))
+def test_each_engines_checkpoint_layout_is_known(tmp_path, engine: str) -> None:
+    files, damages = ENGINE_LAYOUTS[engine]
+    for damage in damages:
+        path = tmp_path / str(len(os.listdir(tmp_path))) / "checkpoint-4"
+        path.mkdir(parents=True)
+        for spec in [*files, "scheduler.pt", "rng_state_0.pth"]:
+            _write(path, spec)
+        (path / "trainer_state.json").write_text(json.dumps({"global_step": 4}), encoding="utf-8")
+        assert checkpoint_problem(str(path)) is None  # complete: before this, every one read "no optimizer.pt"
+        for spec in damage[:-1]:
+            _write(path, spec)
+        assert checkpoint_problem(str(path)) == damage[-1]
 
 
 def _train(stories_dir: str, data: str, out: Path, *flags: str, check: bool = True):
