@@ -68,51 +68,63 @@ class PadCollator:
 
 
 class RunTotals(transformers.TrainerCallback, ExportableState):
-    """Whole-run totals: real and padded tokens trained on, the summed step losses and the seconds of
-    the train loop without evaluations. Saved in every checkpoint (``ExportableState``), so a resumed
-    run reports the whole run, also when it was killed during the final save."""
+    """Whole-run totals over all ranks: real and padded tokens trained on, the step losses summed over
+    steps (each step's the mean over ranks) and the seconds of the train loop without evaluations. Saved
+    in every checkpoint (``ExportableState``), so a resumed run reports the whole run, also when it was
+    killed during the final save, and whatever number of processes resumes it.
+
+    Each rank adds its own batches on its device (no per-step sync); before a checkpoint and at the end
+    the ranks pool what they added (``pool``, a collective), since only the main process writes the
+    checkpoint and every rank restores it."""
 
     def __init__(self) -> None:
         self.real_tokens = 0
         self.batch_tokens = 0
         self.loss_sum = 0.0
         self.seconds = 0.0
-        self._losses: torch.Tensor | None = None  # on the device: read only when saving (no per-step sync)
-        self._padded_real: torch.Tensor | None = None
+        self._added: torch.Tensor | None = None  # this rank's [loss sum, real tokens, batch tokens] since pooling
         self._begin: float | None = None  # set when train() begins (the Trainer asks for state() before)
         self._base = self._eval = 0.0
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self._begin, self._base, self._eval = time.perf_counter(), self.seconds, 0.0
 
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if control.should_save:  # set by the flow callback, which runs first; every rank is here
+            self.pool()
+
+    def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.pool()
+
     def add_batch(self, inputs: dict, loss: torch.Tensor) -> None:
         """Count one micro-batch's tokens and its loss (as the Trainer sums them for its logs)."""
         mask = inputs.get("attention_mask")  # packed batches have none: every position is a real token
-        if mask is None:
-            self.real_tokens += inputs["input_ids"].numel()
-        else:  # summed on the device, read when saving (int() here would sync a GPU every step)
-            self._padded_real = mask.sum() if self._padded_real is None else self._padded_real + mask.sum()
-        self.batch_tokens += inputs["input_ids"].numel()
-        self._losses = loss.detach() if self._losses is None else self._losses + loss.detach()
+        real = inputs["input_ids"].numel() if mask is None else mask.sum()
+        # Summed on the device, read when pooling (float() here would sync a GPU every step).
+        batch = torch.stack([loss.detach().double().reshape(()),
+                             torch.as_tensor(real, dtype=torch.float64, device=loss.device),
+                             torch.tensor(float(inputs["input_ids"].numel()), dtype=torch.float64,
+                                          device=loss.device)])
+        self._added = batch if self._added is None else self._added + batch
 
     def add_eval_seconds(self, seconds: float) -> None:
         """Leave an evaluation's seconds out of the train loop's."""
         self._eval += seconds
 
-    def update(self) -> None:
-        """Fold the device-side losses and the elapsed loop time into the totals."""
-        if self._losses is not None:
-            self.loss_sum += float(self._losses)
-            self._losses = None
-        if self._padded_real is not None:
-            self.real_tokens += int(self._padded_real)
-            self._padded_real = None
+    def pool(self) -> None:
+        """Add every rank's batches since the last pooling to the totals (a collective: call it on all ranks)."""
+        added = torch.zeros(3, dtype=torch.float64) if self._added is None else self._added
+        loss, real, batch = _sum_over_ranks(added.tolist())
+        world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+        self.loss_sum += loss / world
+        self.real_tokens += int(real)
+        self.batch_tokens += int(batch)
+        self._added = None
         if self._begin is not None:
             self.seconds = self._base + time.perf_counter() - self._begin - self._eval
 
     def state(self) -> dict:
-        """What a checkpoint keeps (``ExportableState``)."""
-        self.update()
+        """What a checkpoint keeps (``ExportableState``): the totals as of the last pooling."""
         return {"args": {}, "attributes": {"real_tokens": self.real_tokens, "batch_tokens": self.batch_tokens,
                                            "loss_sum": self.loss_sum, "seconds": self.seconds}}
 
@@ -342,14 +354,13 @@ def run_finetune(args: FinetuneArgs) -> tuple[dict, Any]:
     # sees only its part of them).
     flops_per_token = training_flops_per_token(model, full, mean_causal_context(train_data.lengths()))
     result = run_training(trainer, args.resume_from_checkpoint)
-    totals = trainer.totals
-    totals.update()
+    totals = trainer.totals  # pooled over the ranks when training ended
     first_eval = next((h for h in trainer.state.log_history if "eval_loss" in h), None)
     if first_eval is not None and first_eval["step"] == 0:
         metrics["eval_loss_before"] = first_eval["eval_loss"]
         log(f"eval loss before training: {metrics['eval_loss_before']:.4f}")
     steps = trainer.state.global_step
-    metrics.update(train_loss=_mean_over_ranks(totals.loss_sum) / max(steps, 1),
+    metrics.update(train_loss=totals.loss_sum / max(steps, 1),
                    train_runtime_s=result.metrics["train_runtime"], steps=steps)
     if len(val_data):
         metrics["eval_loss_after"] = trainer.evaluate()["eval_loss"]
@@ -389,16 +400,10 @@ def _sum_over_ranks(values: list[float]) -> list[float]:
     return total.tolist()
 
 
-def _mean_over_ranks(value: float) -> float:
-    """``value`` averaged over the processes of a launcher (each rank sums its own batches' losses)."""
-    world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
-    return _sum_over_ranks([value])[0] / world
-
-
 def _throughput(totals: RunTotals, world: int) -> dict[str, float]:
     # The train loop (data, forward, backward, optimizer steps) without the evaluations inside it: timing
     # single steps would need a GPU sync per step, which stops the CPU queueing the next step's kernels.
-    real, total = _sum_over_ranks([totals.real_tokens, totals.batch_tokens])
+    real, total = totals.real_tokens, totals.batch_tokens
     seconds = max(totals.seconds, 1e-9)
     peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     out = {"effective_tokens": real, "effective_tokens_per_s": real / seconds, "train_loop_seconds": seconds,

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 
@@ -102,3 +103,24 @@ def test_two_process_ddp_equals_one_process_on_the_same_global_batch(tmp_path, p
     assert json.load(open(tmp_path / "two" / "metrics.json"))["world_size"] == 2
     assert_trained(str(tmp_path / "one"))
     assert max_weight_diff(str(tmp_path / "one"), str(tmp_path / "two")) < ADAPTER_ATOL
+
+
+@pytest.mark.slow
+def test_two_process_resume_reports_the_whole_run(tmp_path, tiny_model_dir: str, tiny_data_file: str) -> None:
+    flags = [f for f in lora_flags(tiny_model_dir, tiny_data_file, str(tmp_path / "cache")) if f != "3"]
+    flags = [*flags[:flags.index("--max_steps") + 1], "4", *flags[flags.index("--max_steps") + 1:],
+             "--save_steps", "2", "--per_gpu_train_batch_size", "2"]
+    finetune(str(tmp_path / "whole"), *flags, processes=2)
+    finetune(str(tmp_path / "cut"), *flags, processes=2)
+    for name in os.listdir(tmp_path / "cut"):  # killed after checkpoint-2: the rest never made it
+        if name != "checkpoint-2":
+            path = tmp_path / "cut" / name
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+    proc = finetune(str(tmp_path / "cut"), *flags, "--resume_from_checkpoint", processes=2)
+    assert "resuming from" in proc.stdout + proc.stderr
+    assert max_weight_diff(str(tmp_path / "whole"), str(tmp_path / "cut")) == 0
+    whole, cut = (json.load(open(tmp_path / run / "metrics.json")) for run in ("whole", "cut"))
+    # Each rank restores the checkpoint's totals: they must be both ranks' (before, rank 1 restored rank 0's
+    # and the resumed run reported another train_loss).
+    for key in ("train_loss", "effective_tokens", "steps"):
+        assert cut[key] == whole[key], key

@@ -134,11 +134,11 @@ def test_same_seed_gives_identical_adapters_and_losses(tmp_path, tiny_model_dir:
 def _steps_run(monkeypatch) -> list[int]:
     """Count the optimizer steps this process trains (to prove a resume did not start again from 0)."""
     steps: list[int] = []
-    original = training.RunTotals.on_step_end if hasattr(training.RunTotals, "on_step_end") else None
-    assert original is not None
+    original = training.RunTotals.on_step_end
 
     def on_step_end(self, args, state, control, **kwargs):
         steps.append(state.global_step)
+        original(self, args, state, control, **kwargs)
 
     monkeypatch.setattr(training.RunTotals, "on_step_end", on_step_end)
     return steps
