@@ -74,19 +74,56 @@ class TokenizedSplit:
         return self._lengths.tolist()
 
 
+class StreamTruncation:
+    """--streaming: the records cut to --cutoff_len or left out, as they are read (validation records first,
+    then training records as the Trainer reads them, each once). Kept in arrays, 18 bytes a record, since a
+    stream can be long; iterating gives the entries of the non-streaming report (``index``: the position in
+    the stream, after --max_samples)."""
+
+    def __init__(self) -> None:
+        self.train, self.cut = array.array("b"), array.array("b")
+        self.index, self.tokens, self.kept = array.array("q"), array.array("i"), array.array("i")
+
+    def add(self, split: str, index: int, row: dict) -> None:
+        """Note ``row`` (TOKEN_FEATURES) if it was cut or left out."""
+        left_out = row["trainable"] == 0
+        if left_out or row["length"] < row["full_length"]:
+            self.train.append(split == "train")
+            self.cut.append(not left_out)
+            self.index.append(index)
+            self.tokens.append(row["full_length"])
+            self.kept.append(0 if left_out else row["length"])
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __iter__(self) -> Iterator[dict]:
+        for train, cut, index, tokens, kept in zip(self.train, self.cut, self.index, self.tokens, self.kept,
+                                                   strict=True):
+            yield {"split": "train" if train else "val", "action": "cut" if cut else "left out", "index": index,
+                   "file": None, "index_in_file": None, "tokens": tokens, "kept_tokens": kept}
+
+
 class StreamingSplit(torch.utils.data.IterableDataset):
     """--streaming: tokenized training records as the Trainer reads them (an IterableDataset, so the Trainer
-    draws no sampler and needs --max_steps); ``lengths()`` are those of the records read so far."""
+    draws no sampler and needs --max_steps); ``lengths()`` are those of the records read so far. Records
+    without answer tokens are skipped here, and the first pass notes what was cut or left out."""
 
-    def __init__(self, stream: datasets.IterableDataset):
+    def __init__(self, stream: datasets.IterableDataset, truncation: StreamTruncation):
         super().__init__()
-        self.stream = stream
+        self.stream, self.truncation = stream, truncation
         self.seen = array.array("i")  # 4 bytes a record read: a long stream would not fit as a Python list
+        self.first_pass = True
 
     def __iter__(self) -> Iterator[dict[str, list[int]]]:
         for row in self.stream:
+            if self.first_pass:  # later passes read the same records again
+                self.truncation.add("train", row["index"], row)
+            if row["trainable"] == 0:
+                continue
             self.seen.append(row["length"])
             yield {"input_ids": row["input_ids"], "labels": row["labels"]}
+        self.first_pass = False
 
     def set_epoch(self, epoch: int) -> None:
         """Called by the Trainer at each pass: a new shuffle order."""
@@ -225,17 +262,16 @@ def stream_splits(args: Any, tokenizer: Any, template: Template) -> tuple[Stream
     val_rows = datasets.Dataset.from_list(list(tokens.take(n_val)), features=tokens.features) if n_val \
         else datasets.Dataset.from_dict({k: [] for k in tokens.features}, features=tokens.features)
     trainable = val_rows.data.column("trainable").to_numpy()
-    info: dict[str, Any] = {"truncation": [], "train_records": None, "val_records": int((trainable > 0).sum()),
-                            "cache": "none (--streaming)", "cache_file": "tokenized as the Trainer reads"}
+    truncation = StreamTruncation()
     for index, row in enumerate(val_rows):
-        action = "left out" if row["trainable"] == 0 else "cut" if row["length"] < row["full_length"] else None
-        if action:
-            info["truncation"].append({"split": "val", "action": action, "index": index, "file": None,
-                                       "index_in_file": None, "tokens": row["full_length"],
-                                       "kept_tokens": row["length"] if action == "cut" else 0})
-    train = tokens.skip(n_val).filter(lambda row: row["trainable"] > 0)
-    if next(iter(train), None) is None:
+        truncation.add("val", index, row)
+    info: dict[str, Any] = {"truncation": truncation, "train_records": None, "val_records": int((trainable > 0).sum()),
+                            "cache": "none (--streaming)", "cache_file": "tokenized as the Trainer reads"}
+    rest = tokens.skip(n_val)
+    if next(iter(rest.filter(lambda row: row["trainable"] > 0)), None) is None:
         raise UserError(f"--data {' '.join(args.data)}: the stream holds no training record with answer tokens "
                         f"within --cutoff_len {args.cutoff_len} (after {n_val} validation records)")
+    # Numbered before the shuffle, so the report names each record's position in the stream.
+    train = rest.map(lambda _, i: {"index": n_val + i}, with_indices=True)
     train = train.shuffle(seed=args.seed, buffer_size=SHUFFLE_BUFFER)
-    return StreamingSplit(train), TokenizedSplit(val_rows, np.flatnonzero(trainable > 0)), info
+    return StreamingSplit(train, truncation), TokenizedSplit(val_rows, np.flatnonzero(trainable > 0)), info

@@ -226,6 +226,22 @@ def test_streaming_tokenizes_the_same_records(tmp_path, tok, records) -> None:
     assert train.lengths() == [len(x["input_ids"]) for x in streamed]
 
 
+def test_streaming_lists_the_records_it_cut_or_left_out(tmp_path, tok, records) -> None:
+    data = _write(tmp_path / "d.jsonl", records, jsonl=True)
+    template = get_template("alpaca", tok)
+    train, _, info = prepare_splits(_args([data], streaming=True, max_steps=2, val_set_size=16), tok, template)
+    assert {e["split"] for e in info["truncation"]} == {"val"}  # training records are noted as they are read
+    first = list(train)
+    assert len(list(train)) == len(first)  # a second pass notes nothing again
+    _, _, whole = prepare_splits(_args([data], val_set_size=0), tok, template, cache_dir=str(tmp_path / "c"))
+    fields = ("index", "action", "tokens", "kept_tokens")
+    expected = sorted(tuple(e[k] for k in fields) for e in whole["truncation"])
+    assert {e["action"] for e in whole["truncation"]} == {"cut", "left out"}
+    assert sorted(tuple(e[k] for k in fields) for e in info["truncation"]) == expected  # each once, by position
+    assert [e["split"] for e in info["truncation"]] == sorted(["val" if e[0] < 16 else "train" for e in expected],
+                                                               key=lambda s: s != "val")
+
+
 def test_streaming_run_trains_max_steps(tmp_path, tiny_model_dir: str, records) -> None:
     from alpaca_cot.training import run_finetune
 
@@ -236,6 +252,8 @@ def test_streaming_run_trains_max_steps(tmp_path, tiny_model_dir: str, records) 
         output_dir=str(tmp_path / "out"), cutoff_len=64))
     assert metrics["steps"] == 3 and metrics["train_records"] is None and metrics["validation_records"] == 8
     assert metrics["effective_tokens"] > 0 and metrics["flops_per_token"] > 0
+    listed = [json.loads(line) for line in open(tmp_path / "out" / "truncated_records.jsonl", encoding="utf-8")]
+    assert {e["split"] for e in listed} == {"val", "train"}  # the training records read, cut at 64 tokens
 
 
 def _free_port() -> int:
