@@ -107,11 +107,10 @@ def test_two_process_ddp_equals_one_process_on_the_same_global_batch(tmp_path, p
 
 @pytest.mark.slow
 def test_two_process_resume_reports_the_whole_run(tmp_path, tiny_model_dir: str, tiny_data_file: str) -> None:
-    flags = [f for f in lora_flags(tiny_model_dir, tiny_data_file, str(tmp_path / "cache")) if f != "3"]
-    flags = [*flags[:flags.index("--max_steps") + 1], "4", *flags[flags.index("--max_steps") + 1:],
-             "--save_steps", "2", "--per_gpu_train_batch_size", "2"]
+    flags = [*lora_flags(tiny_model_dir, tiny_data_file, str(tmp_path / "cache")), "--max_steps", "4",
+             "--save_steps", "2", "--per_gpu_train_batch_size", "2"]  # the last --max_steps counts
     finetune(str(tmp_path / "whole"), *flags, processes=2)
-    finetune(str(tmp_path / "cut"), *flags, processes=2)
+    shutil.copytree(tmp_path / "whole", tmp_path / "cut")
     for name in os.listdir(tmp_path / "cut"):  # killed after checkpoint-2: the rest never made it
         if name != "checkpoint-2":
             path = tmp_path / "cut" / name
