@@ -31,7 +31,8 @@ def training_flops_per_token(model: Any, full: bool, mean_context: float) -> flo
     """Conventional training FLOPs per token: 6N for full fine-tuning, 4N for adapters (no weight
     gradients for the frozen N), N = non-embedding parameters, plus causal attention
     (12 x layers x hidden x mean context: QK and AV, forward and backward). A tied output head
-    counts as non-embedding (it is a matmul per token); 4-bit weights count their unpacked size."""
+    counts as non-embedding (it is a matmul per token); 4-bit weights count their unpacked size, ZeRO-3
+    partitioned ones their whole size."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     n = sum(_numel(p) for name, p in base.named_parameters() if "lora_" not in name)
     embedding, head = base.get_input_embeddings().weight, base.get_output_embeddings()
@@ -51,4 +52,6 @@ def mean_causal_context(lengths: list[int]) -> float:
 
 def _numel(p: torch.Tensor) -> int:
     state = getattr(p, "quant_state", None)  # bitsandbytes Params4bit store two weights per byte
-    return int(torch.Size(state.shape).numel()) if state is not None else p.numel()
+    if state is not None:
+        return int(torch.Size(state.shape).numel())
+    return getattr(p, "ds_numel", p.numel())  # a ZeRO-3 partitioned parameter is empty; ds_numel is its whole size

@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 import transformers
+from transformers.integrations import is_deepspeed_zero3_enabled
 
 from alpaca_cot.errors import UserError
 from alpaca_cot.registry import ModelSpec
@@ -145,7 +146,7 @@ def load_model(path: str, spec: ModelSpec, *, dtype: torch.dtype = torch.float32
         model = cls.from_pretrained(path, **kwargs)
     except OSError as e:
         raise _hub_error(path, "model", e) from None
-    if quant is None:
+    if quant is None and not is_deepspeed_zero3_enabled():  # ZeRO-3 put each rank's part in place as it loaded
         model.to(device)
     _fix_cpu_4bit(model)
     return model

@@ -21,7 +21,7 @@ from transformers.trainer_pt_utils import LengthGroupedSampler
 from alpaca_cot.adapters import apply_peft, build_peft_config, resolve_target_modules
 from alpaca_cot.checkpoints import STAGING_SUFFIX, checkpoint_folders, choose_checkpoint, run_training, swap_in
 from alpaca_cot.config import FinetuneArgs
-from alpaca_cot.engines import gathered_state_dict, plan_engine
+from alpaca_cot.engines import EnginePlan, gathered_state_dict, plan_engine
 from alpaca_cot.errors import UserError
 from alpaca_cot.flops import matmul_peak_flops, mean_causal_context, training_flops_per_token
 from alpaca_cot.io import write_json_atomic, write_text_atomic
@@ -272,18 +272,24 @@ def run_finetune(args: FinetuneArgs) -> tuple[dict, Any]:
         f"({info['cache_file']})")
 
     full = args.peft_type == "full"
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    per_step = args.per_gpu_train_batch_size * args.gradient_accumulation_steps * world
+    total_steps = args.max_steps if args.max_steps > 0 else math.ceil(len(train_data) / per_step * args.epochs)
+    # Before the model: with ZeRO-3 these arguments hold the DeepSpeed config (weakly referenced by transformers)
+    # under which from_pretrained partitions each weight as it loads (deepspeed.zero.Init), so no rank ever holds
+    # the whole model. Under FSDP they name the loaded model's decoder layers, so they come after it.
+    training_args = None if engine.engine == "fsdp" else \
+        build_training_args(args, engine, dtype, total_steps, evaluate=bool(len(val_data)))
     model = load_model(args.model_name_or_path, spec, dtype=torch.float32 if full else dtype,
                        quantization_bit=args.quantization_bit, trust_remote_code=args.trust_remote_code,
                        device=engine.load_device, quant_storage=engine.quant_storage(dtype))
+    log(describe_loaded(model))
     # Decided on the loaded model's config, so that --model_type auto packs whatever class the checkpoint
     # names, with an attention that is exact for it (sliding windows, softcapping) or not at all.
     plan = choose_packing(model, args.peft_type, args.packing, remote_code=args.trust_remote_code)
     apply_packing(model, plan)
     packing = plan.packed
     log(f"batches: {plan.reason}")
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    per_step = args.per_gpu_train_batch_size * args.gradient_accumulation_steps * world
-    total_steps = args.max_steps if args.max_steps > 0 else math.ceil(len(train_data) / per_step * args.epochs)
     targets = resolve_target_modules(model, spec, args.lora_target_modules) \
         if args.peft_type in ("lora", "adalora") else []
     peft_config = build_peft_config(args, targets, total_steps)
@@ -293,46 +299,9 @@ def run_finetune(args: FinetuneArgs) -> tuple[dict, Any]:
         model.print_trainable_parameters()
     model.config.use_cache = False  # the KV cache only costs memory in training
 
-    every = max(1, total_steps // 5)
-    training_args = transformers.TrainingArguments(
-        output_dir=args.output_dir,
-        per_device_train_batch_size=args.per_gpu_train_batch_size,
-        per_device_eval_batch_size=args.per_gpu_train_batch_size,
-        gradient_accumulation_steps=args.gradient_accumulation_steps,
-        num_train_epochs=args.epochs,
-        max_steps=args.max_steps,
-        learning_rate=args.learning_rate,
-        warmup_steps=int(args.warmup_ratio * total_steps),
-        bf16=dtype == torch.bfloat16,
-        fp16=dtype == torch.float16,
-        logging_steps=args.logging_steps,
-        eval_strategy="steps" if len(val_data) else "no",
-        # Evaluate before training inside train(): a trainer.evaluate() call before train() leaves
-        # the model unwrapped by DDP in transformers 5 (ranks then drift apart; see tests/test_ddp.py).
-        eval_on_start=bool(len(val_data)) and not args.resume_from_checkpoint,
-        eval_steps=args.eval_steps or every,
-        save_strategy="steps",
-        save_steps=args.save_steps or every,
-        save_total_limit=2,
-        report_to=[] if args.report_to == "none" else args.report_to.split(","),
-        seed=args.seed,
-        # Batches of similar lengths: padded batches waste less, and packed ones less attention work
-        # (measured: one causal SDPA over samples laid out to the longest; 8% more tokens/s on CPU).
-        train_sampling_strategy="group_by_length",
-        restore_callback_states_from_checkpoint=True,  # RunTotals: the whole run's metrics after a resume
-        remove_unused_columns=False,
-        # --streaming: each rank reads the stream and keeps its share; dispatching would cut packed batches
-        # (accelerate slices every tensor of a batch along its first dimension).
-        # non_blocking: batches reach a GPU without draining its queue at every step (pinned memory).
-        accelerator_config={"non_blocking": torch.cuda.is_available(),
-                            **({"dispatch_batches": False} if args.streaming else {})},
-        ddp_find_unused_parameters=False if world > 1 else None,
-        use_cpu=engine.use_cpu,
-        **engine.training_kwargs(model),
-        disable_tqdm=not is_main_process(),
-        use_liger_kernel=args.use_liger_kernel,
-        torch_compile=args.torch_compile,
-    )
+    if training_args is None:
+        training_args = build_training_args(args, engine, dtype, total_steps, evaluate=bool(len(val_data)),
+                                            model=model)
     if args.use_liger_kernel:
         require_liger(model)
     # Liger's fused loss leaves no logits for packed_loss: the model computes its loss from the labels.
@@ -348,10 +317,10 @@ def run_finetune(args: FinetuneArgs) -> tuple[dict, Any]:
                                "dtype": str(dtype).removeprefix("torch."), "template": template.name,
                                "total_steps": total_steps, "packing": packing,
                                "attention": plan.attention or "padded"}
-    # The precision actually in use: autocast runs the matmuls in bf16/fp16 even over fp32 weights.
-    peak = matmul_peak_flops(dtype, next(model.parameters()).device)
-    # Counted before training: DeepSpeed ZeRO-3 partitions the parameters inside train() (each rank then
-    # sees only its part of them).
+    # The precision actually in use: autocast runs the matmuls in bf16/fp16 even over fp32 weights. On the rank's
+    # device, not the weights': ZeRO-1/2 and FSDP load them on the CPU and move them inside train().
+    peak = matmul_peak_flops(dtype, training_args.device)
+    # Counted on the whole model: a ZeRO-3 partitioned parameter keeps its whole size in ``ds_numel``.
     flops_per_token = training_flops_per_token(model, full, mean_causal_context(train_data.lengths()))
     result = run_training(trainer, args.resume_from_checkpoint)
     totals = trainer.totals  # pooled over the ranks when training ended
@@ -380,6 +349,69 @@ def run_finetune(args: FinetuneArgs) -> tuple[dict, Any]:
     if trainer.is_world_process_zero():
         save_outputs(args, trainer, tokenizer, template, metrics, state_dict, truncation=info["truncation"])
     return metrics, trainer.model
+
+
+def build_training_args(args: FinetuneArgs, engine: EnginePlan, dtype: torch.dtype, total_steps: int, *,
+                        evaluate: bool, model: Any = None) -> transformers.TrainingArguments:
+    """The Trainer's arguments for this run; ``model`` only for FSDP (its units are the model's decoder layers).
+
+    With DeepSpeed they hold the config that ``from_pretrained`` reads to partition ZeRO-3 weights as they load:
+    keep them alive until the Trainer has them.
+    """
+    every = max(1, total_steps // 5)
+    return transformers.TrainingArguments(
+        output_dir=args.output_dir,
+        per_device_train_batch_size=args.per_gpu_train_batch_size,
+        per_device_eval_batch_size=args.per_gpu_train_batch_size,
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        num_train_epochs=args.epochs,
+        max_steps=args.max_steps,
+        learning_rate=args.learning_rate,
+        warmup_steps=int(args.warmup_ratio * total_steps),
+        bf16=dtype == torch.bfloat16,
+        fp16=dtype == torch.float16,
+        logging_steps=args.logging_steps,
+        eval_strategy="steps" if evaluate else "no",
+        # Evaluate before training inside train(): a trainer.evaluate() call before train() leaves
+        # the model unwrapped by DDP in transformers 5 (ranks then drift apart; see tests/test_ddp.py).
+        eval_on_start=evaluate and not args.resume_from_checkpoint,
+        eval_steps=args.eval_steps or every,
+        save_strategy="steps",
+        save_steps=args.save_steps or every,
+        save_total_limit=2,
+        report_to=[] if args.report_to == "none" else args.report_to.split(","),
+        seed=args.seed,
+        # Batches of similar lengths: padded batches waste less, and packed ones less attention work
+        # (measured: one causal SDPA over samples laid out to the longest; 8% more tokens/s on CPU).
+        train_sampling_strategy="group_by_length",
+        restore_callback_states_from_checkpoint=True,  # RunTotals: the whole run's metrics after a resume
+        remove_unused_columns=False,
+        # --streaming: each rank reads the stream and keeps its share; dispatching would cut packed batches
+        # (accelerate slices every tensor of a batch along its first dimension).
+        # non_blocking: batches reach a GPU without draining its queue at every step (pinned memory).
+        accelerator_config={"non_blocking": torch.cuda.is_available(),
+                            **({"dispatch_batches": False} if args.streaming else {})},
+        ddp_find_unused_parameters=False if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None,
+        use_cpu=engine.use_cpu,
+        **engine.training_kwargs(model),
+        disable_tqdm=not is_main_process(),
+        use_liger_kernel=args.use_liger_kernel,
+        torch_compile=args.torch_compile,
+    )
+
+
+def describe_loaded(model: Any) -> str:
+    """The log line on the base model as loaded: whole on this rank, or partitioned by ZeRO-3 while loading
+    (DeepSpeed leaves each parameter empty, its whole size in ``ds_numel`` and this rank's part in ``ds_tensor``)."""
+    params = list(model.parameters())
+    total = sum(getattr(p, "ds_numel", p.numel()) for p in params)
+    partitioned = [p for p in params if hasattr(p, "ds_tensor")]
+    where = "whole on this rank"
+    if partitioned:
+        held = sum(p.ds_tensor.numel() for p in partitioned)
+        where = (f"partitioned by DeepSpeed ZeRO-3 as they loaded ({len(partitioned)} tensors); this rank holds "
+                 f"{held:,}")
+    return f"model: {total:,} weight elements in {len(params)} tensors, {where}"
 
 
 def _default_template(name: str, tokenizer: Any) -> str:

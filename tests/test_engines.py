@@ -28,6 +28,7 @@ from alpaca_cot.engines import (
 )
 from alpaca_cot.errors import UserError
 from alpaca_cot.loading import quantization_config
+from alpaca_cot.training import describe_loaded
 from tests.conftest import run_script
 from tests.test_ddp import ADAPTER_ATOL, assert_trained, finetune, lora_flags, max_weight_diff
 
@@ -228,6 +229,23 @@ def test_deepspeed_zero3_full_fine_tune_saves_the_gathered_model(tmp_path, refer
     model = transformers.AutoModelForCausalLM.from_pretrained(out)  # plain transformers, no partitions left
     saved = load_file(os.path.join(out, "model.safetensors"))
     assert all(p.numel() > 0 for p in model.parameters()) and len(saved) >= len(list(model.parameters()))
+
+
+@pytest.mark.slow
+def test_deepspeed_zero3_partitions_the_weights_as_they_load(tmp_path, reference_runs: dict,
+                                                            tiny_model_dir: str) -> None:
+    """ZeRO-3 partitions each weight inside from_pretrained (deepspeed.zero.Init, while the TrainingArguments'
+    DeepSpeed config is alive), so no rank ever holds the whole model; not after loading it whole on every rank.
+    One CPU process holds all the partitions: the proof is that the weights came out of loading partitioned."""
+    pytest.importorskip("deepspeed", reason="DeepSpeed is optional (pip install deepspeed)")
+    plain = transformers.AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    elements, tensors = sum(p.numel() for p in plain.parameters()), len(list(plain.parameters()))
+    whole = f"model: {elements:,} weight elements in {tensors} tensors"
+    assert describe_loaded(plain) == f"{whole}, whole on this rank"
+    proc = finetune(str(tmp_path / "zero3"), *reference_runs["flags"], "--deepspeed", "zero3", processes=1)
+    loaded = [line for line in proc.stdout.splitlines() if line.startswith("model: ")]
+    assert loaded == [f"{whole}, partitioned by DeepSpeed ZeRO-3 as they loaded ({tensors} tensors); "
+                      f"this rank holds {elements:,}"], proc.stdout[-3000:]
 
 
 @pytest.mark.slow
