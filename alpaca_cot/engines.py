@@ -137,10 +137,12 @@ def plan_engine(args: Any, *, cuda: bool | None = None, world: int | None = None
         if not launched:
             raise UserError("--fsdp runs under a launcher: torchrun --nproc_per_node N uniform_finetune.py ... "
                             "(or accelerate launch).")
+        _refuse_adalora(args, "--fsdp")
         return EnginePlan("fsdp", cuda, fsdp_offload=args.fsdp_offload, quantized=quantized)
     if args.deepspeed:
         config = resolve_deepspeed_config(args.deepspeed)
         stage = zero_stage(config)
+        _refuse_adalora(args, f"--deepspeed {args.deepspeed}")
         if quantized and stage == 3:
             raise UserError(f"--quantization_bit with ZeRO-3 (--deepspeed {args.deepspeed}): our loader puts the "
                             "whole quantized model on every GPU before ZeRO-3 partitions it, so nothing is saved; "
@@ -155,6 +157,15 @@ def plan_engine(args: Any, *, cuda: bool | None = None, world: int | None = None
                             f"process without a GPU; {world} were launched); use GPUs, or DDP (drop --deepspeed).")
         return EnginePlan("deepspeed", cuda, deepspeed_config=config, zero_stage=stage, quantized=quantized)
     return EnginePlan("ddp", cuda, quantized=quantized)
+
+
+def _refuse_adalora(args: Any, engine: str) -> None:
+    # Measured: AdaLoRA's rank update (peft's update_and_allocate, after each backward) fails on FSDP's DTensors,
+    # on ZeRO-3's empty partitions, and under ZeRO-2, whose engine keeps the gradients to itself.
+    if args.peft_type == "adalora":
+        raise UserError(f"--peft_type adalora cannot run under {engine}: peft's AdaLoRA reallocates ranks from the "
+                        "whole weights and their gradients after each backward, which a sharding engine does not "
+                        "leave in place; use plain DDP (torchrun without --deepspeed or --fsdp).")
 
 
 def decoder_layer_classes(model: Any) -> list[str]:

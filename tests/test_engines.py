@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 
 import peft
 import pytest
@@ -91,6 +92,9 @@ def _stage5(tmp_path) -> str:
     ({"deepspeed": "zero2"}, False, 2, True, "--deepspeed on CPU runs one process only"),
     ({"fsdp": True}, False, 2, True, "--fsdp needs CUDA GPUs"),
     ({"fsdp": True}, True, 1, False, "--fsdp runs under a launcher"),
+    ({"fsdp": True, "peft_type": "adalora"}, True, 2, True, "--peft_type adalora cannot run under --fsdp"),
+    ({"deepspeed": "zero2", "peft_type": "adalora"}, True, 2, True, "--peft_type adalora cannot run under "
+                                                                     "--deepspeed zero2"),
 ])
 def test_engines_that_cannot_run_here_are_one_line(tmp_path, monkeypatch, flags: dict, cuda: bool, world: int,
                                                    launched: bool, message: str) -> None:
@@ -263,3 +267,25 @@ def test_fsdp_lora_on_gpus_equals_the_plain_run(tmp_path, tiny_model_dir: str, t
     assert max_weight_diff(str(tmp_path / "plain"), str(tmp_path / "fsdp")) < 1e-4  # GPU kernels: looser
     base = transformers.AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     peft.PeftModel.from_pretrained(base, str(tmp_path / "fsdp"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("preset", ["zero2", "zero3"])
+def test_deepspeed_run_resumes_from_its_checkpoint(tmp_path, preset: str, tiny_model_dir: str,
+                                                   tiny_data_file: str) -> None:
+    """A DeepSpeed checkpoint (its optimizer in global_stepN/, named by ``latest``) is found complete, and the
+    resumed run ends bit-identical with the whole run's metrics. Before, it read as "no optimizer.pt"."""
+    pytest.importorskip("deepspeed", reason="DeepSpeed is optional (pip install deepspeed)")
+    flags = [*lora_flags(tiny_model_dir, tiny_data_file, str(tmp_path / "cache")), "--max_steps", "4",
+             "--save_steps", "2", "--deepspeed", preset]
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    finetune(str(whole), *flags, processes=1)
+    shutil.copytree(whole, cut)
+    for name in os.listdir(cut):  # killed after checkpoint-2: the rest never made it
+        if name != "checkpoint-2":
+            shutil.rmtree(cut / name) if (cut / name).is_dir() else (cut / name).unlink()
+    proc = finetune(str(cut), *flags, "--resume_from_checkpoint", processes=1)
+    assert f"resuming from {cut}/checkpoint-2" in proc.stdout + proc.stderr
+    assert max_weight_diff(str(whole), str(cut)) == 0
+    for key in ("train_loss", "effective_tokens", "steps"):
+        assert _metrics(str(cut))[key] == _metrics(str(whole))[key], key
