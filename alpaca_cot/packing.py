@@ -119,8 +119,13 @@ class PackingPlan:
         return self.attention is not None
 
 
-def choose_packing(model: torch.nn.Module, peft_type: str, requested: bool, remote_code: bool) -> PackingPlan:
-    """The exact packed attention for this loaded model, or padding, with the reason."""
+def choose_packing(model: torch.nn.Module, peft_type: str, requested: bool, remote_code: bool, *,
+                   cuda: bool) -> PackingPlan:
+    """The exact packed attention for this loaded model, or padding, with the reason.
+
+    ``cuda``: whether training runs on CUDA GPUs; the weights may still be on the CPU here (DeepSpeed and
+    FSDP load them there and move each rank's part inside ``train()``).
+    """
     if not requested:
         return PackingPlan(None, "padded, length-grouped batches (--packing False)")
     if peft_type not in ("lora", "adalora", "full"):
@@ -129,8 +134,7 @@ def choose_packing(model: torch.nn.Module, peft_type: str, requested: bool, remo
         return PackingPlan(None, f"padded batches: {type(model).__name__} does not use transformers' attention "
                                  "interface, so samples cannot be kept apart in one row")
     config = model.config.get_text_config()
-    device = next(model.parameters()).device
-    if device.type == "cuda":
+    if cuda:
         from transformers.utils import is_flash_attn_2_available
 
         if is_flash_attn_2_available() and getattr(model, "_supports_flash_attn", False):

@@ -286,7 +286,8 @@ def run_finetune(args: FinetuneArgs) -> tuple[dict, Any]:
     log(describe_loaded(model))
     # Decided on the loaded model's config, so that --model_type auto packs whatever class the checkpoint
     # names, with an attention that is exact for it (sliding windows, softcapping) or not at all.
-    plan = choose_packing(model, args.peft_type, args.packing, remote_code=args.trust_remote_code)
+    plan = choose_packing(model, args.peft_type, args.packing, remote_code=args.trust_remote_code,
+                          cuda=engine.cuda)
     apply_packing(model, plan)
     packing = plan.packed
     log(f"batches: {plan.reason}")

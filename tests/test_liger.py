@@ -37,7 +37,7 @@ def _model(config_class: str, overrides: dict) -> torch.nn.Module:
     config = getattr(transformers, config_class)(**{**COMMON, **overrides})
     torch.manual_seed(0)
     model = transformers.AutoModelForCausalLM.from_config(config).eval()
-    apply_packing(model, choose_packing(model, "lora", requested=True, remote_code=False))
+    apply_packing(model, choose_packing(model, "lora", requested=True, remote_code=False, cuda=False))
     return model
 
 

@@ -59,7 +59,7 @@ def test_packed_loss_and_grads_equal_padded(family: str) -> None:
     config_class, overrides, expected = FAMILIES[family]
     padded_model = _model(config_class, overrides)
     packed_model = _model(config_class, overrides)
-    plan = choose_packing(packed_model, "lora", requested=True, remote_code=False)
+    plan = choose_packing(packed_model, "lora", requested=True, remote_code=False, cuda=False)
     assert plan.attention == expected, plan.reason
     if not plan.packed:
         return
@@ -87,11 +87,20 @@ def test_varlen_refuses_what_it_cannot_apply() -> None:
         attention(model.model.layers[0].self_attn, q, q, q, None, softcap=50.0)
 
 
+def test_flash_where_training_runs_on_gpus_whatever_device_the_weights_load_on(monkeypatch) -> None:
+    # DeepSpeed and FSDP load the weights on the CPU and move them inside train(): the choice follows the
+    # training device (before, the weights' device, so those engines never packed with flash-attn).
+    monkeypatch.setattr(transformers.utils, "is_flash_attn_2_available", lambda: True)
+    model = _model("LlamaConfig", {})
+    assert choose_packing(model, "lora", requested=True, remote_code=False, cuda=True).attention == "flash"
+    assert choose_packing(model, "lora", requested=True, remote_code=False, cuda=False).attention == VARLEN_ATTENTION
+
+
 def test_padding_where_samples_cannot_be_kept_apart() -> None:
     model = _model("LlamaConfig", {})
-    assert not choose_packing(model, "prompt", requested=True, remote_code=False).packed
-    assert not choose_packing(model, "lora", requested=True, remote_code=True).packed
-    assert not choose_packing(model, "lora", requested=False, remote_code=False).packed
+    assert not choose_packing(model, "prompt", requested=True, remote_code=False, cuda=False).packed
+    assert not choose_packing(model, "lora", requested=True, remote_code=True, cuda=False).packed
+    assert not choose_packing(model, "lora", requested=False, remote_code=False, cuda=False).packed
 
 
 def test_no_cross_contamination() -> None:
