@@ -30,8 +30,11 @@ from transformers.trainer import (
 )
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from transformers.utils import (
+    ADAPTER_CONFIG_NAME,
     ADAPTER_SAFE_WEIGHTS_NAME,
     ADAPTER_WEIGHTS_NAME,
+    CONFIG_NAME,
+    GENERATION_CONFIG_NAME,
     SAFE_WEIGHTS_INDEX_NAME,
     SAFE_WEIGHTS_NAME,
     WEIGHTS_INDEX_NAME,
@@ -44,6 +47,8 @@ STAGING_SUFFIX = ".staging"  # where an --overwrite_output_dir run trains until 
 REPLACED_SUFFIX = ".replaced"  # the old run for the moment of the swap
 CHECKPOINT_RE = re.compile(rf"^{PREFIX_CHECKPOINT_DIR}-(\d+)$")
 FSDP_SHARDED = re.compile(r"^optimizer_\d+$")  # accelerate's sharded FSDP optimizer state folders
+SHARDED_WEIGHTS = re.compile(r"^(model|pytorch_model)-\d+-of-\d+\.(safetensors|bin)$")
+MODEL_CONFIG_FILES = (ADAPTER_CONFIG_NAME, CONFIG_NAME, GENERATION_CONFIG_NAME)
 DEEPSPEED_LATEST = "latest"  # DeepSpeed's pointer to the step folder it finished writing
 WEIGHT_FILES = (ADAPTER_SAFE_WEIGHTS_NAME, ADAPTER_WEIGHTS_NAME, SAFE_WEIGHTS_NAME, SAFE_WEIGHTS_INDEX_NAME,
                 WEIGHTS_NAME, WEIGHTS_INDEX_NAME)
@@ -81,6 +86,18 @@ def _state_files(path: str, names: list[str]) -> tuple[list[str], list[str]]:
         weights += [f for f in found if f.endswith("model_states.pt")]
         optimizer += [f for f in found if f.endswith("optim_states.pt")]
     return weights, optimizer
+
+
+def model_files(checkpoint: str) -> list[str]:
+    """The adapter or model files of a checkpoint folder (what ``save_pretrained`` writes, without the
+    tokenizer), or a UserError where it holds no whole weights (a ZeRO-3 config that does not gather them)."""
+    names = sorted(n for n in os.listdir(checkpoint) if n in MODEL_CONFIG_FILES or n in WEIGHT_FILES
+                   or SHARDED_WEIGHTS.match(n))
+    if not any(n in WEIGHT_FILES or SHARDED_WEIGHTS.match(n) for n in names):
+        raise UserError(f"{checkpoint} holds no whole adapter or model weights (a DeepSpeed ZeRO-3 config without "
+                        "stage3_gather_16bit_weights_on_model_save keeps only its partitions): rebuild them with "
+                        "the zero_to_fp32.py script in that folder")
+    return names
 
 
 def checkpoint_problem(path: str) -> str | None:

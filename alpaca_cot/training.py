@@ -10,16 +10,21 @@ import shutil
 import time
 from typing import Any
 
-import peft
 import torch
 import transformers
-from safetensors.torch import load_file
 from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_callback import ExportableState, TrainerState
 from transformers.trainer_pt_utils import LengthGroupedSampler
 
 from alpaca_cot.adapters import apply_peft, build_peft_config, resolve_target_modules
-from alpaca_cot.checkpoints import STAGING_SUFFIX, checkpoint_folders, choose_checkpoint, run_training, swap_in
+from alpaca_cot.checkpoints import (
+    STAGING_SUFFIX,
+    checkpoint_folders,
+    choose_checkpoint,
+    model_files,
+    run_training,
+    swap_in,
+)
 from alpaca_cot.config import FinetuneArgs
 from alpaca_cot.engines import EnginePlan, gathered_state_dict, plan_engine
 from alpaca_cot.errors import UserError
@@ -151,10 +156,13 @@ class CountingTrainer(transformers.Trainer):
         self.totals.add_batch(inputs, loss)
         return loss
 
+    restored_from: str | None = None  # the final checkpoint of a finished run that train() restored
+
     def train(self, resume_from_checkpoint: str | None = None, **kwargs: Any) -> transformers.trainer_utils.TrainOutput:
         """``Trainer.train``, except from a checkpoint of the final step: transformers 5 would train one step
-        past the end there (it checks the step limit only after a step), so the finished run's weights and
-        state are restored instead (a run killed during its final save)."""
+        past the end there (it checks the step limit only after a step), so the finished run's state is
+        restored instead (a run killed during its final save) and its weights are the checkpoint's
+        (``restored_from``), which every engine saves whole."""
         if resume_from_checkpoint:
             state = TrainerState.load_from_json(os.path.join(resume_from_checkpoint, TRAINER_STATE_NAME))
             end = self.args.max_steps if self.args.max_steps > 0 else state.max_steps  # epochs: the same count
@@ -163,11 +171,7 @@ class CountingTrainer(transformers.Trainer):
         return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
 
     def _restore_finished(self, checkpoint: str, state: TrainerState) -> transformers.trainer_utils.TrainOutput:
-        if isinstance(self.model, peft.PeftModel):
-            peft.set_peft_model_state_dict(self.model, peft.utils.load_peft_weights(checkpoint))
-        else:
-            self.model.load_state_dict(load_file(os.path.join(checkpoint, "model.safetensors")))
-        self.state = state
+        self.restored_from, self.state = checkpoint, state
         totals = self.totals
         for name, value in state.stateful_callbacks.get(type(totals).__name__, {}).get("attributes", {}).items():
             setattr(totals, name, value)
@@ -248,7 +252,8 @@ def report_truncation(entries: list[dict], args: FinetuneArgs) -> None:
 def run_finetune(args: FinetuneArgs) -> tuple[dict, Any]:
     """Train as ``args`` say; write adapter, tokenizer, arguments, template, metrics and loss plot.
 
-    Returns the metrics and the trained model (a PeftModel unless ``--peft_type full``).
+    Returns the metrics and the trained model (a PeftModel unless ``--peft_type full``); after a resume that
+    found the run finished (killed during its final save), the weights are in the saved files, not in it.
     """
     # Before anything random: the adapter's initialisation, dropout and the batch order follow --seed.
     transformers.set_seed(args.seed)
@@ -346,9 +351,11 @@ def run_finetune(args: FinetuneArgs) -> tuple[dict, Any]:
         f"padding {metrics['padding_fraction']:.1%}; "
         f"MFU {metrics['mfu']:.0%} of the {metrics['matmul_peak_gflops']:.0f} GFLOP/s {metrics['dtype']} matmul peak "
         f"measured at start-up")
-    state_dict = gathered_state_dict(trainer, engine)  # a collective: every rank takes part
+    # A collective (every rank takes part); none after a restored finished run, whose weights are its checkpoint's.
+    state_dict = gathered_state_dict(trainer, engine) if trainer.restored_from is None else None
     if trainer.is_world_process_zero():
-        save_outputs(args, trainer, tokenizer, template, metrics, state_dict, truncation=info["truncation"])
+        save_outputs(args, trainer, tokenizer, template, metrics, state_dict, truncation=info["truncation"],
+                     weights_from=trainer.restored_from)
     return metrics, trainer.model
 
 
@@ -464,11 +471,13 @@ def _replicas_in_sync(model: Any) -> bool:
 
 
 def save_outputs(args: FinetuneArgs, trainer: transformers.Trainer, tokenizer: Any, template: Template,
-                 metrics: dict, state_dict: dict | None = None, truncation: list[dict] | None = None) -> None:
+                 metrics: dict, state_dict: dict | None = None, truncation: list[dict] | None = None,
+                 weights_from: str | None = None) -> None:
     """Adapter (safetensors), tokenizer, arguments, template, metrics, loss plot and the records cut to
     --cutoff_len (TRUNCATION_FILE): staged, then moved in.
 
     ``state_dict``: the weights gathered from a sharded engine's ranks (default: the model's own).
+    ``weights_from``: a checkpoint folder whose saved adapter or model files are copied instead.
 
     An --overwrite_output_dir run, trained beside --output_dir, then takes the old run's place.
     """
@@ -477,7 +486,12 @@ def save_outputs(args: FinetuneArgs, trainer: transformers.Trainer, tokenizer: A
     args.output_dir = target  # what the saved arguments and the caller name
     staging = os.path.join(out, ".saving")
     shutil.rmtree(staging, ignore_errors=True)
-    trainer.model.save_pretrained(staging, safe_serialization=True, state_dict=state_dict)
+    if weights_from:
+        os.makedirs(staging)
+        for name in model_files(weights_from):
+            shutil.copy2(os.path.join(weights_from, name), os.path.join(staging, name))
+    else:
+        trainer.model.save_pretrained(staging, safe_serialization=True, state_dict=state_dict)
     tokenizer.save_pretrained(staging)
     template.save(staging)
     args.save(staging)

@@ -270,22 +270,27 @@ def test_fsdp_lora_on_gpus_equals_the_plain_run(tmp_path, tiny_model_dir: str, t
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("preset", ["zero2", "zero3"])
-def test_deepspeed_run_resumes_from_its_checkpoint(tmp_path, preset: str, tiny_model_dir: str,
+@pytest.mark.parametrize(("preset", "kind"), [("zero2", "lora"), ("zero3", "lora"), ("zero3", "full")])
+def test_deepspeed_run_resumes_from_its_checkpoint(tmp_path, preset: str, kind: str, tiny_model_dir: str,
                                                    tiny_data_file: str) -> None:
-    """A DeepSpeed checkpoint (its optimizer in global_stepN/, named by ``latest``) is found complete, and the
-    resumed run ends bit-identical with the whole run's metrics. Before, it read as "no optimizer.pt"."""
+    """A DeepSpeed checkpoint (its optimizer in global_stepN/, named by ``latest``) is found complete (before,
+    it read as "no optimizer.pt"), and a run killed after checkpoint-2, or during its final save, resumes to
+    the whole run's weights bit for bit and its metrics (before, the second failed in the gathering)."""
     pytest.importorskip("deepspeed", reason="DeepSpeed is optional (pip install deepspeed)")
+    full = ("--peft_type", "full", "--learning_rate", "1e-3") if kind == "full" else ()
     flags = [*lora_flags(tiny_model_dir, tiny_data_file, str(tmp_path / "cache")), "--max_steps", "4",
-             "--save_steps", "2", "--deepspeed", preset]
-    whole, cut = tmp_path / "whole", tmp_path / "cut"
+             "--save_steps", "2", "--deepspeed", preset, *full]
+    weights = "model.safetensors" if kind == "full" else "adapter_model.safetensors"
+    whole = tmp_path / "whole"
     finetune(str(whole), *flags, processes=1)
-    shutil.copytree(whole, cut)
-    for name in os.listdir(cut):  # killed after checkpoint-2: the rest never made it
-        if name != "checkpoint-2":
-            shutil.rmtree(cut / name) if (cut / name).is_dir() else (cut / name).unlink()
-    proc = finetune(str(cut), *flags, "--resume_from_checkpoint", processes=1)
-    assert f"resuming from {cut}/checkpoint-2" in proc.stdout + proc.stderr
-    assert max_weight_diff(str(whole), str(cut)) == 0
-    for key in ("train_loss", "effective_tokens", "steps"):
-        assert _metrics(str(cut))[key] == _metrics(str(whole))[key], key
+    for kept in ("checkpoint-2", "checkpoint-4"):
+        cut = tmp_path / f"cut-{kept}"
+        shutil.copytree(whole, cut)
+        for name in os.listdir(cut):  # the rest never made it
+            if name != kept:
+                shutil.rmtree(cut / name) if (cut / name).is_dir() else (cut / name).unlink()
+        proc = finetune(str(cut), *flags, "--resume_from_checkpoint", processes=1)
+        assert f"resuming from {cut}/{kept}" in proc.stdout + proc.stderr
+        assert max_weight_diff(str(whole), str(cut), weights) == 0
+        for key in ("train_loss", "effective_tokens", "steps"):
+            assert _metrics(str(cut))[key] == _metrics(str(whole))[key], key

@@ -174,6 +174,7 @@ def test_kill_during_the_final_save_still_reports_the_whole_run(tmp_path, monkey
                                                                 tiny_data_file: str) -> None:
     kw = {"max_steps": 4, "save_steps": 2}
     whole, _ = run_finetune(_args(tiny_model_dir, tiny_data_file, tmp_path / "out", **kw))
+    final = load_file(str(tmp_path / "out" / "adapter_model.safetensors"))
     for name in os.listdir(tmp_path / "out"):  # the final outputs never made it; checkpoint-4 did
         if not name.startswith("checkpoint-"):
             (tmp_path / "out" / name).unlink()
@@ -181,6 +182,8 @@ def test_kill_during_the_final_save_still_reports_the_whole_run(tmp_path, monkey
     resumed, _ = run_finetune(_args(tiny_model_dir, tiny_data_file, tmp_path / "out", resume_from_checkpoint=True,
                                     **kw))
     assert steps == []
+    saved = load_file(str(tmp_path / "out" / "adapter_model.safetensors"))  # the finished run's weights
+    assert all(torch.equal(saved[k], final[k]) for k in final) and saved.keys() == final.keys()
     assert resumed["train_loss"] == whole["train_loss"] > 0
     assert resumed["effective_tokens"] == whole["effective_tokens"] > 0 and resumed["mfu"] > 0
 
