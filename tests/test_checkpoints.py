@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from alpaca_cot.checkpoints import STAGING_SUFFIX, checkpoint_problem, choose_checkpoint
+from alpaca_cot.checkpoints import STAGING_SUFFIX, checkpoint_problem, choose_checkpoint, model_files
 from alpaca_cot.errors import UserError
 from tests.conftest import run_script
 
@@ -112,6 +112,22 @@ def test_each_engines_checkpoint_layout_is_known(tmp_path, engine: str) -> None:
         for spec in damage[:-1]:
             _write(path, spec)
         assert checkpoint_problem(str(path)) == damage[-1]
+
+
+def test_a_finished_runs_weights_are_its_final_checkpoints_model_files(tmp_path) -> None:
+    lora = _fake_checkpoint(tmp_path / "lora", 4)
+    assert model_files(str(lora)) == ["adapter_config.json", "adapter_model.safetensors"]
+    full = tmp_path / "full" / "checkpoint-4"
+    full.mkdir(parents=True)
+    names = ["config.json", "generation_config.json", "model-00001-of-00002.safetensors",
+             "model-00002-of-00002.safetensors", "model.safetensors.index.json"]
+    for name in [*names, "tokenizer.json", "optimizer.bin", "pytorch_model_fsdp.bin", "rng_state_1.pth", "latest"]:
+        (full / name).write_bytes(b"x")
+    assert model_files(str(full)) == names
+    for name in names[2:]:  # ZeRO-3 without stage3_gather_16bit_weights_on_model_save: partitions only
+        (full / name).unlink()
+    with pytest.raises(UserError, match="holds no whole adapter or model weights .* zero_to_fp32.py"):
+        model_files(str(full))
 
 
 def _train(stories_dir: str, data: str, out: Path, *flags: str, check: bool = True):
