@@ -87,7 +87,11 @@ class RunTotals(transformers.TrainerCallback, ExportableState):
         self.batch_tokens = 0
         self.loss_sum = 0.0
         self.seconds = 0.0
-        self._added: torch.Tensor | None = None  # this rank's [loss sum, real tokens, batch tokens] since pooling
+        # This rank's additions since the last pooling: device-side sums (read only when pooling; reading
+        # them per step would sync a GPU every step) and host-side counts.
+        self._loss: torch.Tensor | None = None
+        self._masked_real: torch.Tensor | None = None
+        self._real = self._batch = 0
         self._begin: float | None = None  # set when train() begins (the Trainer asks for state() before)
         self._base = self._eval = 0.0
 
@@ -104,13 +108,12 @@ class RunTotals(transformers.TrainerCallback, ExportableState):
     def add_batch(self, inputs: dict, loss: torch.Tensor) -> None:
         """Count one micro-batch's tokens and its loss (as the Trainer sums them for its logs)."""
         mask = inputs.get("attention_mask")  # packed batches have none: every position is a real token
-        real = inputs["input_ids"].numel() if mask is None else mask.sum()
-        # Summed on the device, read when pooling (float() here would sync a GPU every step).
-        batch = torch.stack([loss.detach().double().reshape(()),
-                             torch.as_tensor(real, dtype=torch.float64, device=loss.device),
-                             torch.tensor(float(inputs["input_ids"].numel()), dtype=torch.float64,
-                                          device=loss.device)])
-        self._added = batch if self._added is None else self._added + batch
+        if mask is None:
+            self._real += inputs["input_ids"].numel()
+        else:
+            self._masked_real = mask.sum() if self._masked_real is None else self._masked_real + mask.sum()
+        self._batch += inputs["input_ids"].numel()
+        self._loss = loss.detach() if self._loss is None else self._loss + loss.detach()
 
     def add_eval_seconds(self, seconds: float) -> None:
         """Leave an evaluation's seconds out of the train loop's."""
@@ -118,13 +121,15 @@ class RunTotals(transformers.TrainerCallback, ExportableState):
 
     def pool(self) -> None:
         """Add every rank's batches since the last pooling to the totals (a collective: call it on all ranks)."""
-        added = torch.zeros(3, dtype=torch.float64) if self._added is None else self._added
-        loss, real, batch = _sum_over_ranks(added.tolist())
+        loss = float(self._loss) if self._loss is not None else 0.0
+        real = self._real + (int(self._masked_real) if self._masked_real is not None else 0)
+        loss, real, batch = _sum_over_ranks([loss, real, self._batch])
         world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
         self.loss_sum += loss / world
         self.real_tokens += int(real)
         self.batch_tokens += int(batch)
-        self._added = None
+        self._loss = self._masked_real = None
+        self._real = self._batch = 0
         if self._begin is not None:
             self.seconds = self._base + time.perf_counter() - self._begin - self._eval
 
