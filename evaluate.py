@@ -14,8 +14,8 @@ import os
 
 from alpaca_cot.cli import command, run_cli
 from alpaca_cot.config import ModelArgs
-from alpaca_cot.evaluation import EvaluateArgs, render_table, run_evaluation
-from alpaca_cot.generation import SamplingParams
+from alpaca_cot.evaluation.run import EvaluateArgs, render_table, run_evaluation
+from alpaca_cot.generation.generator import SamplingParams
 
 
 # Greedy by default, so a rerun gives the same generations and scores.

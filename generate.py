@@ -10,12 +10,12 @@ from __future__ import annotations
 
 from contextlib import closing
 
-from alpaca_cot.chat import answer_loop, print_stream
 from alpaca_cot.cli import command, run_cli
 from alpaca_cot.config import GenerateArgs, ModelArgs
-from alpaca_cot.generation import Generator, SamplingParams
-from alpaca_cot.loading import load_for_inference
+from alpaca_cot.generation.generator import Generator, SamplingParams
+from alpaca_cot.models.loading import load_for_inference
 from alpaca_cot.runs import find_run
+from alpaca_cot.serving.chat import answer_loop, print_stream
 
 
 @command(ModelArgs, SamplingParams, GenerateArgs)

@@ -9,11 +9,11 @@ Type 'clear' to empty the history and 'stop' (or Ctrl-D) to quit; Ctrl-C stops a
 
 from __future__ import annotations
 
-from alpaca_cot.chat import ChatSession, chat_loop
 from alpaca_cot.cli import command, run_cli
 from alpaca_cot.config import ChatArgs, ModelArgs
-from alpaca_cot.generation import Generator, SamplingParams
-from alpaca_cot.loading import load_for_inference
+from alpaca_cot.generation.generator import Generator, SamplingParams
+from alpaca_cot.models.loading import load_for_inference
+from alpaca_cot.serving.chat import ChatSession, chat_loop
 
 
 @command(ModelArgs, SamplingParams, ChatArgs)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from alpaca_cot.cli import command, run_cli
 from alpaca_cot.config import FinetuneArgs
-from alpaca_cot.training import log, run_finetune
+from alpaca_cot.training.run import log, run_finetune
 
 
 @command(FinetuneArgs)

@@ -14,8 +14,8 @@ import os
 
 from alpaca_cot.cli import command, run_cli
 from alpaca_cot.config import ModelArgs, ServeArgs
-from alpaca_cot.generation import Generator, SamplingParams
-from alpaca_cot.loading import load_for_inference
+from alpaca_cot.generation.generator import Generator, SamplingParams
+from alpaca_cot.models.loading import load_for_inference
 
 
 @command(ModelArgs, SamplingParams, ServeArgs)
@@ -28,7 +28,7 @@ def main(model: ModelArgs, sampling: SamplingParams, args: ServeArgs) -> None:
     """
     import uvicorn
 
-    from alpaca_cot.webapp import create_app
+    from alpaca_cot.serving.webapp import create_app
 
     api_key = args.api_key or os.environ.get("ALPACA_COT_API_KEY") or None
     base, tokenizer, template = load_for_inference(**model.loader_kwargs())

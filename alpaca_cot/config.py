@@ -2,7 +2,7 @@
 
 ``FinetuneArgs`` is saved as ``finetune_args.json`` next to the adapter and read back by the other
 scripts as defaults. The inference scripts share ``ModelArgs`` and ``SamplingParams`` (in
-``alpaca_cot.generation``); each script adds one group of its own.
+``alpaca_cot.generation.generator``); each script adds one group of its own.
 """
 
 from __future__ import annotations
@@ -12,13 +12,13 @@ import json
 import os
 from dataclasses import dataclass
 
-from alpaca_cot.adapters import PEFT_TYPES
-from alpaca_cot.engines import DEEPSPEED_PRESETS, check_engine_flags
+from alpaca_cot.data.templates import TEMPLATES
 from alpaca_cot.errors import UserError
 from alpaca_cot.flags import check_fields, flag
 from alpaca_cot.io import write_json_atomic
-from alpaca_cot.registry import MODEL_REGISTRY, default_checkpoint
-from alpaca_cot.templates import TEMPLATES
+from alpaca_cot.models.adapters import PEFT_TYPES
+from alpaca_cot.models.registry import MODEL_REGISTRY, default_checkpoint
+from alpaca_cot.training.engines import DEEPSPEED_PRESETS, check_engine_flags
 
 ARGS_FILE = "finetune_args.json"
 DTYPE_CHOICES = ("auto", "fp32", "bf16", "fp16")
@@ -169,7 +169,7 @@ class ModelArgs:
         check_fields(self)
 
     def loader_kwargs(self) -> dict:
-        """Keyword arguments for ``alpaca_cot.loading.load_for_inference``."""
+        """Keyword arguments for ``alpaca_cot.models.loading.load_for_inference``."""
         return dataclasses.asdict(self)
 
 

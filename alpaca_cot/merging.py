@@ -20,7 +20,13 @@ import transformers
 from alpaca_cot.config import ARGS_FILE
 from alpaca_cot.errors import UserError
 from alpaca_cot.io import write_json_atomic
-from alpaca_cot.loading import ADAPTER_CONFIG, load_for_inference, resolve_base_model, resolve_lora_dir, saved_run_args
+from alpaca_cot.models.loading import (
+    ADAPTER_CONFIG,
+    load_for_inference,
+    resolve_base_model,
+    resolve_lora_dir,
+    saved_run_args,
+)
 
 MERGEABLE = ("LORA", "ADALORA")  # prompt, p-tuning and prefix adapters add tokens, not weight updates
 REPORT_FILE = "merge.json"

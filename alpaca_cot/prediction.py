@@ -17,11 +17,11 @@ import os
 import time
 from collections import Counter, defaultdict
 
-from alpaca_cot.datasets import resolve_data
+from alpaca_cot.data.records import read_records
+from alpaca_cot.data.sources import resolve_data
 from alpaca_cot.errors import UserError
-from alpaca_cot.generation import Generator, SamplingParams
+from alpaca_cot.generation.generator import Generator, SamplingParams
 from alpaca_cot.io import write_json_atomic, write_text_atomic
-from alpaca_cot.records import read_records
 
 PREDICTION_FIELD = "generate"  # the original's field name
 FILE_SUFFIXES = (".jsonl", ".json", ".txt")

@@ -5,8 +5,8 @@ Usage:
   OMP_NUM_THREADS=2 .venv/bin/python benchmarks/data_prep.py [--n_records 100000]
 
 The records are bench_2k.json's 2,000 repeated; the tokenizer is the workload's LLaMA-2 tokenizer.
-The tokenization seconds cover ``alpaca_cot.tokenize.encode_records`` only (not reading JSON or
-loading the tokenizer, in this one process); the cache seconds cover ``alpaca_cot.prepared.prepare_splits``
+The tokenization seconds cover ``alpaca_cot.data.encoding.encode_records`` only (not reading JSON or
+loading the tokenizer, in this one process); the cache seconds cover ``alpaca_cot.data.prepared.prepare_splits``
 whole, as uniform_finetune.py calls it (hashing the file, reading it or the cache, tokenizing with the
 default number of processes, writing the Arrow cache). benchmarks/data_scale.py measures larger sizes.
 """
@@ -30,8 +30,8 @@ def time_data_prep(n_records: int = 100_000, cutoff_len: int = 512) -> dict[str,
     """Seconds to encode ``n_records`` records, and the tokens they give."""
     import transformers
 
-    from alpaca_cot.templates import get_template
-    from alpaca_cot.tokenize import encode_records
+    from alpaca_cot.data.encoding import encode_records
+    from alpaca_cot.data.templates import get_template
 
     tokenizer = transformers.AutoTokenizer.from_pretrained(build_workload().model_dir)
     base = load_bench_records()
@@ -46,7 +46,7 @@ def time_data_prep(n_records: int = 100_000, cutoff_len: int = 512) -> dict[str,
 
 def time_cache(records: list[dict], tokenizer: object, template: object, cutoff_len: int) -> dict[str, float]:
     """Seconds of ``prepare_splits`` on ``records`` saved as a JSON file: a cache miss, then a hit."""
-    from alpaca_cot.prepared import prepare_splits
+    from alpaca_cot.data.prepared import prepare_splits
 
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "records.json")

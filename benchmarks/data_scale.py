@@ -57,7 +57,7 @@ def measure(data: str, cache_dir: str, workers: int = 2, npz_commit: str | None 
 
     import transformers
 
-    from alpaca_cot.templates import get_template
+    from alpaca_cot.data.templates import get_template
 
     prepare_splits = _prepare_splits_at(npz_commit) if npz_commit else _current_prepare_splits()
 
@@ -79,7 +79,7 @@ def measure(data: str, cache_dir: str, workers: int = 2, npz_commit: str | None 
 
 
 def _current_prepare_splits():
-    from alpaca_cot.prepared import prepare_splits
+    from alpaca_cot.data.prepared import prepare_splits
 
     return prepare_splits
 

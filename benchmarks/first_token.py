@@ -25,8 +25,8 @@ import time
 import torch
 
 from alpaca_cot.cli import run_cli
-from alpaca_cot.generation import Generator, SamplingParams
-from alpaca_cot.loading import load_for_inference
+from alpaca_cot.generation.generator import Generator, SamplingParams
+from alpaca_cot.models.loading import load_for_inference
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MESSAGES = ["Tell me about alpacas.", "Give three tips for staying healthy.", "What are the three primary colors?",

@@ -29,8 +29,8 @@ def heldout_loss(model_dir: str, adapter_dir: str | None = None, n_records: int 
     """Token-weighted answer loss of the base model (+ adapter) on the held-out records."""
     import transformers
 
-    from alpaca_cot.templates import get_template
-    from alpaca_cot.tokenize import IGNORE_INDEX, encode_records
+    from alpaca_cot.data.encoding import IGNORE_INDEX, encode_records
+    from alpaca_cot.data.templates import get_template
 
     torch.set_num_threads(threads)
     tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)

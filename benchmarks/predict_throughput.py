@@ -22,8 +22,8 @@ import time
 import torch
 
 from alpaca_cot.cli import as_list, run_cli
-from alpaca_cot.generation import Generator, SamplingParams
-from alpaca_cot.loading import load_for_inference
+from alpaca_cot.generation.generator import Generator, SamplingParams
+from alpaca_cot.models.loading import load_for_inference
 from alpaca_cot.prediction import PredictionRun, load_inputs
 
 BENCH_RECORDS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), os.pardir, "shared",

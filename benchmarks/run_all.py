@@ -164,7 +164,7 @@ def median_metrics(runs: list[dict[str, Any]]) -> dict[str, float]:
 
 def machine_summary() -> str:
     """CPU model, cores, measured bf16 and fp32 matmul rates, and load: the context the numbers were taken in."""
-    from alpaca_cot.loading import measured_matmul_rates
+    from alpaca_cot.models.loading import measured_matmul_rates
 
     model = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo", encoding="utf-8")
                   if line.startswith("model name")), platform.processor())
@@ -256,7 +256,7 @@ def main(n_records: int = 200, repeats: int = 1, only: str | list[str] | None = 
     """
     import torch
 
-    from alpaca_cot.loading import resolve_dtype
+    from alpaca_cot.models.loading import resolve_dtype
 
     started = time.strftime("%Y-%m-%d %H:%M %Z")
     header = {"date": started, "machine": machine_summary()}

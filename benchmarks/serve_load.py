@@ -55,9 +55,9 @@ def serve(port: int, max_batch_size: int, model_name_or_path: str, model_type: s
     import torch
     import uvicorn
 
-    from alpaca_cot.generation import Generator, SamplingParams
-    from alpaca_cot.loading import load_for_inference
-    from alpaca_cot.webapp import create_app
+    from alpaca_cot.generation.generator import Generator, SamplingParams
+    from alpaca_cot.models.loading import load_for_inference
+    from alpaca_cot.serving.webapp import create_app
 
     torch.set_num_threads(threads)
     generator = Generator(*load_for_inference(lora_dir, model_type=model_type, model_name_or_path=model_name_or_path,

@@ -17,9 +17,9 @@ import socket
 import tempfile
 from urllib.parse import urlparse
 
-from alpaca_cot import datasets
-from alpaca_cot.datasets import HF_DATASET, load_registry
-from alpaca_cot.records import DataError
+from alpaca_cot.data import sources
+from alpaca_cot.data.records import DataError
+from alpaca_cot.data.sources import HF_DATASET, load_registry
 from data.storage import check_writable
 
 HF_TREE = f"https://huggingface.co/datasets/{HF_DATASET}/tree/main"
@@ -41,7 +41,7 @@ def entry_files(name: str, registry: dict[str, dict]) -> tuple[list[str], list[s
     if "combine" in entry:
         parts = [entry_files(part, registry) for part in entry["combine"]]
         return [p for found, _ in parts for p in found], [p for _, missing in parts for p in missing]
-    return datasets.registered_files(entry)
+    return sources.registered_files(entry)
 
 
 def count_records(path: str) -> int:
@@ -136,7 +136,7 @@ def download(name: str, *, overwrite: bool = False) -> list[str]:
     if not hf_files:
         raise DataError(f"{name!r} has no file in the Hugging Face dataset {HF_DATASET} yet "
                         f"(status: {entry.get('status', 'unknown')}).")
-    targets = [os.path.join(datasets.DATA_DIR, files[i] if len(files) == len(hf_files) else hf.rstrip("/"))
+    targets = [os.path.join(sources.DATA_DIR, files[i] if len(files) == len(hf_files) else hf.rstrip("/"))
                for i, hf in enumerate(hf_files)]
     for target, hf in zip(targets, hf_files, strict=True):
         if not hf.endswith("/"):
@@ -166,7 +166,7 @@ def _require_hub(name: str) -> None:
 def _fetch(name: str, hf_path: str, target: str, overwrite: bool) -> list[str]:
     from huggingface_hub import hf_hub_download, snapshot_download
 
-    with tempfile.TemporaryDirectory(dir=datasets.DATA_DIR, prefix=".download-") as tmp:
+    with tempfile.TemporaryDirectory(dir=sources.DATA_DIR, prefix=".download-") as tmp:
         try:
             if hf_path.endswith("/"):
                 snapshot_download(HF_DATASET, repo_type="dataset", allow_patterns=f"{hf_path}**", local_dir=tmp)

@@ -30,9 +30,9 @@ if sys.path[0] == os.path.dirname(os.path.abspath(__file__)):
 
 import fire  # noqa: E402
 
-from alpaca_cot import datasets  # noqa: E402
+from alpaca_cot.data import sources  # noqa: E402
+from alpaca_cot.data.records import DataError  # noqa: E402
 from alpaca_cot.io import write_text_atomic  # noqa: E402
-from alpaca_cot.records import DataError  # noqa: E402
 from data import catalog, curation  # noqa: E402
 from data.converters import (  # noqa: E402
     FORMATS,
@@ -111,7 +111,7 @@ def stats(out_dir: str | None = None, overwrite: bool = False) -> None:
     """Regenerate the statistics table of the collection (Markdown, also printed) from the registry
     and the files present under data/, and the relative-size chart (PNG), in --out_dir (default
     data/stats). Files an earlier run of stats wrote are replaced; others only with --overwrite."""
-    out_dir = out_dir or os.path.join(datasets.DATA_DIR, "stats")
+    out_dir = out_dir or os.path.join(sources.DATA_DIR, "stats")
     table_path, chart_path = os.path.join(out_dir, "statistics.md"), os.path.join(out_dir, "relative_size.png")
     for path in (table_path, chart_path):
         if not catalog.generated_by_stats(path):

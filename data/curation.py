@@ -9,7 +9,7 @@ import re
 import unicodedata
 from collections.abc import Iterable
 
-from alpaca_cot.records import DataError
+from alpaca_cot.data.records import DataError
 from data.converters.cot import split_cot
 from data.storage import record_texts
 

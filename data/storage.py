@@ -7,9 +7,9 @@ import os
 import re
 from dataclasses import dataclass, field
 
-from alpaca_cot.datasets import resolve_data
+from alpaca_cot.data.records import DataError, iter_json_records, validate_record
+from alpaca_cot.data.sources import resolve_data
 from alpaca_cot.io import write_text_atomic
-from alpaca_cot.records import DataError, iter_json_records, validate_record
 
 PLACEHOLDER = re.compile(r"\{\{\s*\w+\s*\}\}")  # template slots such as {{name}} (LLaMA-Factory identity data)
 

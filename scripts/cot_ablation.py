@@ -27,8 +27,8 @@ import time
 
 sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # import the project's packages
 
+from alpaca_cot.data.templates import get_template  # noqa: E402
 from alpaca_cot.io import write_json_atomic, write_text_atomic  # noqa: E402
-from alpaca_cot.templates import get_template  # noqa: E402
 from data import curation  # noqa: E402
 from data.converters import convert_file  # noqa: E402
 

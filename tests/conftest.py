@@ -103,8 +103,8 @@ def generator(trained_adapter: str):
     """A Generator over the trained tiny adapter, in fp32, on one thread."""
     import torch
 
-    from alpaca_cot.generation import Generator
-    from alpaca_cot.loading import load_for_inference
+    from alpaca_cot.generation.generator import Generator
+    from alpaca_cot.models.loading import load_for_inference
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)

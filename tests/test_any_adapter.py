@@ -14,9 +14,9 @@ import torch
 import transformers
 
 from alpaca_cot.errors import UserError
-from alpaca_cot.generation import Generator, SamplingParams
-from alpaca_cot.loading import infer_model_type, load_for_inference
+from alpaca_cot.generation.generator import Generator, SamplingParams
 from alpaca_cot.merging import merge_adapter
+from alpaca_cot.models.loading import infer_model_type, load_for_inference
 from tests.conftest import run_script
 from tests.fixtures.tiny_models import write_tiny_model
 
@@ -184,7 +184,7 @@ def test_template_keyword_overrides_the_default_and_the_saved_one(base_dir: str,
     assert load_for_inference(plain_adapter, compute_dtype="fp32", template="moss")[2].name == "moss"
     run = tmp_path / "run"
     shutil.copytree(plain_adapter, run)
-    from alpaca_cot.templates import TEMPLATES
+    from alpaca_cot.data.templates import TEMPLATES
 
     TEMPLATES["moss"].save(str(run))
     assert load_for_inference(str(run), compute_dtype="fp32")[2].name == "moss"  # the saved template.json

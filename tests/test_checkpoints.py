@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from alpaca_cot.checkpoints import STAGING_SUFFIX, checkpoint_problem, choose_checkpoint, model_files
 from alpaca_cot.errors import UserError
+from alpaca_cot.training.checkpoints import STAGING_SUFFIX, checkpoint_problem, choose_checkpoint, model_files
 from tests.conftest import run_script
 
 

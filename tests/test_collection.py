@@ -9,8 +9,8 @@ import re
 
 import pytest
 
-from alpaca_cot import datasets
-from alpaca_cot.records import DataError, read_records
+from alpaca_cot.data import sources
+from alpaca_cot.data.records import DataError, read_records
 from data import catalog, curation
 from data.collection import convert, stats
 from data.converters import FORMATS, convert_file, source_files
@@ -233,10 +233,10 @@ def test_cli_builds_cot_and_data_cot_resolves(raw, tmp_path, monkeypatch):
     proc = run_script("data/collection.py", "convert", os.path.join(raw, "flan_v2_cot"), str(out))
     assert "wrote 26528 records" in proc.stdout
     assert "trainable: every record has an answer" in run_script("data/collection.py", "validate", str(out)).stdout
-    monkeypatch.setattr(datasets, "DATA_DIR", str(tmp_path))
-    records = datasets.load_data(["cot"])
+    monkeypatch.setattr(sources, "DATA_DIR", str(tmp_path))
+    records = sources.load_data(["cot"])
     assert len(records) == 26528 and records == read_records(str(out))
-    assert catalog.local_count("cot", datasets.load_registry()) == 26528
+    assert catalog.local_count("cot", sources.load_registry()) == 26528
     refused = run_script("data/collection.py", "convert", os.path.join(raw, "flan_v2_cot"), str(out), check=False)
     assert refused.returncode == 2 and "already exists; pass --overwrite" in refused.stderr
 
@@ -295,7 +295,7 @@ def test_stats_regenerates_its_own_files(tmp_path):
 
 
 def test_registry_schema_and_names():
-    registry = datasets.load_registry()
+    registry = sources.load_registry()
     assert all(name in registry for name in SEED_NAMES)
     rows = catalog.table_rows(registry)
     assert len(rows) == len(ORIGINAL_TABLE)

@@ -11,7 +11,7 @@ import re
 
 import pytest
 
-from alpaca_cot.records import DataError
+from alpaca_cot.data.records import DataError
 from data import collection, curation
 from data.converters import convert_file
 from data.storage import load_records, write_records

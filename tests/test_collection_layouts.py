@@ -9,8 +9,8 @@ import os
 
 import pytest
 
-from alpaca_cot.datasets import load_data
-from alpaca_cot.records import DataError, read_records
+from alpaca_cot.data.records import DataError, read_records
+from alpaca_cot.data.sources import load_data
 from data.collection import convert
 from data.converters import convert_file
 from data.storage import check_file

@@ -11,9 +11,9 @@ import os
 import huggingface_hub
 import pytest
 
-from alpaca_cot import datasets
-from alpaca_cot.datasets import HF_DATASET, load_data, load_registry, resolve_data
-from alpaca_cot.records import DataError
+from alpaca_cot.data import sources
+from alpaca_cot.data.records import DataError
+from alpaca_cot.data.sources import HF_DATASET, load_data, load_registry, resolve_data
 from data import catalog
 from data.collection import download
 
@@ -50,7 +50,7 @@ class FakeHub:
 def hub(tmp_path, monkeypatch) -> FakeHub:
     """An empty data folder and the stand-in Hub (reachable)."""
     fake = FakeHub()
-    monkeypatch.setattr(datasets, "DATA_DIR", str(tmp_path))
+    monkeypatch.setattr(sources, "DATA_DIR", str(tmp_path))
     monkeypatch.setattr(catalog, "_require_hub", lambda name: None)
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake.hf_hub_download)
     monkeypatch.setattr(huggingface_hub, "snapshot_download", fake.snapshot_download)

@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from alpaca_cot.datasets import load_data, load_registry, resolve_data
-from alpaca_cot.records import DataError, read_records
+from alpaca_cot.data.records import DataError, read_records
+from alpaca_cot.data.sources import load_data, load_registry, resolve_data
 from tests.conftest import shared_path
 
 

@@ -14,12 +14,12 @@ import pytest
 from transformers import AutoTokenizer
 
 from alpaca_cot.config import FinetuneArgs
-from alpaca_cot.datasets import load_data
+from alpaca_cot.data.encoding import count_trainable, encode_records
+from alpaca_cot.data.prepared import prepare_splits, split_indices
+from alpaca_cot.data.records import DataError
+from alpaca_cot.data.sources import load_data
+from alpaca_cot.data.templates import get_template
 from alpaca_cot.errors import UserError
-from alpaca_cot.prepared import prepare_splits, split_indices
-from alpaca_cot.records import DataError
-from alpaca_cot.templates import get_template
-from alpaca_cot.tokenize import count_trainable, encode_records
 from tests.conftest import PYTHON, ROOT
 
 CUTOFF = 24  # short enough that records are cut, and the longest prompts leave no answer token (left out)
@@ -96,7 +96,7 @@ def test_worker_processes_give_identical_tokens(tmp_path, tok, records) -> None:
 
 
 def test_cache_hit_reads_memory_mapped_arrow(tmp_path, monkeypatch, tok, records) -> None:
-    import alpaca_cot.data_pipeline as pipeline
+    import alpaca_cot.data.pipeline as pipeline
 
     data = _write(tmp_path / "d.jsonl", records, jsonl=True)
     template, cache = get_template("alpaca", tok), str(tmp_path / "cache")
@@ -243,7 +243,7 @@ def test_streaming_lists_the_records_it_cut_or_left_out(tmp_path, tok, records) 
 
 
 def test_streaming_run_trains_max_steps(tmp_path, tiny_model_dir: str, records) -> None:
-    from alpaca_cot.training import run_finetune
+    from alpaca_cot.training.run import run_finetune
 
     data = _write(tmp_path / "d.jsonl", records, jsonl=True)
     metrics, _ = run_finetune(FinetuneArgs(
@@ -271,8 +271,8 @@ def test_under_torchrun_the_main_process_prepares_and_the_other_loads(tmp_path, 
         sys.path.insert(0, {ROOT!r})
         from transformers import AutoTokenizer
         from alpaca_cot.config import FinetuneArgs
-        from alpaca_cot.prepared import prepare_splits
-        from alpaca_cot.templates import get_template
+        from alpaca_cot.data.prepared import prepare_splits
+        from alpaca_cot.data.templates import get_template
         tok = AutoTokenizer.from_pretrained({tiny_tokenizer_dir!r})
         args = FinetuneArgs(model_name_or_path="m", data=[{tiny_data_file!r}], val_set_size=8)
         train, _, info = prepare_splits(args, tok, get_template("alpaca", tok), cache_dir={str(tmp_path / "c")!r})
@@ -319,7 +319,7 @@ def test_streaming_without_max_steps_is_one_line(tmp_path, tiny_model_dir: str, 
 
 
 def test_default_workers_follow_the_data_size_and_the_cores() -> None:
-    from alpaca_cot.data_pipeline import MAX_WORKERS, RECORDS_PER_WORKER, default_workers
+    from alpaca_cot.data.pipeline import MAX_WORKERS, RECORDS_PER_WORKER, default_workers
 
     cores = len(os.sched_getaffinity(0))
     assert default_workers(RECORDS_PER_WORKER - 1, None) == 1  # a small set: no process to start

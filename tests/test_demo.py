@@ -11,8 +11,8 @@ import shutil
 import huggingface_hub
 import pytest
 
-from alpaca_cot import datasets
-from alpaca_cot.evaluation import final_answer
+from alpaca_cot.data import sources
+from alpaca_cot.evaluation.run import final_answer
 from data import catalog, curation
 from data.converters.cot import split_cot
 from tests.conftest import ROOT, run_script, shared_path
@@ -67,13 +67,13 @@ def test_without_a_mirror_the_hub_collection_is_downloaded_once(tmp_path, monkey
         return target
 
     monkeypatch.setenv("ALPACA_COT_SHARED", str(tmp_path / "no-mirror"))
-    monkeypatch.setattr(datasets, "DATA_DIR", str(tmp_path / "data"))
+    monkeypatch.setattr(sources, "DATA_DIR", str(tmp_path / "data"))
     monkeypatch.setattr(catalog, "_require_hub", lambda name: None)
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", hf_hub_download)
     (tmp_path / "data").mkdir()
     demo_data = _demo_data()
     demo_data.main(out=str(tmp_path / "a"), train=24, heldout=6)
-    assert sorted(calls) == sorted((datasets.HF_DATASET, name, "dataset") for name in served)
+    assert sorted(calls) == sorted((sources.HF_DATASET, name, "dataset") for name in served)
     assert sorted(os.listdir(tmp_path / "data")) == ["CoT_data.json", "alpaca_data_cleaned.json"]  # --data NAME
     _check_split(tmp_path / "a")
     demo_data.main(out=str(tmp_path / "b"), train=24, heldout=6)
@@ -82,9 +82,9 @@ def test_without_a_mirror_the_hub_collection_is_downloaded_once(tmp_path, monkey
 
 def test_offline_without_a_mirror_says_what_to_do(tmp_path) -> None:
     try:
-        datasets.resolve_data(["alpaca"])
+        sources.resolve_data(["alpaca"])
         pytest.skip("data/ already holds the hub's alpaca files, so nothing needs the hub")
-    except datasets.DataError:
+    except sources.DataError:
         pass
     proc = run_script("scripts/demo_data.py", "--out", str(tmp_path / "out"), check=False,
                       env={"HF_HUB_OFFLINE": "1", "ALPACA_COT_SHARED": str(tmp_path / "none")})

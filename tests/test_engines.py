@@ -1,4 +1,4 @@
-"""The distributed engines (alpaca_cot/engines.py): shipped DeepSpeed configs, flag conflicts as one line,
+"""The distributed engines (alpaca_cot/training/engines.py): shipped DeepSpeed configs, flag conflicts as one line,
 the Trainer keywords each engine gets, and end-to-end runs against a plain single-process run.
 
 On CPU: DeepSpeed ZeRO-2/3 in one process (DeepSpeed's CPU accelerator; the Trainer's set-up counts one
@@ -19,7 +19,9 @@ import transformers
 from safetensors.torch import load_file
 
 from alpaca_cot.config import FinetuneArgs
-from alpaca_cot.engines import (
+from alpaca_cot.errors import UserError
+from alpaca_cot.models.loading import quantization_config
+from alpaca_cot.training.engines import (
     DEEPSPEED_PRESETS,
     EnginePlan,
     decoder_layer_classes,
@@ -27,9 +29,7 @@ from alpaca_cot.engines import (
     read_deepspeed_config,
     resolve_deepspeed_config,
 )
-from alpaca_cot.errors import UserError
-from alpaca_cot.loading import quantization_config
-from alpaca_cot.training import describe_loaded
+from alpaca_cot.training.run import describe_loaded
 from tests.conftest import run_script
 from tests.test_ddp import ADAPTER_ATOL, assert_trained, finetune, lora_flags, max_weight_diff
 

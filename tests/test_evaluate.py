@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from alpaca_cot.errors import UserError
-from alpaca_cot.evaluation import (
+from alpaca_cot.evaluation.run import (
     DEFAULT_TASK_DIR,
     EvaluateArgs,
     answer_loss,
@@ -22,7 +22,7 @@ from alpaca_cot.evaluation import (
     score_generation,
     wilson_interval,
 )
-from alpaca_cot.loading import load_for_inference
+from alpaca_cot.models.loading import load_for_inference
 from data.converters import convert_file
 from tests.conftest import run_script, shared_path
 
@@ -140,7 +140,7 @@ def test_few_shot_prompts() -> None:
 def test_eval_loss_is_the_masked_answer_loss(tiny_model_dir: str) -> None:
     """answer_loss equals the model's own loss over the answer tokens (prompt masked), record by record,
     and the token-weighted mean of two records whatever the batch size."""
-    from alpaca_cot.tokenize import IGNORE_INDEX, encode_records
+    from alpaca_cot.data.encoding import IGNORE_INDEX, encode_records
 
     model, tokenizer, template = load_for_inference(model_name_or_path=tiny_model_dir, compute_dtype="fp32")
     records = [{"instruction": "Add 2 and 3.", "input": "", "output": "2 + 3 = 5. So the answer is 5."},

@@ -13,12 +13,12 @@ import torch
 import transformers
 from safetensors.torch import load_file
 
-import alpaca_cot.training as training
+import alpaca_cot.training.run as training
 from alpaca_cot.cli import check_argv, normalize_argv
 from alpaca_cot.config import FinetuneArgs
 from alpaca_cot.errors import UserError
-from alpaca_cot.loading import resolve_dtype
-from alpaca_cot.training import run_finetune
+from alpaca_cot.models.loading import resolve_dtype
+from alpaca_cot.training.run import run_finetune
 from tests.conftest import run_script
 
 SEED_COMMANDS = [
@@ -365,7 +365,7 @@ def test_auto_model_type_packs_with_the_exact_attention(tmp_path, tiny_tokenizer
 
 
 def test_flops_per_token_counts_a_tied_head_once(tiny_model_dir: str) -> None:
-    from alpaca_cot.flops import training_flops_per_token
+    from alpaca_cot.training.flops import training_flops_per_token
 
     base = transformers.AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     config = base.config

@@ -13,8 +13,8 @@ import time
 import pytest
 
 from alpaca_cot.errors import UserError
-from alpaca_cot.generation import Generator, SamplingParams
-from alpaca_cot.loading import load_for_inference
+from alpaca_cot.generation.generator import Generator, SamplingParams
+from alpaca_cot.models.loading import load_for_inference
 from alpaca_cot.runs import find_run
 from tests.conftest import PYTHON, ROOT, run_script
 

@@ -15,8 +15,8 @@ import pytest
 import torch
 
 from alpaca_cot.errors import UserError
-from alpaca_cot.generation import Generator, SamplingParams
-from alpaca_cot.loading import load_for_inference
+from alpaca_cot.generation.generator import Generator, SamplingParams
+from alpaca_cot.models.loading import load_for_inference
 from tests.conftest import shared_path
 from tests.fixtures.tiny_models import NATIVE, write_tiny_model
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 import transformers
 
-from alpaca_cot.packing import (
+from alpaca_cot.training.packing import (
     VARLEN_ATTENTION,
     ChunkedCrossEntropy,
     PackCollator,
@@ -14,7 +14,7 @@ from alpaca_cot.packing import (
     choose_packing,
     packed_loss,
 )
-from alpaca_cot.training import PadCollator
+from alpaca_cot.training.run import PadCollator
 
 VOCAB = 300
 COMMON = {"vocab_size": VOCAB, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,

@@ -14,8 +14,7 @@ from pathlib import Path
 import pytest
 
 from alpaca_cot.errors import UserError
-from alpaca_cot.prediction import WRITER, PredictionRun, output_paths, read_predictions, run_file_path
-from alpaca_cot.scoring import (
+from alpaca_cot.evaluation.answers import (
     answers_match,
     lcs_length,
     prediction_answer,
@@ -24,6 +23,7 @@ from alpaca_cot.scoring import (
     score_predictions,
     words,
 )
+from alpaca_cot.prediction import WRITER, PredictionRun, output_paths, read_predictions, run_file_path
 from tests.conftest import PYTHON, ROOT
 
 ONE_THREAD = {"OMP_NUM_THREADS": "1"}

@@ -8,8 +8,8 @@ import json
 from transformers import AutoTokenizer
 
 from alpaca_cot.config import FinetuneArgs
-from alpaca_cot.prepared import prepare_splits
-from alpaca_cot.templates import get_template
+from alpaca_cot.data.prepared import prepare_splits
+from alpaca_cot.data.templates import get_template
 from tests.conftest import shared_path
 
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from alpaca_cot.adapters import apply_peft, build_peft_config, resolve_target_modules
 from alpaca_cot.config import FinetuneArgs
-from alpaca_cot.loading import load_model
-from alpaca_cot.registry import get_model_spec
+from alpaca_cot.models.adapters import apply_peft, build_peft_config, resolve_target_modules
+from alpaca_cot.models.loading import load_model
+from alpaca_cot.models.registry import get_model_spec
 
 pytest.importorskip("bitsandbytes")
 

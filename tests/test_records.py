@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from alpaca_cot.records import DataError, read_records
+from alpaca_cot.data.records import DataError, read_records
 from tests.conftest import run_script
 
 ROW = json.dumps({"instruction": "Name a colour.", "output": "Blue"})

@@ -11,9 +11,9 @@ from transformers import AutoTokenizer
 
 from alpaca_cot.config import FinetuneArgs
 from alpaca_cot.errors import UserError
-from alpaca_cot.loading import LoadError
-from alpaca_cot.registry import MODEL_REGISTRY, get_model_spec
-from alpaca_cot.training import run_finetune
+from alpaca_cot.models.loading import LoadError
+from alpaca_cot.models.registry import MODEL_REGISTRY, get_model_spec
+from alpaca_cot.training.run import run_finetune
 from tests.conftest import shared_path
 from tests.fixtures.remote_code import write_remote_model
 from tests.fixtures.tiny_models import NATIVE, write_tiny_model

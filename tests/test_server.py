@@ -15,11 +15,11 @@ import peft
 import pytest
 import transformers
 
-from alpaca_cot.chat import ChatSession
+from alpaca_cot.data.templates import get_template
 from alpaca_cot.errors import UserError
-from alpaca_cot.generation import Generator, SamplingParams
-from alpaca_cot.registry import get_model_spec
-from alpaca_cot.templates import get_template
+from alpaca_cot.generation.generator import Generator, SamplingParams
+from alpaca_cot.models.registry import get_model_spec
+from alpaca_cot.serving.chat import ChatSession
 from tests.conftest import PYTHON, ROOT
 
 PARAMS = SamplingParams(do_sample=False, max_new_tokens=24)

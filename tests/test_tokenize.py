@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 from transformers import AutoTokenizer
 
-from alpaca_cot.templates import ALPACA_PROMPT_NO_INPUT, Template, get_template
-from alpaca_cot.tokenize import IGNORE_INDEX, count_trainable, encode_records, share_budget
+from alpaca_cot.data.encoding import IGNORE_INDEX, count_trainable, encode_records, share_budget
+from alpaca_cot.data.templates import ALPACA_PROMPT_NO_INPUT, Template, get_template
 from tests.conftest import shared_path
 
 

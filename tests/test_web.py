@@ -187,7 +187,7 @@ def test_auth_wants_the_key(web_url: str) -> None:
 def test_api_description_wants_the_key(generator: Any) -> None:
     from fastapi.testclient import TestClient
 
-    from alpaca_cot.webapp import create_app
+    from alpaca_cot.serving.webapp import create_app
 
     with TestClient(create_app(generator, model_id="run", api_key=KEY, ui=False)) as keyed:
         for path in ("/openapi.json", "/docs"):
@@ -220,8 +220,8 @@ def test_time_to_first_token(client: openai.OpenAI) -> None:
 @pytest.fixture(scope="module")
 def generator(trained_adapter: str) -> Any:
     """The Generator web.py builds, loaded in this process."""
-    from alpaca_cot.generation import Generator
-    from alpaca_cot.loading import load_for_inference
+    from alpaca_cot.generation.generator import Generator
+    from alpaca_cot.models.loading import load_for_inference
 
     return Generator(*load_for_inference(trained_adapter, compute_dtype="fp32"))
 
@@ -231,8 +231,8 @@ def local(generator: Any) -> Iterator[Any]:
     """A test client on the app without an API key."""
     from fastapi.testclient import TestClient
 
-    from alpaca_cot.generation import SamplingParams
-    from alpaca_cot.webapp import create_app
+    from alpaca_cot.generation.generator import SamplingParams
+    from alpaca_cot.serving.webapp import create_app
 
     with TestClient(create_app(generator, SamplingParams(max_new_tokens=8), model_id="run", ui=False)) as c:
         yield c
@@ -297,9 +297,9 @@ def test_without_a_key_the_api_is_open(local: Any) -> None:
 
 
 def test_chat_history_is_trimmed_to_the_context_window(generator: Any) -> None:
-    from alpaca_cot.generation import SamplingParams
-    from alpaca_cot.templates import record_from_messages
-    from alpaca_cot.webapp import ModelService
+    from alpaca_cot.data.templates import record_from_messages
+    from alpaca_cot.generation.generator import SamplingParams
+    from alpaca_cot.serving.webapp import ModelService
 
     service = ModelService(generator, SamplingParams(), "run")
     service.window = 400  # tokens; a long conversation below takes about 1000
@@ -384,8 +384,8 @@ def serve_in_thread(generator: Any, **options: Any) -> Iterator[str]:
     ``options`` go to ``create_app``."""
     import uvicorn
 
-    from alpaca_cot.generation import SamplingParams
-    from alpaca_cot.webapp import create_app
+    from alpaca_cot.generation.generator import SamplingParams
+    from alpaca_cot.serving.webapp import create_app
 
     app = create_app(generator, SamplingParams(max_new_tokens=8), model_id="run", ui=False, **options)
     port = free_port()
@@ -503,8 +503,8 @@ def test_concurrent_requests_decode_together_with_their_own_settings(generator: 
 def test_request_bodies_over_the_limit_get_413(generator: Any, local: Any) -> None:
     from fastapi.testclient import TestClient
 
-    from alpaca_cot.generation import SamplingParams
-    from alpaca_cot.webapp import create_app
+    from alpaca_cot.generation.generator import SamplingParams
+    from alpaca_cot.serving.webapp import create_app
 
     app = create_app(generator, SamplingParams(max_new_tokens=4), model_id="run", ui=False, max_request_bytes=20_000)
     body = {**CHAT, "messages": [{"role": "user", "content": "Hi " * 10_000}]}

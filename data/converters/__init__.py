@@ -1,5 +1,5 @@
 """Converters from the formats instruction data is published in to the unified record format
-(``alpaca_cot/records.py``): one converter per source format, chosen by name or detected.
+(``alpaca_cot/data/records.py``): one converter per source format, chosen by name or detected.
 
 Detection pools the fields of a file's first rows (one level of nesting as ``outer.inner``): the
 format is the first in ``FORMATS`` that finds one field of each of its groups (and whose content
@@ -17,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from alpaca_cot.records import DataError, validate_record
+from alpaca_cot.data.records import DataError, validate_record
 from data.converters.base import BadRecord, Context
 from data.converters.cot import convert_aqua, convert_flan_cot, convert_gsm8k
 from data.converters.dialog import convert_firefly, convert_hh_rlhf, convert_moss, convert_sharegpt

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from alpaca_cot.records import DataError
+from alpaca_cot.data.records import DataError
 
 _WHITESPACE = re.compile(r"[ \t\n\r]*")
 # A JSON escape is a backslash followed by one of these; anything else after a backslash is invalid.

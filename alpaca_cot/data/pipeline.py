@@ -6,7 +6,7 @@ Two stages, each a ``datasets`` call that works in batches, so data larger than 
    schema (``UNIFIED_FEATURES``). Unified JSON/JSONL files go through our validating reader
    (``Dataset.from_generator``, so errors name the file, line and field); ``save_to_disk`` folders
    (``load_from_disk``) and hub ids (``load_dataset``) are validated row by row.
-2. ``tokenize``: ``Dataset.map(batched=True, num_proc=N)`` over ``alpaca_cot.tokenize.encode_records``
+2. ``tokenize``: ``Dataset.map(batched=True, num_proc=N)`` over ``alpaca_cot.data.encoding.encode_records``
    (the exact tokenization and truncation rules), into memory-mapped Arrow files. Besides
    ``input_ids`` and ``labels`` each row keeps ``length``, ``full_length`` (before truncation) and
    ``trainable`` (label tokens that carry loss), from which the splits and the truncation report are made.
@@ -24,12 +24,12 @@ from typing import Any
 import datasets
 from datasets import Features, List, Value
 
-from alpaca_cot.datasets import COLLECTION, DataSource, answered, untrainable_error
+from alpaca_cot.data.encoding import BATCH, IGNORE_INDEX, encode_records
+from alpaca_cot.data.records import DataError, iter_json_records, validate_record
+from alpaca_cot.data.sources import COLLECTION, DataSource, answered, untrainable_error
+from alpaca_cot.data.templates import Template
 from alpaca_cot.errors import UserError
 from alpaca_cot.io import write_json_atomic
-from alpaca_cot.records import DataError, iter_json_records, validate_record
-from alpaca_cot.templates import Template
-from alpaca_cot.tokenize import BATCH, IGNORE_INDEX, encode_records
 
 UNIFIED_FEATURES = Features({
     "instruction": Value("string"), "input": Value("string"), "output": Value("string"),

@@ -7,7 +7,7 @@ Two kinds:
 - ``chat``: the tokenizer's own chat template (``apply_chat_template``), whose text already
   carries the model's special tokens and end-of-turn markers.
 
-Rendering yields segments ``(text, trainable)``; tokenization (``alpaca_cot.tokenize``) turns them
+Rendering yields segments ``(text, trainable)``; tokenization (``alpaca_cot.data.encoding``) turns them
 into ``input_ids`` and ``labels``.
 """
 

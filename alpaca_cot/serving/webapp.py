@@ -37,9 +37,9 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from starlette.exceptions import HTTPException
 
 from alpaca_cot.config import ServeArgs
+from alpaca_cot.data.templates import record_from_messages
 from alpaca_cot.errors import UserError
-from alpaca_cot.generation import SEED_MAX, SEED_MIN, Generator, SamplingParams
-from alpaca_cot.templates import record_from_messages
+from alpaca_cot.generation.generator import SEED_MAX, SEED_MIN, Generator, SamplingParams
 
 UI_PATH = "/ui"
 DISCONNECT_POLL_S = 0.25  # how often a non-streaming request checks that its client is still there

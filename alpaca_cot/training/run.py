@@ -16,8 +16,16 @@ from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_callback import ExportableState, TrainerState
 from transformers.trainer_pt_utils import LengthGroupedSampler
 
-from alpaca_cot.adapters import apply_peft, build_peft_config, resolve_target_modules
-from alpaca_cot.checkpoints import (
+from alpaca_cot.config import FinetuneArgs
+from alpaca_cot.data.encoding import IGNORE_INDEX
+from alpaca_cot.data.prepared import prepare_splits
+from alpaca_cot.data.templates import Template, get_template
+from alpaca_cot.errors import UserError
+from alpaca_cot.io import write_json_atomic, write_text_atomic
+from alpaca_cot.models.adapters import apply_peft, build_peft_config, resolve_target_modules
+from alpaca_cot.models.loading import load_model, load_tokenizer, resolve_dtype
+from alpaca_cot.models.registry import get_model_spec
+from alpaca_cot.training.checkpoints import (
     STAGING_SUFFIX,
     checkpoint_folders,
     choose_checkpoint,
@@ -25,17 +33,9 @@ from alpaca_cot.checkpoints import (
     run_training,
     swap_in,
 )
-from alpaca_cot.config import FinetuneArgs
-from alpaca_cot.engines import EnginePlan, gathered_state_dict, plan_engine
-from alpaca_cot.errors import UserError
-from alpaca_cot.flops import matmul_peak_flops, mean_causal_context, training_flops_per_token
-from alpaca_cot.io import write_json_atomic, write_text_atomic
-from alpaca_cot.loading import load_model, load_tokenizer, resolve_dtype
-from alpaca_cot.packing import PackCollator, apply_packing, choose_packing, packed_loss, require_liger
-from alpaca_cot.prepared import prepare_splits
-from alpaca_cot.registry import get_model_spec
-from alpaca_cot.templates import Template, get_template
-from alpaca_cot.tokenize import IGNORE_INDEX
+from alpaca_cot.training.engines import EnginePlan, gathered_state_dict, plan_engine
+from alpaca_cot.training.flops import matmul_peak_flops, mean_causal_context, training_flops_per_token
+from alpaca_cot.training.packing import PackCollator, apply_packing, choose_packing, packed_loss, require_liger
 
 METRICS_FILE = "metrics.json"
 LOSS_PLOT = "loss_curve.png"

@@ -2,7 +2,7 @@
 lm-evaluation-harness, into one output folder.
 
 Built-in CoT evaluation: each record's reference gives a final answer (our CoT phrasings are read
-back with ``split_cot``; other references through ``alpaca_cot.scoring``: "So the answer is X.",
+back with ``split_cot``; other references through ``alpaca_cot.evaluation.answers``: "So the answer is X.",
 "#### N", an option letter; a short reference is the answer itself). Its kind is ``letter``,
 ``number``, ``yesno`` or ``text``. Two scores per record, as lm-evaluation-harness reports GSM8K:
 
@@ -33,18 +33,19 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from alpaca_cot import scoring
-from alpaca_cot.datasets import load_registry, resolve_data
+from alpaca_cot.data.records import read_records
+from alpaca_cot.data.sources import load_registry, resolve_data
 from alpaca_cot.errors import UserError
+from alpaca_cot.evaluation import answers as scoring
 from alpaca_cot.flags import check_fields, flag
 from alpaca_cot.io import write_json_atomic, write_text_atomic
 from alpaca_cot.prediction import PREDICTION_FIELD, PredictionRun
-from alpaca_cot.records import read_records
 from data.converters.cot import split_cot
 
 RUN_FILE = "run.json"
 WRITER = "alpaca_cot evaluate.py"
-DEFAULT_TASK_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "lm_eval")
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+DEFAULT_TASK_DIR = os.path.join(ROOT, "configs", "lm_eval")
 Z_95 = 1.959963984540054  # the two-sided 95% quantile of the standard normal
 
 
@@ -348,9 +349,9 @@ class LazyModel:
         self.loaded: tuple[Any, Any, Any] | None = None
 
     def get(self) -> tuple[Any, Any, Any]:
-        """The loaded triple (through ``alpaca_cot.loading.load_for_inference``)."""
+        """The loaded triple (through ``alpaca_cot.models.loading.load_for_inference``)."""
         if self.loaded is None:
-            from alpaca_cot.loading import load_for_inference
+            from alpaca_cot.models.loading import load_for_inference
 
             self.loaded = load_for_inference(**self.loader_kwargs)
         return self.loaded
@@ -358,7 +359,7 @@ class LazyModel:
 
 def evaluate_data(source: str, model: LazyModel, sampling: Any, args: EvaluateArgs) -> dict:
     """Generate (resumably) and score every record of one ``--data`` entry; the entry's results."""
-    from alpaca_cot.generation import Generator
+    from alpaca_cot.generation.generator import Generator
 
     records = [r for path in resolve_data([source]) for r in read_records(path)]
     count = min(len(records), args.max_samples or len(records))
@@ -414,7 +415,7 @@ def answer_loss(model: Any, tokenizer: Any, template: Any, records: list[dict], 
     """Mean cross-entropy per answer token of ``records`` (prompt masked, as in training)."""
     import torch
 
-    from alpaca_cot.tokenize import IGNORE_INDEX, encode_records
+    from alpaca_cot.data.encoding import IGNORE_INDEX, encode_records
 
     encoded = [e for e in encode_records(records, template, tokenizer, cutoff_len) if
                any(label != IGNORE_INDEX for label in e.labels)]
@@ -440,14 +441,14 @@ def answer_loss(model: Any, tokenizer: Any, template: Any, records: list[dict], 
 # ---- lm-evaluation-harness -------------------------------------------------------------------
 def lm_eval_model_args(loader_kwargs: dict) -> dict:
     """lm-eval's HF model arguments for our ``ModelArgs``: ``pretrained=BASE,peft=ADAPTER,dtype=...``."""
-    from alpaca_cot.loading import (
+    from alpaca_cot.models.loading import (
         ADAPTER_CONFIG,
         check_model_folder,
         resolve_base_model,
         resolve_dtype,
         resolve_lora_dir,
     )
-    from alpaca_cot.registry import default_checkpoint
+    from alpaca_cot.models.registry import default_checkpoint
 
     lora_dir = loader_kwargs.get("lora_dir")
     folder = resolve_lora_dir(lora_dir) if lora_dir else None

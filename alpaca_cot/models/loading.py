@@ -11,7 +11,7 @@ import transformers
 from transformers.integrations import is_deepspeed_zero3_enabled
 
 from alpaca_cot.errors import UserError
-from alpaca_cot.registry import ModelSpec
+from alpaca_cot.models.registry import ModelSpec
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -27,7 +27,7 @@ def measured_matmul_rates(device_type: str = "cpu") -> dict[str, float]:
     CPU flags do not predict bf16 speed: one AVX-512 BF16 machine ran bf16 at half the fp32 rate,
     another at twice it. The probe decides.
     """
-    from alpaca_cot.flops import matmul_peak_flops
+    from alpaca_cot.training.flops import matmul_peak_flops
 
     device = torch.device(device_type)
     return {name: matmul_peak_flops(DTYPES[name], device, seconds=0.3) / 1e9 for name in ("bf16", "fp32")}
@@ -183,8 +183,8 @@ def load_for_inference(lora_dir: str | None = None, *, model_type: str | None = 
     it, else ``auto``; without ``template`` or a saved template.json, the type's default template.
     Remote code runs only with ``trust_remote_code`` passed now, whatever the saved run used.
     """
-    from alpaca_cot.registry import default_checkpoint, get_model_spec
-    from alpaca_cot.templates import TEMPLATE_FILE, Template, get_template
+    from alpaca_cot.data.templates import TEMPLATE_FILE, Template, get_template
+    from alpaca_cot.models.registry import default_checkpoint, get_model_spec
 
     folder = resolve_lora_dir(lora_dir) if lora_dir else None
     saved = saved_run_args(folder) if folder else None
@@ -286,7 +286,7 @@ def read_adapter_config(folder: str) -> dict:
 
 def infer_model_type(base: str) -> str:
     """The registry type named by the base model's config ``model_type``, else ``auto``."""
-    from alpaca_cot.registry import MODEL_REGISTRY
+    from alpaca_cot.models.registry import MODEL_REGISTRY
 
     try:
         config, _ = transformers.PretrainedConfig.get_config_dict(base)

@@ -14,9 +14,9 @@ from typing import Any
 import torch
 import transformers
 
+from alpaca_cot.data.templates import Template
 from alpaca_cot.errors import UserError
 from alpaca_cot.flags import flag
-from alpaca_cot.templates import Template
 
 SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1  # the range torch.manual_seed and torch.Generator accept
 

@@ -8,7 +8,7 @@ import peft
 import torch
 
 from alpaca_cot.errors import UserError
-from alpaca_cot.registry import ModelSpec
+from alpaca_cot.models.registry import ModelSpec
 
 PEFT_TYPES = ("lora", "adalora", "prompt", "p_tuning", "prefix", "full")
 

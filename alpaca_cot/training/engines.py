@@ -24,7 +24,8 @@ import torch
 from alpaca_cot.errors import UserError
 from alpaca_cot.io import read_json_object
 
-DEEPSPEED_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "deepspeed")
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+DEEPSPEED_DIR = os.path.join(ROOT, "configs", "deepspeed")
 DEEPSPEED_PRESETS = ("zero2", "zero2_offload", "zero3", "zero3_offload")
 ZERO_STAGES = (0, 1, 2, 3)
 

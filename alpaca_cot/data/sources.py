@@ -14,9 +14,9 @@ import re
 from dataclasses import dataclass
 from functools import cache
 
-from alpaca_cot.records import DataError, read_records
+from alpaca_cot.data.records import DataError, read_records
 
-DATA_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data")
+DATA_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "data")
 REGISTRY_PATH = os.path.join(DATA_DIR, "registry.json")
 HF_DATASET = "QingyiSi/Alpaca-CoT"
 RECORD_EXTENSIONS = (".json", ".jsonl")

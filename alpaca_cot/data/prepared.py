@@ -26,7 +26,7 @@ import datasets
 import numpy as np
 import torch
 
-from alpaca_cot.data_pipeline import (
+from alpaca_cot.data.pipeline import (
     DigestMemo,
     default_workers,
     digest,
@@ -36,10 +36,10 @@ from alpaca_cot.data_pipeline import (
     stream_unified,
     tokenize,
 )
-from alpaca_cot.datasets import resolve_sources
+from alpaca_cot.data.sources import resolve_sources
+from alpaca_cot.data.templates import Template
 from alpaca_cot.errors import UserError
 from alpaca_cot.io import write_json_atomic
-from alpaca_cot.templates import Template
 
 FORMAT_VERSION = "3"  # bump when the encoding or the cache layout changes
 TOKENS = "tokens.arrow"  # with several processes: tokens_00000_of_0000N.arrow, ...

@@ -26,8 +26,8 @@ import torch
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface
 
+from alpaca_cot.data.encoding import IGNORE_INDEX
 from alpaca_cot.errors import UserError
-from alpaca_cot.tokenize import IGNORE_INDEX
 
 VARLEN_ATTENTION = "varlen_sdpa"
 # Keyword arguments of attention layers that change the attention itself in ways SDPA cannot apply

@@ -18,7 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from alpaca_cot.templates import Template
+from alpaca_cot.data.templates import Template
 
 IGNORE_INDEX = -100
 BATCH = 512  # records per tokenizer call: big enough for the Rust tokenizer's own parallelism

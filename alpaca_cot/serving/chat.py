@@ -8,9 +8,9 @@ from collections.abc import Iterable, Iterator
 from contextlib import closing
 from typing import TextIO
 
+from alpaca_cot.data.templates import record_from_messages
 from alpaca_cot.errors import UserError
-from alpaca_cot.generation import Generator, SamplingParams
-from alpaca_cot.templates import record_from_messages
+from alpaca_cot.generation.generator import Generator, SamplingParams
 
 
 class ChatSession:
