@@ -48,14 +48,6 @@ def normalize_argv(argv: list[str]) -> list[str]:
     return out
 
 
-def as_list(value: Any) -> list[str] | None:
-    """A list flag from fire (str "a,b", tuple, list, a lone number, or None) as a list of strings."""
-    if value is None or value == "":
-        return None
-    items = list(value) if isinstance(value, (list, tuple)) else [value]
-    return [part.strip() for item in items for part in str(item).split(",") if part.strip()]
-
-
 def command(*groups: type, defaults: dict[str, Any] | None = None) -> Callable[[Callable], Callable]:
     """Make ``fn(group1, group2, ...)`` a fire entry point whose flags are the groups' fields.
 

@@ -34,6 +34,14 @@ def flag(default: Any, help: str, *, choices: tuple | None = None, min: float | 
     return dataclasses.field(default=default, metadata=meta)
 
 
+def as_list(value: Any) -> list[str] | None:
+    """A list flag from fire (str "a,b", tuple, list, a lone number, or None) as a list of strings."""
+    if value is None or value == "":
+        return None
+    items = list(value) if isinstance(value, (list, tuple)) else [value]
+    return [part.strip() for item in items for part in str(item).split(",") if part.strip()]
+
+
 @cache
 def _hints(cls: type) -> dict[str, Any]:
     return typing.get_type_hints(cls)
@@ -61,8 +69,6 @@ def coerce(name: str, value: Any, hint: Any) -> Any:
         if kinds == {bool}:
             raise UserError(f"--{name} must be True or False, got {value!r}")
     if list in kinds:
-        from alpaca_cot.cli import as_list
-
         return as_list(value) or ([] if not optional else None)
     if int in kinds and not isinstance(value, bool):
         try:

@@ -44,8 +44,8 @@ sys.path.insert(0, BENCH_DIR)
 from run_all import OUR_FLAGS, ROOT, Contender, loop_tokens_per_s  # noqa: E402 (puts the project on the path)
 from workload import SHARED, load_bench_records  # noqa: E402
 
-from alpaca_cot.cli import as_list  # noqa: E402
 from alpaca_cot.config import FinetuneArgs  # noqa: E402
+from alpaca_cot.flags import as_list  # noqa: E402
 from alpaca_cot.io import write_json_atomic, write_text_atomic  # noqa: E402
 
 QWEN3_0_6B = dict(hidden_size=1024, intermediate_size=3072, num_hidden_layers=28, num_attention_heads=16,
