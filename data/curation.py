@@ -9,8 +9,8 @@ import re
 import unicodedata
 from collections.abc import Iterable
 
+from alpaca_cot.data.cot import split_cot
 from alpaca_cot.data.records import DataError
-from data.converters.cot import split_cot
 from data.storage import record_texts
 
 # Word tokens for decontamination: a CJK character is a token by itself, other scripts split on

@@ -10,11 +10,11 @@ import re
 import pytest
 
 from alpaca_cot.data import sources
+from alpaca_cot.data.cot import split_cot
 from alpaca_cot.data.records import DataError, read_records
 from data import catalog, curation
 from data.collection import convert, stats
 from data.converters import FORMATS, convert_file, source_files
-from data.converters.cot import split_cot
 from data.storage import check_file, load_records, write_records
 from tests.conftest import run_script, shared_path
 

@@ -12,9 +12,9 @@ import huggingface_hub
 import pytest
 
 from alpaca_cot.data import sources
+from alpaca_cot.data.cot import split_cot
 from alpaca_cot.evaluation.run import final_answer
 from data import catalog, curation
-from data.converters.cot import split_cot
 from tests.conftest import ROOT, run_script, shared_path
 
 

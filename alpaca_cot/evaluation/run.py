@@ -33,6 +33,7 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from alpaca_cot.data.cot import split_cot
 from alpaca_cot.data.records import read_records
 from alpaca_cot.data.sources import load_registry, resolve_data
 from alpaca_cot.errors import UserError
@@ -40,7 +41,6 @@ from alpaca_cot.evaluation import answers as scoring
 from alpaca_cot.flags import check_fields, flag
 from alpaca_cot.io import write_json_atomic, write_text_atomic
 from alpaca_cot.prediction import PREDICTION_FIELD, PredictionRun
-from data.converters.cot import split_cot
 
 RUN_FILE = "run.json"
 WRITER = "alpaca_cot evaluate.py"
