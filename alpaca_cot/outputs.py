@@ -1,0 +1,168 @@
+"""The one owner of output folders: who may replace what, and how a finished output takes its place.
+
+Every command that writes a folder or file (training, merging, evaluation, prediction) goes through here:
+
+- **Ownership.** An output we write carries a marker, ``run.json`` (``<name>.run.json`` beside a single
+  output file), whose ``written_by`` names the command (``WRITERS``). ``claim`` / ``claim_folder`` read
+  only, and say whether a path holds an earlier output of the same kind (True) or nothing (False); any
+  other content (files without our marker, or another command's marker) is refused in one line and left
+  untouched. ``refuse_inputs`` refuses an output path that is one of the command's inputs.
+- **Staging.** Files are written in a temp folder and published when complete (``writing``): beside the
+  target (a hidden ``.<name>.writing``) and swapped in whole, or inside it (``.saving``) and moved in file
+  by file. A run that takes long and must survive a kill stages in a visible ``<target>.staging``
+  (``staging_dir``) and is swapped in when it has finished.
+- **Atomic swap.** ``swap_in`` renames the old output aside, the new one into place, then deletes the old;
+  a kill between the renames leaves both, and the next swap finishes the job.
+
+How each command uses it:
+
+- training: ``check_not_file``; ``holds_files`` decides between a new run, a resume and
+  ``--overwrite_output_dir`` (which trains in ``staging_dir(out)``); the final save is
+  ``writing(out, whole=False)``, then ``swap_in(staging, out)``; ``remove_if_empty`` after a failed start.
+- merging: ``check_not_file``, ``holds_files`` (refused unless --overwrite), then ``writing(merged_dir)``.
+- evaluation: ``if claim_folder(out, "evaluate", flag="--output_dir"): saved = read_marker(marker_path(out))``
+  (compare settings there), then ``write_marker(marker_path(out), "evaluate", settings=...)``; the results
+  are single files written atomically (``alpaca_cot.io``).
+- prediction: ``refuse_inputs([predictions, metrics, marker], data_files, flag="--result_dir", shown=...)``;
+  ``claim(marker, "predict", [existing outputs...], flag=..., shown=...)`` where ``marker`` is
+  ``marker_path(result, single_file=...)``; ``write_marker`` before the first prediction.
+
+Today training and merging replace a non-empty folder on --overwrite_output_dir / --overwrite whoever
+wrote it; issue 22 makes them ``claim_folder`` first, as evaluation and prediction do.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+from collections.abc import Iterable, Iterator
+
+from alpaca_cot.errors import UserError
+from alpaca_cot.io import write_json_atomic
+
+MARKER = "run.json"
+WRITERS = {"finetune": "alpaca_cot uniform_finetune.py", "merge": "alpaca_cot merge.py",
+           "evaluate": "alpaca_cot evaluate.py", "predict": "alpaca_cot predict.py"}
+STAGING_SUFFIX = ".staging"  # where a long run writes until it has finished (resumable after a kill)
+REPLACED_SUFFIX = ".replaced"  # the old output for the moment of the swap
+SAVING = ".saving"  # files being written inside an output folder, moved in once all are written
+
+
+def check_not_file(path: str, flag: str) -> None:
+    """Refuse ``path`` where a folder is wanted and a file is there."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise UserError(f"{flag} {path} is an existing file; pass a folder")
+
+
+def holds_files(folder: str) -> bool:
+    """Whether ``folder`` exists and is not empty."""
+    return os.path.isdir(folder) and bool(os.listdir(folder))
+
+
+def marker_path(output: str, single_file: bool = False) -> str:
+    """The marker of an output folder (``run.json`` inside), or of a single output file (``<name>.run.json``)."""
+    return os.path.splitext(output)[0] + "." + MARKER if single_file else os.path.join(output, MARKER)
+
+
+def read_marker(path: str) -> dict:
+    """The marker at ``path`` as a dict ({} where it is absent, torn or not a JSON object)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            value = json.load(f)
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def write_marker(path: str, kind: str, **fields: object) -> None:
+    """Mark an output as written by the command ``kind`` (a key of ``WRITERS``), with ``fields`` beside."""
+    write_json_atomic(path, {"written_by": WRITERS[kind], **fields})
+
+
+def claim(marker: str, kind: str, present: Iterable[str], *, flag: str, shown: str) -> bool:
+    """Whether an earlier output of ``kind`` is there (True: ``marker`` is its own) or nothing is (False).
+
+    ``present``: the paths of the output that exist now. Reads only; raises UserError naming the first thing
+    found that ``kind`` did not write, which is then never read, cut, resumed or replaced.
+    """
+    script = WRITERS[kind].split()[-1]
+    if os.path.exists(marker):
+        if read_marker(marker).get("written_by") == WRITERS[kind]:
+            return True
+        found, why = marker, "it is not its marker"
+    else:
+        found, why = next(iter(present), None), f"there is no {marker}"
+        if found is None:
+            return False
+    raise UserError(f"{flag} {shown}: {found} exists and was not written by {script} ({why}); {script} never "
+                    f"replaces what it did not write: choose another {flag}")
+
+
+def claim_folder(folder: str, kind: str, *, flag: str) -> bool:
+    """``claim`` for an output folder: a file there is refused, and every entry of the folder counts."""
+    check_not_file(folder, flag)
+    present = sorted(os.path.join(folder, n) for n in os.listdir(folder)) if os.path.isdir(folder) else []
+    return claim(marker_path(folder), kind, present, flag=flag, shown=folder)
+
+
+def refuse_inputs(outputs: Iterable[str], inputs: Iterable[str], *, flag: str, shown: str,
+                  input_flag: str = "--data") -> None:
+    """Refuse when an output path is one of the command's ``inputs`` (or a folder that holds one)."""
+    real = {os.path.realpath(path) for path in inputs}
+    for path in outputs:
+        out = os.path.realpath(path)
+        held = [p for p in real if p == out or p.startswith(out + os.sep)]
+        if held:
+            what = f"is a {input_flag} file" if held[0] == out else f"holds the {input_flag} file {held[0]}"
+            raise UserError(f"{flag} {shown}: {path} {what}, and an output never replaces its input; choose "
+                            f"another {flag}")
+
+
+def staging_dir(target: str) -> str:
+    """Where a long run that replaces ``target`` writes until it has finished."""
+    return target + STAGING_SUFFIX
+
+
+def swap_in(staging: str, target: str) -> None:
+    """Put the finished output in ``staging`` at ``target``; the output there before is deleted only after."""
+    old = target + REPLACED_SUFFIX
+    if os.path.isdir(target):
+        shutil.rmtree(old, ignore_errors=True)  # left by a swap killed after its second rename: already replaced
+        os.replace(target, old)
+    # A kill between the two renames leaves the old output in `old` and the new one in `staging`:
+    # the next swap (a resumed run's) finishes the job.
+    os.replace(staging, target)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def writing(target: str, *, whole: bool = True) -> Iterator[str]:
+    """A temp folder to write ``target``'s files in, published when the block ends without an error.
+
+    ``whole``: the temp folder then replaces ``target`` (``swap_in``); else its files are moved into the
+    existing ``target`` one by one (a run folder that also holds checkpoints). On an error, the temp folder
+    is removed and ``target`` is as it was. A temp folder left by a killed process is cleared first.
+    """
+    parent, name = os.path.split(os.path.abspath(target))
+    temp = os.path.join(parent, f".{name}.writing") if whole else os.path.join(target, SAVING)
+    shutil.rmtree(temp, ignore_errors=True)
+    os.makedirs(temp)
+    try:
+        yield temp
+    except BaseException:
+        shutil.rmtree(temp, ignore_errors=True)
+        raise
+    if whole:
+        swap_in(temp, target)
+        return
+    for entry in os.listdir(temp):
+        os.replace(os.path.join(temp, entry), os.path.join(target, entry))
+    os.rmdir(temp)
+
+
+def remove_if_empty(folder: str) -> None:
+    """Remove ``folder`` if it exists and holds nothing: a command that failed leaves no empty folder behind."""
+    if os.path.isdir(folder) and not os.listdir(folder):
+        os.rmdir(folder)
