@@ -17,6 +17,7 @@ from data.collection import convert, stats
 from data.converters import FORMATS, convert_file, source_files
 from data.storage import check_file, load_records, write_records
 from tests.conftest import run_script, shared_path
+from tests.data_helpers import load_data
 
 # The original Alpaca-CoT statistics table: Dataset, Nums, Lang, Task, Gen.
 ORIGINAL_TABLE = [
@@ -234,7 +235,7 @@ def test_cli_builds_cot_and_data_cot_resolves(raw, tmp_path, monkeypatch):
     assert "wrote 26528 records" in proc.stdout
     assert "trainable: every record has an answer" in run_script("data/collection.py", "validate", str(out)).stdout
     monkeypatch.setattr(sources, "DATA_DIR", str(tmp_path))
-    records = sources.load_data(["cot"])
+    records = load_data(["cot"])
     assert len(records) == 26528 and records == read_records(str(out))
     assert catalog.local_count("cot", sources.load_registry()) == 26528
     refused = run_script("data/collection.py", "convert", os.path.join(raw, "flan_v2_cot"), str(out), check=False)

@@ -10,11 +10,11 @@ import os
 import pytest
 
 from alpaca_cot.data.records import DataError, read_records
-from alpaca_cot.data.sources import load_data
 from data.collection import convert
 from data.converters import convert_file
 from data.storage import check_file
 from tests.conftest import run_script, shared_path
+from tests.data_helpers import load_data
 
 
 def _jsonl(rows: list) -> str:

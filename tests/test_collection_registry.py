@@ -13,9 +13,10 @@ import pytest
 
 from alpaca_cot.data import sources
 from alpaca_cot.data.records import DataError
-from alpaca_cot.data.sources import HF_DATASET, load_data, load_registry, resolve_data
+from alpaca_cot.data.sources import HF_DATASET, load_registry, resolve_data
 from data import catalog
 from data.collection import download
+from tests.data_helpers import load_data
 
 REGISTRY = load_registry()
 RECORD = {"instruction": "Name a prime number.", "input": "", "output": "7"}

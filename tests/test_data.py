@@ -7,8 +7,9 @@ import json
 import pytest
 
 from alpaca_cot.data.records import DataError, read_records
-from alpaca_cot.data.sources import load_data, load_registry, resolve_data
+from alpaca_cot.data.sources import load_registry, resolve_data
 from tests.conftest import shared_path
+from tests.data_helpers import load_data
 
 
 def test_json_and_jsonl_read_alike(tmp_path) -> None:

@@ -3,24 +3,28 @@ in the split's order, from memory-mapped Arrow; hub loads, streaming and launche
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import shutil
 import socket
 import subprocess
 import textwrap
+import time
 
 import datasets
 import pytest
 from transformers import AutoTokenizer
 
 from alpaca_cot.config import FinetuneArgs
-from alpaca_cot.data.encoding import count_trainable, encode_records
+from alpaca_cot.data import cache as cache_module
+from alpaca_cot.data.encoding import encode_records
 from alpaca_cot.data.prepared import prepare_splits, split_indices
 from alpaca_cot.data.records import DataError
-from alpaca_cot.data.sources import load_data
 from alpaca_cot.data.templates import get_template
 from alpaca_cot.errors import UserError
 from tests.conftest import PYTHON, ROOT
+from tests.data_helpers import count_trainable
 
 CUTOFF = 24  # short enough that records are cut, and the longest prompts leave no answer token (left out)
 
@@ -63,7 +67,7 @@ def _expected(records: list[dict], args: FinetuneArgs, template, tok) -> tuple[d
         encoded = encode_records([records[i] for i in order], template, tok, args.cutoff_len, args.train_on_inputs)
         splits[name] = [{"input_ids": e.input_ids, "labels": e.labels} for e in encoded if count_trainable(e)]
         for index, e in zip(order, encoded, strict=True):
-            action = "left out" if count_trainable(e) == 0 else "cut" if e.cut else None
+            action = "left out" if count_trainable(e) == 0 else "cut" if len(e.input_ids) < e.full_length else None
             if action:
                 truncation.append({"split": name, "action": action, "index": index, "tokens": e.full_length,
                                    "kept_tokens": len(e.input_ids) if action == "cut" else 0})
@@ -95,14 +99,19 @@ def test_worker_processes_give_identical_tokens(tmp_path, tok, records) -> None:
     assert two[2]["truncation"] == one[2]["truncation"]
 
 
-def test_cache_hit_reads_memory_mapped_arrow(tmp_path, monkeypatch, tok, records) -> None:
-    import alpaca_cot.data.pipeline as pipeline
+def _age(path: str, seconds: float = 60) -> None:
+    """Set the file's mtime ``seconds`` back: written long before it is read."""
+    then = time.time() - seconds
+    os.utime(path, (then, then))
 
+
+def test_cache_hit_reads_memory_mapped_arrow(tmp_path, monkeypatch, tok, records) -> None:
     data = _write(tmp_path / "d.jsonl", records, jsonl=True)
+    _age(data)
     template, cache = get_template("alpaca", tok), str(tmp_path / "cache")
     train, _, info = prepare_splits(_args([data]), tok, template, cache_dir=cache)
-    with monkeypatch.context() as m:  # a hit does not read the data file again (its digest is remembered)
-        m.setattr(pipeline, "_file_digest", lambda path: pytest.fail(f"{path} hashed again"))
+    with monkeypatch.context() as m:  # a hit does not read an old data file again (its digest is remembered)
+        m.setattr(cache_module, "_file_digest", lambda path: pytest.fail(f"{path} hashed again"))
         hit, _, hit_info = prepare_splits(_args([data]), tok, template, cache_dir=cache)
     assert (info["cache"], hit_info["cache"]) == ("miss", "hit") and hit_info["cache_file"] == info["cache_file"]
     # The build folder is gone: the entry and the remembered digests remain.
@@ -114,6 +123,43 @@ def test_cache_hit_reads_memory_mapped_arrow(tmp_path, monkeypatch, tok, records
     assert prepare_splits(_args([data]), tok, template, cache_dir=cache)[2]["cache"] == "hit"
     _write(tmp_path / "d.jsonl", records[:-1], jsonl=True)
     assert prepare_splits(_args([data]), tok, template, cache_dir=cache)[2]["cache"] == "miss"
+
+
+def test_a_change_to_the_code_that_shapes_tokens_prepares_anew(tmp_path, monkeypatch, tok, records) -> None:
+    data = _write(tmp_path / "d.jsonl", records, jsonl=True)
+    template, cache = get_template("alpaca", tok), str(tmp_path / "cache")
+    first = prepare_splits(_args([data]), tok, template, cache_dir=cache)[2]
+    monkeypatch.setattr(cache_module, "code_digest", lambda: "the encoding as edited")
+    edited = prepare_splits(_args([data]), tok, template, cache_dir=cache)[2]
+    assert (first["cache"], edited["cache"]) == ("miss", "miss") and edited["cache_file"] != first["cache_file"]
+
+
+def test_code_digest_covers_the_token_shaping_modules(tmp_path) -> None:
+    assert {"encoding.py", "templates.py", "records.py", "pipeline.py"} <= set(cache_module.CODE_MODULES)
+    copies = []
+    for name in ("same", "edited"):
+        copies.append(tmp_path / name)
+        shutil.copytree(cache_module.CODE_DIR, copies[-1], ignore=shutil.ignore_patterns("__pycache__"))
+    with open(copies[1] / "encoding.py", "a", encoding="utf-8") as f:
+        f.write("\nIGNORE_INDEX = -1\n")
+    assert cache_module.code_digest(str(copies[0])) == cache_module.code_digest()
+    assert cache_module.code_digest(str(copies[1])) != cache_module.code_digest()
+
+
+def test_a_file_rewritten_within_the_mtime_step_is_hashed_again(tmp_path, monkeypatch) -> None:
+    path, memo = tmp_path / "d.jsonl", cache_module.DigestMemo(str(tmp_path / "digests.json"))
+    path.write_bytes(b"first\n")
+    memo.digest(str(path))
+    stamp = os.stat(path)
+    with open(path, "r+b") as f:  # the same inode and size
+        f.write(b"again\n")
+    os.utime(path, ns=(stamp.st_atime_ns, stamp.st_mtime_ns))  # the same mtime, as a coarse clock gives
+    assert memo.digest(str(path)) == hashlib.sha256(b"again\n").hexdigest()
+    _age(str(path))
+    memo.digest(str(path))  # read well after its mtime: the stamp is trusted from now on
+    monkeypatch.setattr(cache_module, "_file_digest", lambda p: pytest.fail(f"{p} hashed again"))
+    memo.save()
+    assert cache_module.DigestMemo(memo.path).digest(str(path)) == hashlib.sha256(b"again\n").hexdigest()
 
 
 def test_every_source_kind_gives_the_same_tokens(tmp_path, monkeypatch, tok, records) -> None:
@@ -175,11 +221,10 @@ def test_file_errors_name_the_file_line_and_field(tmp_path, tok, records) -> Non
     with pytest.raises(DataError, match=r"bad\.jsonl:3: field 'instruction' must be a string, got int"):
         prepare_splits(_args([bad], val_set_size=0), tok, template, cache_dir=cache)
     partly = _write(tmp_path / "partly.jsonl", [records[0], {"instruction": "no answer"}, records[1]], jsonl=True)
-    with pytest.raises(DataError) as ours:
+    with pytest.raises(DataError) as e:
         prepare_splits(_args([partly], val_set_size=0), tok, template, cache_dir=cache)
-    with pytest.raises(DataError) as before:
-        load_data([partly])
-    assert str(ours.value) == str(before.value) and "1 of 3 records have no answer" in str(ours.value)
+    assert str(e.value) == (f"{partly}: not trainable as it is: 1 of 3 records have no answer; the first: {partly}:2: "
+                            "missing field 'output' (a record needs instruction, input, output or a 'messages' list)")
     assert os.listdir(cache) == ["file_digests.json"]  # nothing half-built is left
 
 
@@ -319,7 +364,7 @@ def test_streaming_without_max_steps_is_one_line(tmp_path, tiny_model_dir: str, 
 
 
 def test_default_workers_follow_the_data_size_and_the_cores() -> None:
-    from alpaca_cot.data.pipeline import MAX_WORKERS, RECORDS_PER_WORKER, default_workers
+    from alpaca_cot.data.cache import MAX_WORKERS, RECORDS_PER_WORKER, default_workers
 
     cores = len(os.sched_getaffinity(0))
     assert default_workers(RECORDS_PER_WORKER - 1, None) == 1  # a small set: no process to start

@@ -5,9 +5,10 @@ from __future__ import annotations
 import pytest
 from transformers import AutoTokenizer
 
-from alpaca_cot.data.encoding import IGNORE_INDEX, count_trainable, encode_records, share_budget
+from alpaca_cot.data.encoding import IGNORE_INDEX, encode_records, share_budget
 from alpaca_cot.data.templates import ALPACA_PROMPT_NO_INPUT, Template, get_template
 from tests.conftest import shared_path
+from tests.data_helpers import count_trainable
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +55,7 @@ def test_a_cut_answer_does_not_end_in_eos(llama_tok) -> None:
     # Teaching EOS at a cut would teach the model to stop mid-answer.
     record = {"instruction": "Tell a story.", "input": "", "output": "Once upon a time " * 50}
     [enc] = encode_records([record], get_template("alpaca", llama_tok), llama_tok, cutoff_len=200)
-    assert len(enc.input_ids) == 200 and enc.cut
+    assert len(enc.input_ids) == 200 < enc.full_length
     assert llama_tok.eos_token_id not in enc.input_ids and llama_tok.eos_token_id not in enc.labels
     assert enc.labels[-1] == enc.input_ids[-1] != IGNORE_INDEX  # the cut answer is still trained on
 
@@ -70,7 +71,7 @@ def test_a_long_prompt_keeps_its_start_and_its_response_marker(llama_tok) -> Non
     record = {"instruction": "Summarise.", "input": "lorem ipsum " * 200, "output": "Short."}
     template = get_template("alpaca", llama_tok)
     [enc] = encode_records([record], template, llama_tok, cutoff_len=120)
-    assert len(enc.input_ids) == 120 and enc.cut
+    assert len(enc.input_ids) == 120 < enc.full_length
     text = llama_tok.decode(enc.input_ids)
     assert text.startswith("<s>") and "Below is an instruction" in text
     assert text.endswith("### Response: Short.</s>")  # the whole answer and its true EOS
@@ -85,7 +86,7 @@ def test_a_long_conversation_keeps_its_leading_whole_turns(llama_tok) -> None:
     template = get_template("alpaca", llama_tok)
     full = encode_records([{"messages": turns}], template, llama_tok, cutoff_len=4096)[0]
     [enc] = encode_records([{"messages": turns}], template, llama_tok, cutoff_len=len(full.input_ids) - 5)
-    assert enc.cut and enc.input_ids == full.input_ids[:len(enc.input_ids)]
+    assert len(enc.input_ids) < enc.full_length and enc.input_ids == full.input_ids[:len(enc.input_ids)]
     # It ends at the true end of an answer: the last label is that answer's EOS, never user text.
     assert enc.labels[-1] == enc.input_ids[-1] == llama_tok.eos_token_id
     trained = llama_tok.decode([t for t in enc.labels if t != IGNORE_INDEX])

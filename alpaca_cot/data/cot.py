@@ -1,9 +1,7 @@
-"""Our chain-of-thought phrasings: the (instruction, target) pairs the collection tool's CoT
-converters write (``data/converters/cot.py``), and ``split_cot``, which reads a record they wrote
-back into (question, rationale, answer) for evaluation, de-duplication and decontamination.
-
-Placeholders: ``{question}``, ``{cot}`` (the rationale) and ``{answer}``. Like FLAN's CoT templates
-they put the reasoning before the answer.
+"""Our chain-of-thought phrasings, (instruction, target) pairs with the placeholders ``{question}``, ``{cot}``
+(the rationale) and ``{answer}``, reasoning before the answer as in FLAN's CoT templates. The collection
+tool's converters write them (``data/converters/cot.py``); ``split_cot`` reads a record back into its parts
+for evaluation, de-duplication and decontamination.
 """
 
 from __future__ import annotations

@@ -16,6 +16,7 @@ cut answer does not end in EOS, so the model never learns to stop mid-answer.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from itertools import accumulate
 from typing import Any
 
 from alpaca_cot.data.templates import Template
@@ -31,11 +32,6 @@ class Encoded:
     input_ids: list[int]
     labels: list[int]
     full_length: int
-
-    @property
-    def cut(self) -> bool:
-        """Whether truncation removed tokens."""
-        return len(self.input_ids) < self.full_length
 
 
 @dataclass
@@ -59,7 +55,7 @@ def _encode_batch(records: list[dict], template: Template, tokenizer: Any, cutof
     texts, prefixes = [], []
     for segments in rendered:
         texts.append("".join(t for t, _ in segments))
-        ends = _cumulative([len(t) for t, _ in segments])
+        ends = list(accumulate(len(t) for t, _ in segments))
         prefixes.extend(texts[-1][:e] for e in ends[:-1])
     special = template.add_special_tokens
     full_ids = tokenizer(texts, add_special_tokens=special)["input_ids"]
@@ -135,16 +131,3 @@ def share_budget(prompt_len: int, answer_len: int, cutoff_len: int) -> tuple[int
     n_answer = min(max_answer, answer_len)
     n_prompt = min(max(cutoff_len - n_answer, 0), prompt_len)
     return n_prompt, n_answer
-
-
-def _cumulative(lengths: list[int]) -> list[int]:
-    total, out = 0, []
-    for n in lengths:
-        total += n
-        out.append(total)
-    return out
-
-
-def count_trainable(encoded: Encoded) -> int:
-    """Number of label positions that carry loss."""
-    return sum(1 for x in encoded.labels if x != IGNORE_INDEX)

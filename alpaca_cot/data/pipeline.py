@@ -1,22 +1,18 @@
 """Training data on Hugging Face ``datasets``: ``--data`` sources -> unified records -> token ids, in Arrow.
 
-Two stages, each a ``datasets`` call that works in batches, so data larger than memory flows through:
+Two stages, each a batched ``datasets`` call, so data larger than memory flows through:
 
-1. ``load_unified`` / ``stream_unified``: each source as a (Iterable)Dataset of unified records in one
-   schema (``UNIFIED_FEATURES``). Unified JSON/JSONL files go through our validating reader
-   (``Dataset.from_generator``, so errors name the file, line and field); ``save_to_disk`` folders
-   (``load_from_disk``) and hub ids (``load_dataset``) are validated row by row.
-2. ``tokenize``: ``Dataset.map(batched=True, num_proc=N)`` over ``alpaca_cot.data.encoding.encode_records``
-   (the exact tokenization and truncation rules), into memory-mapped Arrow files. Besides
-   ``input_ids`` and ``labels`` each row keeps ``length``, ``full_length`` (before truncation) and
-   ``trainable`` (label tokens that carry loss), from which the splits and the truncation report are made.
+1. ``load_unified`` / ``stream_unified``: each source as a (Iterable)Dataset of unified records
+   (``UNIFIED_FEATURES``). Unified JSON/JSONL files go through our validating reader (errors name the
+   file, line and field); ``save_to_disk`` folders and hub ids are validated row by row.
+2. ``tokenize``: ``Dataset.map(batched=True, num_proc=N)`` over ``encoding.encode_records`` into
+   memory-mapped Arrow. Each row keeps ``input_ids``, ``labels``, ``length``, ``full_length`` (before
+   truncation) and ``trainable`` (label tokens that carry loss), for the splits and the truncation report.
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
-import json
 import os
 from collections.abc import Iterator
 from typing import Any
@@ -25,11 +21,10 @@ import datasets
 from datasets import Features, List, Value
 
 from alpaca_cot.data.encoding import BATCH, IGNORE_INDEX, encode_records
-from alpaca_cot.data.records import DataError, iter_json_records, validate_record
-from alpaca_cot.data.sources import COLLECTION, DataSource, answered, untrainable_error
+from alpaca_cot.data.records import DataError, answer_error, iter_json_records, untrainable_error, validate_record
+from alpaca_cot.data.sources import COLLECTION, DataSource
 from alpaca_cot.data.templates import Template
 from alpaca_cot.errors import UserError
-from alpaca_cot.io import write_json_atomic
 
 UNIFIED_FEATURES = Features({
     "instruction": Value("string"), "input": Value("string"), "output": Value("string"),
@@ -39,33 +34,6 @@ TOKEN_FEATURES = Features({
     "input_ids": List(Value("int32")), "labels": List(Value("int32")),
     "length": Value("int32"), "full_length": Value("int32"), "trainable": Value("int32"),
 })
-# A tokenizing process costs a fork and the pickled tokenizer (about a second): worth it from a few
-# thousand records (the LLaMA-2 tokenizer encodes about 1,000 records/s per core).
-RECORDS_PER_WORKER = 5_000
-MAX_WORKERS = 8
-
-
-def main_process_first() -> contextlib.AbstractContextManager:
-    """Under a launcher (``WORLD_SIZE`` > 1) each node's main process runs the block first and the other ranks
-    after it, so they load its cache instead of tokenizing again; without a launcher, nothing.
-
-    Per node rather than globally: a cache on a node-local disk must be made on every node, and on a shared
-    disk the second node's result is published atomically beside the first (same key, same content)."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return contextlib.nullcontext()
-    import torch
-    from accelerate import PartialState
-
-    # The same device choice as the TrainingArguments built later (use_cpu without CUDA), which reuse this group.
-    return PartialState(cpu=not torch.cuda.is_available()).local_main_process_first()
-
-
-def default_workers(n_records: int, requested: int | None) -> int:
-    """Tokenizing processes: ``requested``, else the usable cores (at most 8), one per RECORDS_PER_WORKER."""
-    if requested:
-        return requested
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return max(1, min(cores, MAX_WORKERS, n_records // RECORDS_PER_WORKER))
 
 
 def from_record(record: dict) -> dict:
@@ -85,27 +53,24 @@ def to_record(row: dict) -> dict:
 
 
 def file_rows(path: str) -> Iterator[dict]:
-    """The rows of one unified-format file, validated as ``load_data`` does (a file with unanswered records is
-    refused as not trainable, saying why). JSON Lines files are read line by line."""
+    """The rows of one unified-format file, validated; a file with unanswered records is refused as not
+    trainable, saying why. JSON Lines files are read line by line."""
     total = unanswered = 0
     first = ""
     for where, obj in iter_json_records(path):
         record = validate_record(obj, where, need_answer=False)
         total += 1
-        if answered(record):
+        error = answer_error(record, where)
+        if not error:
             yield from_record(record)
             continue
         unanswered += 1
-        if not first:
-            try:
-                validate_record(obj, where)
-            except DataError as e:
-                first = str(e)
+        first = first or error
     if not total:
         raise DataError(f"{path}: the file holds no records")
-    error = untrainable_error(path, total, unanswered, first)
-    if error:
-        raise error
+    refused = untrainable_error(path, total, unanswered, first)
+    if refused:
+        raise refused
 
 
 def _unify_batch(batch: dict[str, list], indices: list[int], name: str) -> dict[str, list]:
@@ -116,11 +81,9 @@ def _unify_batch(batch: dict[str, list], indices: list[int], name: str) -> dict[
         record = {key: values[i] for key, values in batch.items() if values[i] is not None}
         where = f"{name}: row {index}"
         record = validate_record(record, where, need_answer=False)
-        if not answered(record):
-            try:
-                validate_record(record, where)
-            except DataError as e:
-                raise DataError(f"{name}: not trainable as it is: {e}") from None
+        error = answer_error(record, where)
+        if error:
+            raise DataError(f"{name}: not trainable as it is: {error}")
         for key, value in from_record(record).items():
             out[key].append(value)
     return out
@@ -221,7 +184,7 @@ def tokenize_batch(batch: dict[str, list], template: Template, tokenizer: Any, c
     encoded = encode_records([to_record(r) for r in rows], template, tokenizer, cutoff_len, train_on_inputs)
     return {"input_ids": [e.input_ids for e in encoded], "labels": [e.labels for e in encoded],
             "length": [len(e.input_ids) for e in encoded], "full_length": [e.full_length for e in encoded],
-            # count_trainable's value, counted in C: the labels are most of the tokens of a large corpus
+            # label tokens that carry loss, counted in C: the labels are most of the tokens of a large corpus
             "trainable": [len(e.labels) - e.labels.count(IGNORE_INDEX) for e in encoded]}
 
 
@@ -238,67 +201,3 @@ def tokenize(unified: datasets.Dataset | datasets.IterableDataset, tokenizer: An
         kwargs.update(num_proc=num_proc if num_proc > 1 else None, cache_file_name=cache_file,
                       new_fingerprint=fingerprint, desc="tokenizing")
     return unified.map(tokenize_batch, **kwargs)
-
-
-class DigestMemo:
-    """SHA-256 digests of files, remembered in a JSON file with each file's size, mtime and inode: a cache hit
-    on a large corpus does not read it whole again, and a copy or a touched file is hashed once."""
-
-    def __init__(self, path: str):
-        self.path, self.changed = path, False
-        try:
-            with open(path, encoding="utf-8") as f:
-                self.entries: dict[str, dict] = json.load(f)
-        except (OSError, ValueError):  # none yet, or unreadable: hashing again is always correct
-            self.entries = {}
-
-    def digest(self, file: str) -> str:
-        """The file's SHA-256, hashed only when its size, mtime or inode changed since it was remembered."""
-        st = os.stat(file)
-        stamp = [st.st_size, st.st_mtime_ns, st.st_ino]
-        key = os.path.realpath(file)
-        entry = self.entries.get(key)
-        if entry is None or entry["stamp"] != stamp:
-            entry = self.entries[key] = {"stamp": stamp, "sha256": _file_digest(file)}
-            self.changed = True
-        return entry["sha256"]
-
-    def save(self) -> None:
-        """Write the digests back (atomically) when some were computed."""
-        if self.changed:
-            write_json_atomic(self.path, self.entries)
-
-
-def source_fingerprint(source: DataSource, data_files: list[str] | None, subset: str | None,
-                       memo: DigestMemo) -> list:
-    """What a source's records depend on: its files' bytes, a saved folder's state files (they carry the
-    ``datasets`` fingerprint of its content), or a hub dataset's id, options and cached Arrow files."""
-    if source.kind == "files":
-        return [[path, memo.digest(path)] for path in source.files]
-    if source.kind == "disk":
-        states = []
-        for root, _, names in sorted(os.walk(source.name)):
-            for name in sorted(n for n in names if n.endswith(".json")):
-                states.append([os.path.relpath(os.path.join(root, name), source.name),
-                               _file_digest(os.path.join(root, name))])
-        return [os.path.abspath(source.name), states]
-    loaded = load_hub(source, data_files, subset, streaming=False)  # downloads once; later runs read its cache
-    files = [[f["filename"], os.path.getsize(f["filename"])] for f in loaded.cache_files]
-    return [source.name, subset, data_files, files]
-
-
-def _file_digest(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def digest(*parts: Any) -> str:
-    """A short stable hash of JSON-able parts (bytes taken as they are)."""
-    h = hashlib.sha256()
-    for part in parts:
-        h.update(part if isinstance(part, bytes) else json.dumps(part, sort_keys=True, default=str).encode())
-        h.update(b"\0")
-    return h.hexdigest()[:32]

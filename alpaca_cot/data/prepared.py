@@ -1,12 +1,9 @@
-"""Tokenized training data in memory-mapped Arrow, cached on disk keyed by everything it depends on.
+"""Tokenized training data in memory-mapped Arrow, cached on disk under a key of everything it depends on
+(``alpaca_cot.data.cache``).
 
-The key hashes the sources (data files' bytes, a ``save_to_disk`` folder's state, a hub dataset's
-files), the tokenizer (its full serialized pipeline), the template, ``cutoff_len``,
-``train_on_inputs``, ``max_samples`` and the validation split, so a change to any of them prepares
-the data anew. A cache folder holds the tokenized rows (``Dataset.map``'s Arrow files, in ``--data``
-order), each split's row order and the truncation report; a hit memory-maps them, so memory does
-not grow with the data. With ``--streaming`` nothing is cached: records are tokenized as the
-Trainer reads them (``stream_splits``).
+A cache folder holds the tokenized rows (``Dataset.map``'s Arrow files, in ``--data`` order), each split's
+row order and the truncation report; a hit memory-maps them, so memory does not grow with the data. With
+``--streaming`` nothing is cached: records are tokenized as the Trainer reads them (``stream_splits``).
 """
 
 from __future__ import annotations
@@ -19,29 +16,19 @@ import random
 import shutil
 import tempfile
 from collections.abc import Iterator
-from dataclasses import asdict
 from typing import Any
 
 import datasets
 import numpy as np
 import torch
 
-from alpaca_cot.data.pipeline import (
-    DigestMemo,
-    default_workers,
-    digest,
-    load_unified,
-    main_process_first,
-    source_fingerprint,
-    stream_unified,
-    tokenize,
-)
+from alpaca_cot.data.cache import DigestMemo, cache_key, default_workers, main_process_first, source_fingerprint
+from alpaca_cot.data.pipeline import load_unified, stream_unified, tokenize
 from alpaca_cot.data.sources import resolve_sources
 from alpaca_cot.data.templates import Template
 from alpaca_cot.errors import UserError
 from alpaca_cot.io import write_json_atomic
 
-FORMAT_VERSION = "3"  # bump when the encoding or the cache layout changes
 TOKENS = "tokens.arrow"  # with several processes: tokens_00000_of_0000N.arrow, ...
 INFO = "info.json"  # the cache entry's report; the whole folder is published by one rename
 DIGESTS = "file_digests.json"  # in the cache folder: data files' SHA-256 by size, mtime and inode
@@ -132,19 +119,6 @@ class StreamingSplit(torch.utils.data.IterableDataset):
     def lengths(self) -> list[int]:
         """Token count of every record read so far."""
         return self.seen.tolist()
-
-
-def _tokenizer_fingerprint(tokenizer: Any) -> str:
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    pipeline = backend.to_str() if backend is not None else json.dumps(tokenizer.get_vocab(), sort_keys=True)
-    return digest(type(tokenizer).__name__, pipeline.encode(), tokenizer.special_tokens_map,
-                  getattr(tokenizer, "chat_template", None))
-
-
-def cache_key(fingerprints: list, tokenizer: Any, template: Template, args: Any) -> str:
-    """The cache key of one run's prepared data (``fingerprints``: the sources', from ``source_fingerprint``)."""
-    return digest(FORMAT_VERSION, fingerprints, _tokenizer_fingerprint(tokenizer), asdict(template), args.cutoff_len,
-                  args.train_on_inputs, args.max_samples, args.val_set_size, args.seed)
 
 
 def split_indices(n: int, val_set_size: float, seed: int) -> tuple[list[int], list[int]]:

@@ -69,6 +69,38 @@ def validate_record(record: Any, where: str, *, need_answer: bool = True) -> dic
     return record
 
 
+def answered(record: dict) -> bool:
+    """Whether a validated record has an answer to train on (an 'output' or a final assistant turn)."""
+    if "messages" in record:
+        return record["messages"][-1]["role"] == "assistant"
+    return "output" in record
+
+
+def answer_error(record: dict, where: str) -> str:
+    """"" for a validated record that is ``answered``, else why it cannot be trained on (its validation error)."""
+    if answered(record):
+        return ""
+    try:
+        validate_record(record, where)
+    except DataError as e:
+        return str(e)
+    return ""
+
+
+def untrainable_error(where: str, total: int, unanswered: int, first: str) -> DataError | None:
+    """The error for a file (or dataset) of ``total`` records of which ``unanswered`` lack an answer, ``first``
+    being the first one's ``answer_error``; None when every record has one."""
+    if not unanswered:
+        return None
+    if unanswered == total:
+        return DataError(f"{where}: not trainable: the file is instruction-only (none of its {unanswered} records "
+                         "has an answer, i.e. an 'output' field or a final assistant turn), such as a "
+                         "benchmark's prompts; use it as prediction input (predict.py), or train on a file "
+                         "with answers")
+    return DataError(f"{where}: not trainable as it is: {unanswered} of {total} records have no answer; "
+                     f"the first: {first}")
+
+
 def read_text(path: str) -> str:
     """The file decoded as UTF-8 (a byte-order mark is dropped); invalid bytes are reported by line and offset."""
     with open(path, "rb") as f:

@@ -14,7 +14,7 @@ import re
 from dataclasses import dataclass
 from functools import cache
 
-from alpaca_cot.data.records import DataError, read_records
+from alpaca_cot.data.records import DataError
 
 DATA_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "data")
 REGISTRY_PATH = os.path.join(DATA_DIR, "registry.json")
@@ -138,45 +138,3 @@ def _files_of(name: str, registry: dict[str, dict], asked: str = "") -> list[str
     raise DataError(f"Dataset {asked!r} needs {', '.join(missing)}{part}, which is not here: run "
                     f"`{COLLECTION} download {asked}` while online (it fetches from the "
                     f"Hugging Face dataset {HF_DATASET}), {alternative}.")
-
-
-def answered(record: dict) -> bool:
-    """Whether a validated record has an answer to train on (an 'output' or a final assistant turn)."""
-    if "messages" in record:
-        return record["messages"][-1]["role"] == "assistant"
-    return "output" in record
-
-
-def untrainable_error(where: str, total: int, unanswered: int, first: str) -> DataError | None:
-    """The error for a file (or dataset) of ``total`` records of which ``unanswered`` lack an answer, ``first``
-    being the first one's validation error; None when every record has one."""
-    if not unanswered:
-        return None
-    if unanswered == total:
-        return DataError(f"{where}: not trainable: the file is instruction-only (none of its {unanswered} records "
-                         "has an answer, i.e. an 'output' field or a final assistant turn), such as a "
-                         "benchmark's prompts; use it as prediction input (predict.py), or train on a file "
-                         "with answers")
-    return DataError(f"{where}: not trainable as it is: {unanswered} of {total} records have no answer; "
-                     f"the first: {first}")
-
-
-def load_data(sources: list[str]) -> list[dict]:
-    """All training records of all ``--data`` sources, concatenated in order (each file validated).
-
-    A file whose records lack answers is refused as not trainable, saying why."""
-    records: list[dict] = []
-    for path in resolve_data(sources):
-        file_records = read_records(path, need_answer=False)
-        unanswered = sum(not answered(record) for record in file_records)
-        first = ""
-        if unanswered:
-            try:
-                read_records(path)
-            except DataError as e:
-                first = str(e)
-        error = untrainable_error(path, len(file_records), unanswered, first)
-        if error:
-            raise error
-        records.extend(file_records)
-    return records

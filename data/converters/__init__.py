@@ -17,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from alpaca_cot.data.records import DataError, validate_record
+from alpaca_cot.data.records import DataError, answered, validate_record
 from data.converters.base import BadRecord, Context
 from data.converters.cot import convert_aqua, convert_flan_cot, convert_gsm8k
 from data.converters.dialog import convert_firefly, convert_hh_rlhf, convert_moss, convert_sharegpt
@@ -294,7 +294,7 @@ def convert_file(path: str, format: str | None = None, *, seed: int = 42,
     if escaped:
         report.notes.append(f"{path}: {escaped} records hold the two characters '\\n' and no line break, "
                             "likely an escaped line break; kept as written")
-    unanswered = sum(not _answered(record) for record in records)
+    unanswered = sum(not answered(record) for record in records)
     if records and unanswered == len(records):
         report.notes.append(f"{path}: instruction-only prompts without outputs: not trainable "
                             "(usable as prediction inputs)")
@@ -302,12 +302,6 @@ def convert_file(path: str, format: str | None = None, *, seed: int = 42,
         report.notes.append(f"{path}: {unanswered} of {len(records)} records are prompts without outputs: "
                             "the file is not trainable as it is")
     return records, report
-
-
-def _answered(record: dict) -> bool:
-    if "messages" in record:
-        return record["messages"][-1]["role"] == "assistant"
-    return "output" in record
 
 
 def source_files(src: str) -> list[str]:
