@@ -13,8 +13,8 @@ from __future__ import annotations
 import os
 
 from alpaca_cot.cli import command, run_cli
-from alpaca_cot.config import ModelArgs
-from alpaca_cot.evaluation.run import EvaluateArgs, render_table, run_evaluation
+from alpaca_cot.config import EvaluateArgs, ModelArgs
+from alpaca_cot.evaluation.run import render_table, run_evaluation
 from alpaca_cot.generation.generator import SamplingParams
 
 

@@ -24,9 +24,9 @@ def main(model: ModelArgs, sampling: SamplingParams, args: PredictArgs) -> None:
 
     Writes each input record plus a "generate" field as JSONL. --result_dir is the predictions file
     when it ends in .jsonl/.json/.txt, else a folder that gets predictions.jsonl. A rerun continues
-    where a killed run stopped; --overwrite starts again. --metrics writes exact-match accuracy
-    (references with a final answer: "the answer is N", "#### N", an option letter) and ROUGE-L
-    (other references) as JSON beside the predictions.
+    where a killed run stopped; --overwrite starts again. --metrics scores references with a final
+    answer ("the answer is N", "#### N", an option letter) as evaluate.py does (exact match, flexible
+    accuracy, the share that state an answer) and other references by ROUGE-L, as JSON beside them.
     """
     records = load_inputs(args.data, args.max_samples)
     predictions_path, metrics_path = output_paths(args.result_dir)

@@ -24,6 +24,7 @@ ARGS_FILE = "finetune_args.json"
 DTYPE_CHOICES = ("auto", "fp32", "bf16", "fp16")
 QUANT_CHOICES = (8, 4)
 SEED_RANGE = {"min": 0, "max": 2**32 - 1}  # what numpy's and torch's global seeding both take
+DEFAULT_TASK_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "lm_eval")
 _HELP = {
     "model_type": "the registry record: " + ", ".join(MODEL_REGISTRY),
     "trust_remote_code": "run the checkpoint's own modeling code (only for sources you trust)",
@@ -201,6 +202,35 @@ class PredictArgs:
         check_fields(self)
         if not self.data:
             raise UserError("Pass --data: a dataset name from data/registry.json or one or more file paths.")
+
+
+@dataclass
+class EvaluateArgs:
+    """evaluate.py: what to evaluate on, how to prompt, and where the results go."""
+
+    data: list[str] = flag([], "unified-format files or dataset names to score by chain-of-thought exact match "
+                               "(each evaluated on its own)")
+    tasks: list[str] = flag([], "lm-evaluation-harness task names (commas between several)")
+    output_dir: str | None = flag(None, "the folder for results.json, results.md and generations/")
+    num_fewshot: int = flag(0, "worked examples before each question: other records of the same --data; for "
+                               "--tasks, from the task's few-shot split (0: the task's own default)", min=0)
+    max_samples: int | None = flag(None, "evaluate the first N records of each --data (the --limit of --tasks)",
+                                   min=1)
+    eval_batch_size: int = flag(8, "records generated (or scored) together", min=1)
+    eval_loss: bool = flag(True, "also compute the reference answers' loss (one forward pass per record)")
+    cutoff_len: int = flag(1024, "the longest sequence the eval loss reads, in tokens", min=8)
+    include_path: str = flag(DEFAULT_TASK_DIR, "a folder of extra lm-eval task configs (YAML), e.g. offline "
+                                               "tasks over local files")
+    fewshot_seed: int = flag(0, "chooses each record's few-shot examples (and lm-eval's)", min=0, max=2**32 - 1)
+    overwrite: bool = flag(False, "evaluate again instead of resuming")
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+        if not self.data and not self.tasks:
+            raise UserError("Pass --data (files or dataset names to score by exact match) or --tasks "
+                            "(lm-evaluation-harness tasks), or both.")
+        if not self.output_dir:
+            raise UserError("Pass --output_dir: the folder for results.json, results.md and the generations.")
 
 
 @dataclass

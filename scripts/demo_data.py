@@ -25,7 +25,7 @@ sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # imp
 
 from alpaca_cot.data.records import DataError, read_records  # noqa: E402
 from alpaca_cot.data.sources import DATA_DIR, HF_DATASET, resolve_data  # noqa: E402
-from alpaca_cot.evaluation.run import final_answer  # noqa: E402
+from alpaca_cot.evaluation.answers import final_answer  # noqa: E402
 from alpaca_cot.io import write_json_atomic  # noqa: E402
 from data import catalog, curation  # noqa: E402
 from data.converters import convert_file  # noqa: E402

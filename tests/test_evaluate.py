@@ -10,18 +10,12 @@ import tempfile
 import pytest
 import torch
 
+from alpaca_cot.config import DEFAULT_TASK_DIR, EvaluateArgs
 from alpaca_cot.errors import UserError
-from alpaca_cot.evaluation.run import (
-    DEFAULT_TASK_DIR,
-    EvaluateArgs,
-    answer_loss,
-    build_items,
-    final_answer,
-    options_of,
-    prepare_output_dir,
-    score_generation,
-    wilson_interval,
-)
+from alpaca_cot.evaluation.answers import final_answer, options_of, score_generation, statement
+from alpaca_cot.evaluation.generative import answer_loss, build_items
+from alpaca_cot.evaluation.run import prepare_output_dir
+from alpaca_cot.evaluation.stats import wilson_interval
 from alpaca_cot.models.loading import load_for_inference
 from data.converters import convert_file
 from tests.conftest import run_script, shared_path
@@ -79,6 +73,8 @@ def test_the_reference_scores_right_and_a_wrong_answer_wrong(name: str) -> None:
         kind, expected = final_answer(record)
         scored = score_generation(record["output"], kind, expected, record["instruction"])
         assert scored["exact_match"] and scored["correct"], (record, scored)
+        if statement(rationale, kind) is not None:
+            continue  # its own rationale states an answer first ("Answer = D. 130 miles"): 5 aqua rows
         # another option of the question where it lists some, else another answer of the file
         choices = [f"({letter})" if letter else text for letter, text in options_of(question)] or answers
         wrong = next(a for a in choices if _expected(kind, a).lower() != expected.lower())
@@ -177,6 +173,54 @@ def test_the_output_folder_is_owned(tmp_path) -> None:
         EvaluateArgs(output_dir=str(ours))
     with pytest.raises(UserError, match="--output_dir"):
         EvaluateArgs(data=["x.json"])
+
+
+def _generations(record: dict, i: int) -> str:
+    """One of six ways a model answers, by position: the reference; right then running on into a new
+    question answered otherwise; wrong first and right after; the answer with a reason; the answer only
+    inside the reasoning; nothing."""
+    kind, answer = final_answer(record)
+    wrong = {"yesno": "no" if answer == "yes" else "yes", "number": answer + "1", "letter": "(Z)"}.get(kind, "nothing")
+    shown = f"({answer})" if kind == "letter" else answer
+    return [record["output"],
+            f"So the answer is {shown}.\n\nQuestion: something else?\nSo the answer is {wrong}.",
+            f"So the answer is {wrong}.\n\nQuestion: something else?\nSo the answer is {shown}.",
+            f"The answer is {shown}, because that is what the facts say.",
+            f"Thinking of {shown} here, I am not sure.",
+            ""][i % 6]
+
+
+def test_predict_and_evaluate_score_the_same_generations_alike(tmp_path) -> None:
+    """predict.py --metrics and evaluate.py's scoring, run on the same generations of real CoT rows, give
+    the same exact match, accuracy and share of stated answers (and the first statement counts)."""
+    from alpaca_cot.evaluation.generative import LazyModel, evaluate_data
+    from alpaca_cot.prediction import WRITER, output_paths, run_file_path
+    from tests.test_predict import load_script
+
+    records = [r for name in ("strategyqa", "gsm8k", "aqua", "ecqa") for r in _converted(name, False)[:30]]
+    data = tmp_path / "mixed.json"
+    data.write_text(json.dumps(records), encoding="utf-8")
+    generations = [_generations(record, i) for i, record in enumerate(records)]
+
+    def written(result_dir, rows: list[dict]) -> None:  # as a finished run leaves it: nothing left to generate
+        path = output_paths(str(result_dir))[0]
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        lines = [json.dumps({**row, "generate": g}) + "\n" for row, g in zip(rows, generations, strict=True)]
+        open(path, "w").write("".join(lines))
+        open(run_file_path(str(result_dir)), "w").write(json.dumps({"written_by": WRITER}))
+
+    written(tmp_path / "predict", records)
+    load_script("predict.py").main(data=str(data), result_dir=str(tmp_path / "predict"), metrics=True,
+                                   lora_dir="/nonexistent")
+    predicted = json.loads((tmp_path / "predict" / "metrics.json").read_text())["exact_match"]
+    out = tmp_path / "eval"
+    written(out / "generations" / "mixed.jsonl", build_items(records, len(records), 0, 0))
+    evaluated = evaluate_data(str(data), LazyModel({}), None, EvaluateArgs(data=[str(data)], output_dir=str(out),
+                                                                          eval_loss=False))
+    assert predicted["records"] == evaluated["scored"] == 120
+    assert predicted["accuracy"] == evaluated["exact_match"]["value"] == 60 / 120  # the reference, right first, reason
+    assert predicted["stated"] == evaluated["stated"]["value"] == 80 / 120  # and wrong first
+    assert predicted["flexible_accuracy"] == evaluated["accuracy"]["value"] == 100 / 120  # all but the empty
 
 
 @pytest.fixture(scope="module")

@@ -16,11 +16,13 @@ import pytest
 from alpaca_cot.errors import UserError
 from alpaca_cot.evaluation.answers import (
     answers_match,
+    final_answer,
     lcs_length,
-    prediction_answer,
     reference_answer,
     rouge_l,
+    score_generation,
     score_predictions,
+    stated_answer,
     words,
 )
 from alpaca_cot.prediction import WRITER, PredictionRun, output_paths, read_predictions, run_file_path
@@ -42,8 +44,8 @@ def load_script(name: str):
 REFERENCES = [
     ("Sex is the process by which living things give rise to offspring. So the final answer is (D).", ("letter", "D")),
     ("Reproduction is the process by which living things produce children. The answer: (H).", ("letter", "H")),
-    ("Genghis Khan had sixteen children. Therefore, the final answer is yes.", ("text", "yes")),
-    ("Only law enforcement officers can perform lawful arrests. So, the answer is no.", ("text", "no")),
+    ("Genghis Khan had sixteen children. Therefore, the final answer is yes.", ("yesno", "yes")),
+    ("Only law enforcement officers can perform lawful arrests. So, the answer is no.", ("yesno", "no")),
     ("Natalia sold 48/2 = 24 clips in May.\nNatalia sold 48+24 = 72 clips altogether.\n#### 72", ("number", "72")),
     ("Books are sold in a bookstore.\nSo the best option is bookstore.", ("text", "bookstore")),
     ("She earned 0.2 x 50 = 10. The final answer: 1,250.", ("number", "1,250")),
@@ -52,10 +54,11 @@ REFERENCES = [
     ("D", ("letter", "D")),
     ("(B)", ("letter", "B")),
     ("因为两数之和为十，所以答案是 B。", ("letter", "B")),
+    ("bloody mess", ("text", "bloody mess")),  # a short line that is not a sentence is the answer alone
+    ("91-33=58", ("text", "91-33=58")),
     # free text: no final answer, scored by ROUGE-L
     ("The three primary colors are red, blue, and yellow.", None),
     ("The answer is that it depends on the weather. Pack an umbrella.", None),
-    ("91-33=58", None),
 ]
 
 
@@ -64,16 +67,38 @@ def test_reference_final_answers(reference: str, expected: tuple[str, str] | Non
     assert reference_answer(reference) == expected
 
 
-def test_predictions_are_read_the_way_their_reference_needs() -> None:
-    assert prediction_answer("3 + 4 = 7. So the answer is 7. Next, a new question", "number") == "7"
-    assert prediction_answer("We get 12 and then 15", "number") == "15"  # no stated answer: the last number
-    assert prediction_answer("(D) sex", "letter") == "D"
-    assert prediction_answer("Facts first. So the answer is (B). Then rambling", "letter") == "B"
-    assert prediction_answer("Yes", "text") == "Yes"
-    assert answers_match("number", "1,250", prediction_answer("The answer is $1250.00.", "number"))
+def test_generations_are_read_the_way_their_reference_needs() -> None:
+    assert stated_answer("3 + 4 = 7. So the answer is 7. Next, a new question", "number") == "7"
+    assert stated_answer("The answer is $1,250.00.", "number") == "1,250.00"
+    assert stated_answer("(D) sex", "letter") == "D"
+    assert stated_answer("Facts first. So the answer is (B). Then rambling", "letter") == "B"
+    assert stated_answer("Yes", "yesno") == "yes" and stated_answer("Yes", "number") is None
+    assert stated_answer("We get 12 and then 15", "number") is None  # no statement: found only flexibly
+    assert score_generation("We get 12 and then 15", "number", "15") == {
+        "extracted": "15", "stated": False, "exact_match": False, "correct": True}
+    assert answers_match("number", "1,250", "1250.00")
     assert answers_match("number", "13", "13.0") and not answers_match("number", "13", "14")
     assert answers_match("text", "bookstore", "the Bookstore!")
     assert not answers_match("letter", "A", None)
+
+
+def test_the_first_statement_is_the_answer() -> None:
+    """A model that runs on into a new question is scored on its own (first) answer, whichever comes last."""
+    right_first = "So the answer is 7.\n\nQuestion: What is 2 + 3?\nSo the answer is 5."
+    wrong_first = "So the answer is 5.\n\nQuestion: What is 3 + 4?\nSo the answer is 7."
+    assert stated_answer(right_first, "number") == "7" and stated_answer(wrong_first, "number") == "5"
+    assert score_generation(right_first, "number", "7")["exact_match"]
+    assert not score_generation(wrong_first, "number", "7")["exact_match"]
+    assert stated_answer("#### 3\nThe answer is 4.", "number") == "3"  # "####" and cues alike: the first
+    assert stated_answer("The answer is no.\nQ: Is it? The answer is yes.", "yesno") == "no"
+
+
+def test_a_stated_answer_with_a_reason_is_exact() -> None:
+    """Issue 18: "The answer is yes, because birds fly." against "So the answer is yes." is right for both scripts."""
+    record = {"instruction": "Can birds fly?", "input": "", "output": "So the answer is yes."}
+    generation = "The answer is yes, because birds fly."
+    assert score_generation(generation, *final_answer(record))["exact_match"]
+    assert score_predictions([{**record, "generate": generation}])["exact_match"]["accuracy"] == 1.0
 
 
 def test_rouge_l_is_the_lcs_f1() -> None:
@@ -95,15 +120,17 @@ def test_rouge_l_is_the_lcs_f1() -> None:
 def test_score_summary() -> None:
     rows = [
         {"instruction": "q", "output": "So the answer is 7.", "generate": "The answer is 7."},
-        {"instruction": "q", "output": "#### 10", "generate": "I think 12."},
-        {"instruction": "q", "output": "the cat sat on the mat", "generate": "the cat is on the mat"},
+        {"instruction": "q", "output": "#### 10", "generate": "I think 10."},  # found, but not stated
+        {"instruction": "q", "output": "The cat sat on the mat.", "generate": "the cat is on the mat"},  # ROUGE-L
         {"instruction": "q", "input": "", "generate": "no reference"},
         {"messages": [{"role": "user", "content": "Pick one"}, {"role": "assistant", "content": "B"}],
-         "generate": "B. Because"},
+         "generate": "(B) because"},
+        {"instruction": "Is 7 prime?", "output": "So the answer is yes.",
+         "generate": "So the answer is yes.\nQuestion: Is 8 prime? So the answer is no."},
     ]
-    assert score_predictions(rows) == {"records": 5, "exact_match": {"records": 3, "accuracy": 2 / 3},
-                                       "rouge_l": {"records": 1, "f1": pytest.approx(5 / 6)},
-                                       "without_reference": 1}
+    assert score_predictions(rows) == {
+        "records": 6, "exact_match": {"records": 4, "accuracy": 3 / 4, "flexible_accuracy": 1.0, "stated": 3 / 4},
+        "rouge_l": {"records": 1, "f1": pytest.approx(5 / 6)}, "without_reference": 1}
 
 
 def test_output_paths() -> None:
