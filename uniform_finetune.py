@@ -29,4 +29,5 @@ def main(args: FinetuneArgs) -> None:
 
 
 if __name__ == "__main__":
-    run_cli(main)
+    run_cli(main, interrupted="interrupted: rerun the same command with --resume_from_checkpoint to continue from "
+                              "the last complete checkpoint in --output_dir")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import inspect
+import json
 import os
 import sys
 import typing
@@ -16,6 +17,8 @@ from alpaca_cot.flags import flag_fields
 
 # Flags the seed took as space-separated lists (argparse nargs); fire wants one value.
 LIST_FLAGS = ("lora_target_modules", "data")
+CONFIG_HELP = ("    config: a YAML or JSON file whose keys are these flags (a run's finetune_args.json is one); "
+               "flags given on the command line override it")
 
 
 def normalize_argv(argv: list[str]) -> list[str]:
@@ -79,7 +82,7 @@ def command(*groups: type, defaults: dict[str, Any] | None = None) -> Callable[[
             [inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=default(f), annotation=hints[f.name])
              for f in fields])
         lines = [f"    {f.name}: {f.metadata['help']}" for f in fields]
-        main.__doc__ = f"{inspect.cleandoc(fn.__doc__ or '')}\n\nArgs:\n" + "\n".join(lines)
+        main.__doc__ = f"{inspect.cleandoc(fn.__doc__ or '')}\n\nArgs:\n" + "\n".join([CONFIG_HELP, *lines])
         main.__name__ = main.__qualname__ = fn.__name__
         main.__module__ = fn.__module__
         return main
@@ -95,6 +98,7 @@ def check_argv(argv: list[str], main: Callable[..., Any]) -> None:
     """
     params = inspect.signature(main).parameters
     booleans = {n for n, p in params.items() if isinstance(p.default, bool)}
+    seen: set[str] = set()
     i = 0
     while i < len(argv):
         arg = argv[i]
@@ -108,23 +112,81 @@ def check_argv(argv: list[str], main: Callable[..., Any]) -> None:
         name, has_value, _ = arg[2:].partition("=")
         name = name.replace("-", "_")
         if name not in params and not (name.startswith("no") and name[2:] in booleans):
-            close = difflib.get_close_matches(name, list(params), n=3, cutoff=0.5)
-            hint = f"; did you mean {', '.join('--' + c for c in close)}?" if close else "; see --help"
-            raise UserError(f"unknown flag --{name}{hint}")
+            raise UserError(f"unknown flag --{name}{_closest(name, params)}")
+        flag_name = name if name in params else name[2:]
+        if flag_name in seen:  # fire would silently take the last one
+            raise UserError(f"--{flag_name} is given twice; pass it once")
+        seen.add(flag_name)
         if not has_value and i + 1 < len(argv) and not argv[i + 1].startswith("--"):
             i += 1  # its value (fire reads the next word as the value of any flag)
         i += 1
 
 
-def run_cli(main: Callable[..., Any]) -> None:
-    """``fire.Fire(main)`` on seed-compatible argv, after checking every flag name; our errors print
-    as one line, exit status 2."""
+def _closest(name: str, known: Any) -> str:
+    close = difflib.get_close_matches(name, list(known), n=3, cutoff=0.5)
+    return f"; did you mean {', '.join('--' + c for c in close)}?" if close else "; see --help"
+
+
+def split_config(argv: list[str]) -> tuple[str | None, list[str]]:
+    """(the ``--config FILE`` value or None, argv without it)."""
+    for i, arg in enumerate(argv):
+        name, has_value, value = arg.partition("=")
+        if name == "--config":
+            if has_value:
+                return value, argv[:i] + argv[i + 1:]
+            if i + 1 == len(argv) or argv[i + 1].startswith("--"):
+                raise UserError("--config needs a file: a YAML or JSON file whose keys are this script's flags")
+            return argv[i + 1], argv[:i] + argv[i + 2:]
+    return None, argv
+
+
+def read_config(path: str, main: Callable[..., Any]) -> dict[str, Any]:
+    """The flags a YAML or JSON config file sets; an unknown key is refused like an unknown flag."""
+    import yaml
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+        values = json.loads(text) if path.endswith(".json") else yaml.safe_load(text)
+    except OSError as e:
+        raise UserError(f"--config {path}: {e.strerror}") from e
+    except (json.JSONDecodeError, yaml.YAMLError) as e:
+        raise UserError(f"--config {path} is not valid {'JSON' if path.endswith('.json') else 'YAML'}: "
+                        f"{str(e).splitlines()[0]}") from e
+    if not isinstance(values, dict):
+        raise UserError(f"--config {path} must hold a mapping of flag names to values")
+    params = inspect.signature(main).parameters
+    for key in values:
+        if str(key).replace("-", "_") not in params:
+            raise UserError(f"unknown key {key!r} in --config {path}{_closest(str(key), params)}")
+    return {str(k).replace("-", "_"): v for k, v in values.items()}
+
+
+def with_defaults(main: Callable[..., Any], values: dict[str, Any]) -> Callable[..., Any]:
+    """``main`` with ``values`` as its defaults: a config file's settings, which command-line flags override."""
+
+    def configured(**kwargs: Any) -> Any:
+        return main(**{**values, **kwargs})
+
+    signature = inspect.signature(main)
+    configured.__signature__ = signature.replace(  # type: ignore[attr-defined]
+        parameters=[p.replace(default=values.get(name, p.default)) for name, p in signature.parameters.items()])
+    configured.__doc__, configured.__name__ = main.__doc__, main.__name__
+    return configured
+
+
+def run_cli(main: Callable[..., Any], interrupted: str = "interrupted") -> None:
+    """``fire.Fire(main)`` on seed-compatible argv (plus ``--config FILE``), after checking every flag name;
+    our errors print as one line, exit status 2; Ctrl-C prints ``interrupted`` as one line, exit status 130."""
     import fire
 
-    argv = normalize_argv(sys.argv[1:])
     try:
+        config, argv = split_config(normalize_argv(sys.argv[1:]))
         check_argv(argv, main)
-        fire.Fire(main, command=argv)
+        fire.Fire(with_defaults(main, read_config(config, main)) if config else main, command=argv)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:
+        print(f"\n{interrupted}", file=sys.stderr)
+        sys.exit(130)
