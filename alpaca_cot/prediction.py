@@ -5,9 +5,9 @@ loses at most the batch in flight (a line torn by the kill is cut off). A rerun 
 there and predicts only the rest; when every record is done, the file is rewritten (atomically) in
 input order. Records are matched by content, so the same input file must be given again.
 
-predict.py writes only files it owns: a sidecar (``run.json`` in a result folder, ``<name>.run.json``
-beside a predictions file) is written before the first prediction, and a predictions file, metrics
-file or folder without it is never read, cut, resumed or replaced: such a --result_dir is refused.
+predict.py writes only files it owns (``alpaca_cot.outputs``): a sidecar (``run.json`` in a result folder,
+``<name>.run.json`` beside a predictions file) is written before the first prediction, and a predictions
+file, metrics file or folder without it is never read, cut, resumed or replaced: such a --result_dir is refused.
 """
 
 from __future__ import annotations
@@ -21,12 +21,11 @@ from alpaca_cot.data.records import read_records
 from alpaca_cot.data.sources import resolve_data
 from alpaca_cot.errors import UserError
 from alpaca_cot.generation.generator import Generator, SamplingParams
-from alpaca_cot.io import write_json_atomic, write_text_atomic
+from alpaca_cot.io import write_text_atomic
+from alpaca_cot.outputs import check_not_file, claim, marker_path, refuse_inputs, write_marker
 
 PREDICTION_FIELD = "generate"  # the original's field name
 FILE_SUFFIXES = (".jsonl", ".json", ".txt")
-RUN_FILE = "run.json"
-WRITER = "alpaca_cot predict.py"  # the sidecar's "written_by": what marks a predictions file as ours
 
 
 def output_paths(result_dir: str) -> tuple[str, str]:
@@ -42,53 +41,28 @@ def output_paths(result_dir: str) -> tuple[str, str]:
 
 def run_file_path(result_dir: str) -> str:
     """The sidecar that marks the predictions and metrics of ``--result_dir`` as written by predict.py."""
-    if result_dir.endswith(FILE_SUFFIXES):
-        return os.path.splitext(result_dir)[0] + "." + RUN_FILE
-    return os.path.join(result_dir, RUN_FILE)
+    return marker_path(result_dir, single_file=result_dir.endswith(FILE_SUFFIXES))
 
 
 def check_outputs(result_dir: str, sources: list[str]) -> bool:
     """Whether ``--result_dir`` holds an earlier predict.py run (True) or nothing yet (False).
 
-    Reads only. Raises UserError when an output path is a ``--data`` file, or when something is
-    there that predict.py did not write (no sidecar): it is never cut, resumed or replaced.
+    Reads only (``alpaca_cot.outputs``). Raises UserError when an output path is a ``--data`` file, or when
+    something is there that predict.py did not write (no sidecar): it is never cut, resumed or replaced.
     """
     predictions, metrics = output_paths(result_dir)
     marker = run_file_path(result_dir)
-    inputs = {os.path.realpath(path) for path in resolve_data(sources)}
-    for path in (predictions, metrics, marker):
-        if os.path.realpath(path) in inputs:
-            raise UserError(f"--result_dir {result_dir}: {path} is a --data file, and predictions never replace "
-                            "their input; choose another --result_dir")
+    refuse_inputs([predictions, metrics, marker], resolve_data(sources), flag="--result_dir", shown=result_dir)
     is_folder = not result_dir.endswith(FILE_SUFFIXES)
-    if is_folder and os.path.exists(result_dir) and not os.path.isdir(result_dir):
-        raise UserError(f"--result_dir {result_dir} is an existing file; pass a new file ending in "
-                        f"{', '.join(FILE_SUFFIXES)} or a folder")
+    if is_folder:
+        check_not_file(result_dir, "--result_dir")
     if os.path.isdir(predictions):
         raise UserError(f"--result_dir {result_dir} is a folder; pass a name without {', '.join(FILE_SUFFIXES)} "
                         "for a result folder, or a new file")
-    if os.path.exists(marker):
-        if _read_marker(marker).get("written_by") != WRITER:
-            raise UserError(f"--result_dir {result_dir}: {marker} was not written by predict.py; "
-                            "choose another --result_dir")
-        return True
-    foreign = [path for path in (predictions, metrics) if os.path.exists(path)]
+    present = [path for path in (predictions, metrics) if os.path.exists(path)]
     if is_folder and os.path.isdir(result_dir):
-        foreign += sorted(os.path.join(result_dir, name) for name in os.listdir(result_dir))
-    if foreign:
-        raise UserError(f"--result_dir {result_dir}: {foreign[0]} exists and was not written by predict.py "
-                        f"(there is no {marker}); predict never overwrites what it did not create: "
-                        "choose a new file or folder")
-    return False
-
-
-def _read_marker(path: str) -> dict:
-    try:
-        with open(path, encoding="utf-8") as f:
-            marker = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        return {}
-    return marker if isinstance(marker, dict) else {}
+        present += sorted(os.path.join(result_dir, name) for name in os.listdir(result_dir))
+    return claim(marker, "predict", present, flag="--result_dir", shown=result_dir)
 
 
 def load_inputs(data: list[str], max_samples: int | None = None) -> list[dict]:
@@ -158,9 +132,8 @@ class PredictionRun:
         """Predict the records left, appending each batch to the file; returns records per second."""
         todo = [self.records[i] for i in self.todo]
         # The sidecar goes first: a predictions file is never there without the mark that it is ours.
-        write_json_atomic(self.run_file, {"written_by": WRITER, "predictions": os.path.basename(self.path),
-                                          "metrics": os.path.basename(self.metrics_path),
-                                          "data": self.sources})
+        write_marker(self.run_file, "predict", predictions=os.path.basename(self.path),
+                     metrics=os.path.basename(self.metrics_path), data=self.sources)
         start = time.perf_counter()
         with open(self.path, "w" if self.overwrite else "a", encoding="utf-8") as f:
             for batch in generator.generate_batches(todo, params, batch_size):

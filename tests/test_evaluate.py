@@ -194,7 +194,8 @@ def test_predict_and_evaluate_score_the_same_generations_alike(tmp_path) -> None
     """predict.py --metrics and evaluate.py's scoring, run on the same generations of real CoT rows, give
     the same exact match, accuracy and share of stated answers (and the first statement counts)."""
     from alpaca_cot.evaluation.generative import LazyModel, evaluate_data
-    from alpaca_cot.prediction import WRITER, output_paths, run_file_path
+    from alpaca_cot.outputs import write_marker
+    from alpaca_cot.prediction import output_paths, run_file_path
     from tests.test_predict import load_script
 
     records = [r for name in ("strategyqa", "gsm8k", "aqua", "ecqa") for r in _converted(name, False)[:30]]
@@ -207,7 +208,7 @@ def test_predict_and_evaluate_score_the_same_generations_alike(tmp_path) -> None
         os.makedirs(os.path.dirname(path), exist_ok=True)
         lines = [json.dumps({**row, "generate": g}) + "\n" for row, g in zip(rows, generations, strict=True)]
         open(path, "w").write("".join(lines))
-        open(run_file_path(str(result_dir)), "w").write(json.dumps({"written_by": WRITER}))
+        write_marker(run_file_path(str(result_dir)), "predict")
 
     written(tmp_path / "predict", records)
     load_script("predict.py").main(data=str(data), result_dir=str(tmp_path / "predict"), metrics=True,
@@ -244,15 +245,16 @@ def test_evaluate_writes_results_and_resumes(trained_adapter: str, strategyqa_fi
     results = json.loads((out / "results.json").read_text())
     r = results["data"]["strategyqa12"]
     assert r["records"] == r["scored"] == 12 and r["kinds"]["yesno"] == 12 and r["num_fewshot"] == 1
-    for metric in ("accuracy", "exact_match"):
+    for metric in ("accuracy", "exact_match", "stated"):
         p = r[metric]
         assert p["records"] == 12 and p["value"] == p["correct"] / 12
         assert tuple(p["ci95"]) == pytest.approx(wilson_interval(p["correct"], 12))
-    assert r["exact_match"]["correct"] <= r["accuracy"]["correct"]
+    assert r["exact_match"]["correct"] <= min(r["accuracy"]["correct"], r["stated"]["correct"])
     assert 0 < r["eval_loss"] < 20
     rows = [json.loads(line) for line in (out / "generations" / "strategyqa12.scored.jsonl").read_text().splitlines()]
     assert [row["index"] for row in rows] == list(range(12))
     assert sum(row["correct"] for row in rows) == r["accuracy"]["correct"]
+    assert sum(row["stated"] for row in rows) == r["stated"]["correct"]
     assert all(row["answer"] in ("yes", "no") and len(row["prompt"]["messages"]) == 3 for row in rows)
     table = (out / "results.md").read_text()
     assert "| strategyqa12 | 12 |" in table and table in first.stdout

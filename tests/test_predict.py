@@ -25,7 +25,8 @@ from alpaca_cot.evaluation.answers import (
     stated_answer,
     words,
 )
-from alpaca_cot.prediction import WRITER, PredictionRun, output_paths, read_predictions, run_file_path
+from alpaca_cot.outputs import write_marker
+from alpaca_cot.prediction import PredictionRun, output_paths, read_predictions, run_file_path
 from tests.conftest import PYTHON, ROOT
 
 ONE_THREAD = {"OMP_NUM_THREADS": "1"}
@@ -142,7 +143,7 @@ def test_output_paths() -> None:
 
 def _mark_as_ours(result_dir) -> None:
     """The sidecar predict.py writes before its first prediction (as if an earlier run was killed)."""
-    Path(run_file_path(str(result_dir))).write_text(json.dumps({"written_by": WRITER}), encoding="utf-8")
+    write_marker(run_file_path(str(result_dir)), "predict")
 
 
 def test_torn_last_line_is_cut_and_foreign_predictions_refused(tmp_path) -> None:

@@ -14,7 +14,6 @@ rerun with the same settings resumes the generations where a killed run stopped 
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 from dataclasses import asdict
@@ -27,9 +26,7 @@ from alpaca_cot.evaluation.generative import LazyModel, data_name, evaluate_data
 from alpaca_cot.evaluation.harness import plain, run_lm_eval
 from alpaca_cot.evaluation.stats import percent
 from alpaca_cot.io import write_json_atomic, write_text_atomic
-
-RUN_FILE = "run.json"
-WRITER = "alpaca_cot evaluate.py"
+from alpaca_cot.outputs import claim_folder, marker_path, read_marker, write_marker
 
 
 def run_evaluation(model_args: Any, sampling: Any, args: EvaluateArgs) -> dict:
@@ -87,27 +84,20 @@ def prepare_output_dir(output_dir: str, settings: dict, overwrite: bool) -> None
     Raises UserError for a file, for a folder evaluate.py did not write (nothing in it is touched),
     and for an earlier run with other settings unless ``overwrite`` (which clears what it wrote).
     """
-    marker = os.path.join(output_dir, RUN_FILE)
-    if os.path.exists(output_dir) and not os.path.isdir(output_dir):
-        raise UserError(f"--output_dir {output_dir} is an existing file; pass a folder")
-    if os.path.isdir(output_dir) and os.listdir(output_dir):
-        saved = _read_json(marker)
-        if saved.get("written_by") != WRITER:
-            raise UserError(f"--output_dir {output_dir} holds files evaluate.py did not write (no {marker} of "
-                            "its own); choose a new folder")
-        if saved.get("settings") != settings:
-            if not overwrite:
-                changed = sorted(k for k in set(settings) | set(saved.get("settings", {}))
-                                 if settings.get(k) != saved.get("settings", {}).get(k))
-                raise UserError(f"--output_dir {output_dir} holds an evaluation with other settings "
-                                f"({', '.join(changed)}); pass --overwrite to replace it, or another --output_dir")
+    marker = marker_path(output_dir)
+    if claim_folder(output_dir, "evaluate", flag="--output_dir"):
+        saved = read_marker(marker).get("settings", {})
+        changed = sorted(k for k in set(settings) | set(saved) if settings.get(k) != saved.get(k))
+        if changed and not overwrite:
+            raise UserError(f"--output_dir {output_dir} holds an evaluation with other settings "
+                            f"({', '.join(changed)}); pass --overwrite to replace it, or another --output_dir")
         if overwrite:
             for name in ("generations", "lm_eval"):
                 shutil.rmtree(os.path.join(output_dir, name), ignore_errors=True)
             for name in ("results.json", "results.md"):
                 if os.path.isfile(os.path.join(output_dir, name)):
                     os.remove(os.path.join(output_dir, name))
-    write_json_atomic(marker, {"written_by": WRITER, "settings": settings})
+    write_marker(marker, "evaluate", settings=settings)
 
 
 def file_stamps(paths: list[str]) -> dict[str, list[int]]:
@@ -121,11 +111,3 @@ def _folder_files(folder: str | None) -> list[str]:
         return []
     return [os.path.join(folder, name) for name in os.listdir(folder) if os.path.isfile(os.path.join(folder, name))]
 
-
-def _read_json(path: str) -> dict:
-    try:
-        with open(path, encoding="utf-8") as f:
-            value = json.load(f)
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
-        return {}
-    return value if isinstance(value, dict) else {}
