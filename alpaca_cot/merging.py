@@ -2,8 +2,8 @@
 
 Checks: the merge changes every weight the adapter changes (an all-zero adapter, or an update that
 rounds away in a low-precision dtype, is an error), and the merged model's logits equal the adapter
-model's on a probe input within a stated tolerance. The folder is written beside ``merged_dir`` and
-renamed into place, so a failed merge leaves nothing half-written.
+model's on a probe input within a stated tolerance. The folder is written aside and swapped into place
+(``alpaca_cot.outputs.writing``), so a failed merge leaves nothing half-written.
 """
 
 from __future__ import annotations
@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from typing import Any
 
 import torch
@@ -27,6 +26,7 @@ from alpaca_cot.models.loading import (
     resolve_lora_dir,
     saved_run_args,
 )
+from alpaca_cot.outputs import check_not_file, holds_files, writing
 
 MERGEABLE = ("LORA", "ADALORA")  # prompt, p-tuning and prefix adapters add tokens, not weight updates
 REPORT_FILE = "merge.json"
@@ -38,14 +38,6 @@ SAVE_DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bf
                "fp16": torch.float16, "float16": torch.float16}
 PROBE = {"instruction": "Tell me about alpacas.", "input": "",
          "output": "Alpacas are domesticated camelids from South America, kept for their soft fleece."}
-
-
-def check_output_dir(merged_dir: str, overwrite: bool) -> None:
-    """Refuse a non-empty ``merged_dir`` unless ``overwrite``."""
-    if os.path.isdir(merged_dir) and os.listdir(merged_dir) and not overwrite:
-        raise UserError(f"{merged_dir} is not empty; pass --overwrite to replace it, or another --merged_dir")
-    if os.path.exists(merged_dir) and not os.path.isdir(merged_dir):
-        raise UserError(f"{merged_dir} is a file; pass a folder as --merged_dir")
 
 
 def check_adapter(lora_dir: str) -> str:
@@ -114,7 +106,9 @@ def merge_adapter(lora_dir: str, merged_dir: str, *, model_type: str | None = No
     ``lora_dir`` is a run's output folder or any PEFT adapter folder or hub id; the base comes from
     ``model_name_or_path``, else the run's saved arguments, else adapter_config.json.
     """
-    check_output_dir(merged_dir, overwrite)
+    check_not_file(merged_dir, "--merged_dir")
+    if holds_files(merged_dir) and not overwrite:
+        raise UserError(f"{merged_dir} is not empty; pass --overwrite to replace it, or another --merged_dir")
     folder = resolve_lora_dir(lora_dir)
     peft_type = check_adapter(folder)
     saved = saved_run_args(folder)
@@ -166,28 +160,12 @@ def merge_adapter(lora_dir: str, merged_dir: str, *, model_type: str | None = No
 
 def _save(model: Any, tokenizer: Any, template: Any, lora_dir: str, merged_dir: str, max_shard_size: str,
           report: dict) -> None:
-    parent = os.path.dirname(os.path.abspath(merged_dir))
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(dir=parent, prefix=".merge-tmp-")
-    try:
-        model.save_pretrained(tmp, max_shard_size=max_shard_size)
-        tokenizer.save_pretrained(tmp)
+    with writing(merged_dir) as folder:
+        model.save_pretrained(folder, max_shard_size=max_shard_size)
+        tokenizer.save_pretrained(folder)
         # The template the merge was checked with, so the merged folder prompts as the adapter did
         # (a foreign adapter has no template.json of its own).
-        template.save(tmp)
+        template.save(folder)
         if os.path.isfile(os.path.join(lora_dir, ARGS_FILE)):
-            shutil.copy2(os.path.join(lora_dir, ARGS_FILE), tmp)
-        write_json_atomic(os.path.join(tmp, REPORT_FILE), report)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes the folder private; give it the usual permissions
-        old = None
-        if os.path.isdir(merged_dir):
-            old = tempfile.mkdtemp(dir=parent, prefix=".merge-old-")
-            os.replace(merged_dir, os.path.join(old, "merged"))
-        os.replace(tmp, merged_dir)
-        if old:
-            shutil.rmtree(old)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+            shutil.copy2(os.path.join(lora_dir, ARGS_FILE), folder)
+        write_json_atomic(os.path.join(folder, REPORT_FILE), report)

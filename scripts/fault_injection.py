@@ -34,7 +34,8 @@ sys.path.insert(0, ROOT)
 from alpaca_cot.cli import run_cli  # noqa: E402
 from alpaca_cot.errors import UserError  # noqa: E402
 from alpaca_cot.io import write_json_atomic  # noqa: E402
-from alpaca_cot.training.checkpoints import STAGING_SUFFIX, checkpoint_folders, checkpoint_problem  # noqa: E402
+from alpaca_cot.outputs import STAGING_SUFFIX  # noqa: E402
+from alpaca_cot.training.checkpoints import checkpoint_folders, checkpoint_problem  # noqa: E402
 
 ADAPTER = "adapter_model.safetensors"
 CHECKPOINT_FILES = (ADAPTER, "optimizer.pt", "scheduler.pt", "rng_state.pth", "trainer_state.json")

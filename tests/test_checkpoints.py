@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 from alpaca_cot.errors import UserError
-from alpaca_cot.training.checkpoints import STAGING_SUFFIX, checkpoint_problem, choose_checkpoint, model_files
+from alpaca_cot.outputs import STAGING_SUFFIX
+from alpaca_cot.training.checkpoints import checkpoint_problem, choose_checkpoint, model_files
 from tests.conftest import run_script
 
 

@@ -18,6 +18,7 @@ from alpaca_cot.cli import check_argv, normalize_argv
 from alpaca_cot.config import FinetuneArgs
 from alpaca_cot.errors import UserError
 from alpaca_cot.models.loading import resolve_dtype
+from alpaca_cot.training.report import TRUNCATION_FILE
 from alpaca_cot.training.run import run_finetune
 from tests.conftest import run_script
 
@@ -172,20 +173,25 @@ def test_resume_equals_the_uninterrupted_run(tmp_path, monkeypatch, tiny_model_d
 
 def test_kill_during_the_final_save_still_reports_the_whole_run(tmp_path, monkeypatch, tiny_model_dir: str,
                                                                 tiny_data_file: str) -> None:
-    kw = {"max_steps": 4, "save_steps": 2}
-    whole, _ = run_finetune(_args(tiny_model_dir, tiny_data_file, tmp_path / "out", **kw))
-    final = load_file(str(tmp_path / "out" / "adapter_model.safetensors"))
+    kw = {"max_steps": 4, "save_steps": 2, "val_set_size": 8}
+    whole, whole_model = run_finetune(_args(tiny_model_dir, tiny_data_file, tmp_path / "whole", **kw))
+    run_finetune(_args(tiny_model_dir, tiny_data_file, tmp_path / "out", **kw))
+    final = (tmp_path / "whole" / "adapter_model.safetensors").read_bytes()
     for name in os.listdir(tmp_path / "out"):  # the final outputs never made it; checkpoint-4 did
         if not name.startswith("checkpoint-"):
             (tmp_path / "out" / name).unlink()
     steps = _steps_run(monkeypatch)
-    resumed, _ = run_finetune(_args(tiny_model_dir, tiny_data_file, tmp_path / "out", resume_from_checkpoint=True,
-                                    **kw))
+    resumed, model = run_finetune(_args(tiny_model_dir, tiny_data_file, tmp_path / "out", resume_from_checkpoint=True,
+                                        **kw))
     assert steps == []
-    saved = load_file(str(tmp_path / "out" / "adapter_model.safetensors"))  # the finished run's weights
-    assert all(torch.equal(saved[k], final[k]) for k in final) and saved.keys() == final.keys()
+    assert (tmp_path / "out" / "adapter_model.safetensors").read_bytes() == final  # the finished run's weights
     assert resumed["train_loss"] == whole["train_loss"] > 0
     assert resumed["effective_tokens"] == whole["effective_tokens"] > 0 and resumed["mfu"] > 0
+    # The final evaluation and the returned model are the finished run's, not the untrained model's.
+    assert resumed["eval_loss_before"] == whole["eval_loss_before"] > whole["eval_loss_after"] + 0.01
+    assert abs(resumed["eval_loss_after"] - whole["eval_loss_after"]) < 1e-4
+    trained = dict(whole_model.named_parameters())
+    assert all(torch.equal(p, trained[n]) for n, p in model.named_parameters() if p.requires_grad)
 
 
 @pytest.mark.slow
@@ -262,7 +268,8 @@ def test_unknown_flag_stops_at_once_naming_the_closest(tmp_path) -> None:
         check_argv(["--zero_stage", "3"], uniform_finetune.main)
     with pytest.raises(UserError, match="unexpected argument 'stray'"):
         check_argv(["stray", "--data", "x"], uniform_finetune.main)
-    check_argv(["--nopacking", "--packing=False", "--data", "a", "--help"], uniform_finetune.main)
+    for spelling in ("--nopacking", "--packing=False"):  # each spelling alone: a flag given twice is refused
+        check_argv([spelling, "--data", "a", "--help"], uniform_finetune.main)
 
 
 @pytest.mark.slow
@@ -385,7 +392,7 @@ def test_truncated_records_are_listed_beside_the_run(tmp_path, tiny_model_dir: s
     data = tmp_path / "d.json"
     data.write_text(json.dumps(records))
     metrics, _ = run_finetune(_args(tiny_model_dir, str(data), tmp_path / "out", max_steps=1, cutoff_len=160))
-    listed = [json.loads(line) for line in open(tmp_path / "out" / training.TRUNCATION_FILE)]
+    listed = [json.loads(line) for line in open(tmp_path / "out" / TRUNCATION_FILE)]
     assert sorted(e["index"] for e in listed) == [1, 2]
     assert all(e["action"] == "cut" and e["kept_tokens"] == 160 < e["tokens"] for e in listed)
     assert metrics["train_records"] == 3  # the record whose prompt alone is too long is kept: its answer fits

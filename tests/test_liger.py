@@ -18,8 +18,8 @@ import transformers
 
 from alpaca_cot.config import FinetuneArgs
 from alpaca_cot.errors import UserError
-from alpaca_cot.training.packing import PackCollator, apply_packing, choose_packing, packed_loss
-from alpaca_cot.training.run import PadCollator, run_finetune
+from alpaca_cot.training.packing import PackCollator, PadCollator, apply_packing, choose_packing, packed_loss
+from alpaca_cot.training.run import run_finetune
 
 VOCAB = 300
 COMMON = {"vocab_size": VOCAB, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,

@@ -116,7 +116,7 @@ def test_never_overwrites_a_non_empty_folder(trained_adapter: str, tmp_path) -> 
     assert os.listdir(target) == ["keep.txt"]
     merge_adapter(trained_adapter, str(target), overwrite=True)
     assert "keep.txt" not in os.listdir(target) and "model.safetensors" in os.listdir(target)
-    assert not [n for n in os.listdir(tmp_path) if n.startswith(".merge-")]  # no temporary folder left
+    assert not [n for n in os.listdir(tmp_path) if n.startswith(".")]  # no temporary folder left
 
 
 def test_refuses_a_quantized_base(trained_adapter: str, tmp_path) -> None:

@@ -10,11 +10,11 @@ from alpaca_cot.training.packing import (
     VARLEN_ATTENTION,
     ChunkedCrossEntropy,
     PackCollator,
+    PadCollator,
     apply_packing,
     choose_packing,
     packed_loss,
 )
-from alpaca_cot.training.run import PadCollator
 
 VOCAB = 300
 COMMON = {"vocab_size": VOCAB, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,

@@ -8,9 +8,6 @@ holds a torn one, or (after a machine crash, whose unflushed files can come back
 files. The Trainer's own ``get_last_checkpoint`` takes the highest step whatever its state, and
 resuming from such a folder fails or, worse, silently skips a missing optimizer. We pick the folder
 ourselves and pass its path to ``trainer.train``.
-
-A run that replaces an earlier one (``--overwrite_output_dir``) trains in ``<output_dir>.staging``
-and is swapped in only when it has finished.
 """
 
 from __future__ import annotations
@@ -42,9 +39,8 @@ from transformers.utils import (
 )
 
 from alpaca_cot.errors import UserError
+from alpaca_cot.outputs import remove_if_empty
 
-STAGING_SUFFIX = ".staging"  # where an --overwrite_output_dir run trains until it has finished
-REPLACED_SUFFIX = ".replaced"  # the old run for the moment of the swap
 CHECKPOINT_RE = re.compile(rf"^{PREFIX_CHECKPOINT_DIR}-(\d+)$")
 FSDP_SHARDED = re.compile(r"^optimizer_\d+$")  # accelerate's sharded FSDP optimizer state folders
 SHARDED_WEIGHTS = re.compile(r"^(model|pytorch_model)-\d+-of-\d+\.(safetensors|bin)$")
@@ -190,19 +186,7 @@ def run_training(trainer: Any, resume: str | bool | None) -> Any:
     try:
         return trainer.train(resume_from_checkpoint=checkpoint)
     except BaseException:
-        out = trainer.args.output_dir
-        if trainer.is_world_process_zero() and os.path.isdir(out) and not os.listdir(out):
-            os.rmdir(out)
+        if trainer.is_world_process_zero():
+            remove_if_empty(trainer.args.output_dir)
         raise
 
-
-def swap_in(staging: str, target: str) -> None:
-    """Put the finished run in ``staging`` at ``target``; the run there before is deleted only after."""
-    old = target + REPLACED_SUFFIX
-    if os.path.isdir(target):
-        shutil.rmtree(old, ignore_errors=True)  # left by a swap killed after its second rename: already replaced
-        os.replace(target, old)
-    # A kill between the two renames leaves the old run in `old` and the new one in `staging`:
-    # the next --overwrite_output_dir --resume_from_checkpoint finishes the swap.
-    os.replace(staging, target)
-    shutil.rmtree(old, ignore_errors=True)

@@ -1,4 +1,5 @@
-"""Padding-free batches: a batch's samples flattened into one row, attention computed per sample.
+"""The collators: padding-free batches (a batch's samples flattened into one row, attention computed per
+sample), or right-padded ones where packing is off.
 
 Inputs ``[s1 s2 s3]`` in one row with ``position_ids`` restarting at 0 for each sample; labels are
 -100 at each sample's first token, so no sample learns to predict across a boundary. Linear layers
@@ -207,6 +208,26 @@ class PackCollator:
             batch["labels"] = torch.tensor([labels])
             batch["shift_labels"] = torch.tensor([targets[1:]])
         return batch
+
+
+class PadCollator:
+    """Right-pads a batch; labels pad with -100. ``input_ids`` and ``labels`` lists in, tensors out (the
+    batches where packing is off)."""
+
+    def __init__(self, pad_id: int):
+        self.pad_id = pad_id
+
+    def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
+        width = max(len(f["input_ids"]) for f in features)
+        ids = torch.full((len(features), width), self.pad_id, dtype=torch.long)
+        labels = torch.full((len(features), width), IGNORE_INDEX, dtype=torch.long)
+        mask = torch.zeros((len(features), width), dtype=torch.long)
+        for row, f in enumerate(features):
+            n = len(f["input_ids"])
+            ids[row, :n] = torch.tensor(f["input_ids"])
+            labels[row, :n] = torch.tensor(f["labels"])
+            mask[row, :n] = 1
+        return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
 def require_liger(model: torch.nn.Module | None = None) -> None:
