@@ -22,8 +22,8 @@ from alpaca_cot.generation.generator import SamplingParams
 @command(ModelArgs, SamplingParams, EvaluateArgs,
          defaults={"do_sample": False, "no_repeat_ngram_size": 0, "repetition_penalty": 1.0})
 def main(model: ModelArgs, sampling: SamplingParams, args: EvaluateArgs) -> None:
-    """Score a model on --data (final-answer accuracy and exact match with 95% confidence intervals,
-    and the eval loss) and/or on lm-evaluation-harness --tasks.
+    """Score a model on --data (final-answer accuracy, exact match and the share of generations that state
+    an answer, with 95% confidence intervals, and the eval loss) and/or on lm-evaluation-harness --tasks.
 
     A rerun with the same flags resumes where a killed run stopped; --overwrite starts again.
     """
