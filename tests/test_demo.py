@@ -13,7 +13,7 @@ import pytest
 
 from alpaca_cot.data import sources
 from alpaca_cot.data.cot import split_cot
-from alpaca_cot.evaluation.run import final_answer
+from alpaca_cot.evaluation.answers import final_answer
 from data import catalog, curation
 from tests.conftest import ROOT, run_script, shared_path
 
