@@ -12,7 +12,8 @@ from contextlib import closing
 
 from alpaca_cot.cli import command, run_cli
 from alpaca_cot.config import GenerateArgs, ModelArgs
-from alpaca_cot.generation.generator import Generator, SamplingParams
+from alpaca_cot.generation.generator import Generator
+from alpaca_cot.generation.sampling import SamplingParams
 from alpaca_cot.models.loading import load_for_inference
 from alpaca_cot.runs import find_run
 from alpaca_cot.serving.chat import answer_loop, print_stream

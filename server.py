@@ -11,7 +11,8 @@ from __future__ import annotations
 
 from alpaca_cot.cli import command, run_cli
 from alpaca_cot.config import ChatArgs, ModelArgs
-from alpaca_cot.generation.generator import Generator, SamplingParams
+from alpaca_cot.generation.generator import Generator
+from alpaca_cot.generation.sampling import SamplingParams
 from alpaca_cot.models.loading import load_for_inference
 from alpaca_cot.serving.chat import ChatSession, chat_loop
 

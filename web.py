@@ -14,7 +14,8 @@ import os
 
 from alpaca_cot.cli import command, run_cli
 from alpaca_cot.config import ModelArgs, ServeArgs
-from alpaca_cot.generation.generator import Generator, SamplingParams
+from alpaca_cot.generation.generator import Generator
+from alpaca_cot.generation.sampling import SamplingParams
 from alpaca_cot.models.loading import load_for_inference
 
 

@@ -23,7 +23,8 @@ import torch
 
 from alpaca_cot.cli import run_cli
 from alpaca_cot.flags import as_list
-from alpaca_cot.generation.generator import Generator, SamplingParams
+from alpaca_cot.generation.generator import Generator
+from alpaca_cot.generation.sampling import SamplingParams
 from alpaca_cot.models.loading import load_for_inference
 from alpaca_cot.prediction import PredictionRun, load_inputs
 

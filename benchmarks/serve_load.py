@@ -55,7 +55,8 @@ def serve(port: int, max_batch_size: int, model_name_or_path: str, model_type: s
     import torch
     import uvicorn
 
-    from alpaca_cot.generation.generator import Generator, SamplingParams
+    from alpaca_cot.generation.generator import Generator
+    from alpaca_cot.generation.sampling import SamplingParams
     from alpaca_cot.models.loading import load_for_inference
     from alpaca_cot.serving.webapp import create_app
 

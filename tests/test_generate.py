@@ -13,7 +13,8 @@ import time
 import pytest
 
 from alpaca_cot.errors import UserError
-from alpaca_cot.generation.generator import Generator, SamplingParams
+from alpaca_cot.generation.generator import Generator
+from alpaca_cot.generation.sampling import SamplingParams
 from alpaca_cot.models.loading import load_for_inference
 from alpaca_cot.runs import find_run
 from tests.conftest import PYTHON, ROOT, run_script
@@ -96,13 +97,20 @@ def _overlap(a: str, b: str) -> bool:
 def test_stop_event_ends_a_stream_early(generator: Generator, records: list[dict]) -> None:
     long = SamplingParams(do_sample=False, max_new_tokens=400, repetition_penalty=1.0, no_repeat_ngram_size=0)
     stop = threading.Event()
-    pieces = []
-    for piece in generator.stream(records[0], long, stop):
-        pieces.append(piece)
-        stop.set()
+    forwards: list[int] = []
+
+    def hook(*args: object) -> None:  # set from the decoding thread after 4 tokens: no race with the consumer
+        forwards.append(1)
+        if len(forwards) == 4:
+            stop.set()
+
+    handle = generator.model.get_base_model().register_forward_hook(hook)
+    try:
+        partial = "".join(generator.stream(records[0], long, stop))
+    finally:
+        handle.remove()
     full = "".join(generator.stream(records[0], long))
-    partial = "".join(pieces)
-    assert partial and len(partial) < len(full) / 4
+    assert partial and len(forwards) == 4 and len(partial) < len(full) / 4
     assert full.startswith(partial.strip())
 
 

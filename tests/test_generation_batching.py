@@ -3,10 +3,10 @@ answer is the one generate gives alone; on the real stories260K model and a tiny
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import threading
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -15,7 +15,8 @@ import pytest
 import torch
 
 from alpaca_cot.errors import UserError
-from alpaca_cot.generation.generator import Generator, SamplingParams
+from alpaca_cot.generation.generator import Generator
+from alpaca_cot.generation.sampling import SamplingParams
 from alpaca_cot.models.loading import load_for_inference
 from tests.conftest import shared_path
 from tests.fixtures.tiny_models import NATIVE, write_tiny_model
@@ -41,29 +42,51 @@ def records(alpaca_file: str) -> list[dict]:
 
 
 @contextmanager
-def batch_rows(generator: Generator) -> Iterator[list[int]]:
-    """Yield the list of batch sizes of the model's forward passes, in order."""
-    sizes: list[int] = []
+def batch_rows(generator: Generator) -> Iterator[list[tuple[int, int]]]:
+    """Yield the list of (rows, tokens per row) of the model's forward passes, in order: a prefill reads
+    one row's prompt, a decoding step one token of every row."""
+    sizes: list[tuple[int, int]] = []
     handle = generator.model.register_forward_hook(lambda module, args, kwargs, out: sizes.append(
-        kwargs["input_ids"].shape[0]), with_kwargs=True)
+        tuple(kwargs["input_ids"].shape)), with_kwargs=True)
     try:
         yield sizes
     finally:
         handle.remove()
 
 
-def concurrently(generator: Generator, jobs: list[tuple[dict, SamplingParams]], stagger_s: float = 0.0,
+@contextmanager
+def held(generator: Generator, streams: int) -> Iterator[None]:
+    """Hold the model until ``streams`` streams were submitted to the decoder: they all wait at once, whatever
+    the machine's load, and the decoder admits as many as fit the moment it gets the model."""
+    submitted = threading.Semaphore(0)
+    decoder = generator.decoder
+
+    def submit(job: Any) -> None:
+        type(decoder).submit(decoder, job)
+        submitted.release()
+
+    decoder.submit = submit
+    try:
+        with generator.lock:
+            yield
+            assert all(submitted.acquire(timeout=60) for _ in range(streams))
+    finally:
+        del decoder.submit
+
+
+def concurrently(generator: Generator, jobs: list[tuple[dict, SamplingParams]], hold: bool = False,
                  stops: list[threading.Event] | None = None) -> list[str]:
-    """Stream every (record, params) from its own thread, started ``stagger_s`` apart; the answers in order."""
+    """Stream every (record, params) from its own thread (``hold``: all queued before the first token); the
+    answers in order."""
     answers: list[str] = [""] * len(jobs)
 
     def run(i: int) -> None:
         answers[i] = "".join(generator.stream(*jobs[i], stops[i] if stops else None))
 
     threads = [threading.Thread(target=run, args=(i,)) for i in range(len(jobs))]
-    for thread in threads:
-        thread.start()
-        time.sleep(stagger_s)
+    with held(generator, len(jobs)) if hold else contextlib.nullcontext():
+        for thread in threads:
+            thread.start()
     for thread in threads:
         thread.join(timeout=120)
     return answers
@@ -82,10 +105,11 @@ def test_concurrent_greedy_streams_are_batched_and_equal_generate_alone(stories:
                                                                         records: list[dict]) -> None:
     assert stories.batch_streams(8)
     with batch_rows(stories) as sizes:
-        # Started 30 ms apart: streams join a batch that is already decoding, and leave it as they finish.
-        answers = concurrently(stories, [(r, GREEDY) for r in records], stagger_s=0.03)
-    # Decoded together, never more than max_batch_size (under load a stream may finish before the last joins).
-    assert 4 <= max(sizes) <= 8
+        answers = concurrently(stories, [(r, GREEDY) for r in records], hold=True)
+    # All ten wait when the decoder starts: eight decode together, never more; the last two join the running
+    # batch (a prefill of one row each) as rows finish.
+    assert max(rows for rows, _ in sizes) == 8
+    assert sum(tokens > 1 for _, tokens in sizes[sizes.index((8, 1)):]) == 2
     assert answers == [alone(stories, r, GREEDY) for r in records]
     assert all(answers)
 
@@ -144,7 +168,7 @@ def test_a_stopped_stream_leaves_the_batch_and_a_waiting_one_never_starts(storie
     assert answers[1] == ""  # cancelled while waiting: no prefill, no tokens
     assert answers[0] == alone(stories, records[1], long)
     assert len(sizes) < 2 * 200  # the stopped stream did not run to its 200 tokens
-    assert sizes.count(1) >= 150 and seen  # the other one decoded alone once the stopped row left
+    assert sizes.count((1, 1)) >= 150 and seen  # the other one decoded alone once the stopped row left
 
 
 def test_sampling_params_refuse_what_torch_cannot_take() -> None:
@@ -166,6 +190,6 @@ def test_every_family_batches_exactly(model_type: str, tmp_path: Any, records: l
     assert generator.batch_streams(4)
     params = dataclasses.replace(GREEDY, max_new_tokens=12)
     with batch_rows(generator) as sizes:
-        answers = concurrently(generator, [(r, params) for r in records[:6]], stagger_s=0.01)
-    assert max(sizes) > 1
+        answers = concurrently(generator, [(r, params) for r in records[:6]], hold=True)
+    assert max(rows for rows, _ in sizes) == 4
     assert answers == [alone(generator, r, params) for r in records[:6]]

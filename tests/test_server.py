@@ -17,7 +17,8 @@ import transformers
 
 from alpaca_cot.data.templates import get_template
 from alpaca_cot.errors import UserError
-from alpaca_cot.generation.generator import Generator, SamplingParams
+from alpaca_cot.generation.generator import Generator
+from alpaca_cot.generation.sampling import SamplingParams
 from alpaca_cot.models.registry import get_model_spec
 from alpaca_cot.serving.chat import ChatSession
 from tests.conftest import PYTHON, ROOT

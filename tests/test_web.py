@@ -231,7 +231,7 @@ def local(generator: Any) -> Iterator[Any]:
     """A test client on the app without an API key."""
     from fastapi.testclient import TestClient
 
-    from alpaca_cot.generation.generator import SamplingParams
+    from alpaca_cot.generation.sampling import SamplingParams
     from alpaca_cot.serving.webapp import create_app
 
     with TestClient(create_app(generator, SamplingParams(max_new_tokens=8), model_id="run", ui=False)) as c:
@@ -298,7 +298,7 @@ def test_without_a_key_the_api_is_open(local: Any) -> None:
 
 def test_chat_history_is_trimmed_to_the_context_window(generator: Any) -> None:
     from alpaca_cot.data.templates import record_from_messages
-    from alpaca_cot.generation.generator import SamplingParams
+    from alpaca_cot.generation.sampling import SamplingParams
     from alpaca_cot.serving.webapp import ModelService
 
     service = ModelService(generator, SamplingParams(), "run")
@@ -307,18 +307,18 @@ def test_chat_history_is_trimmed_to_the_context_window(generator: Any) -> None:
     turns = [{"role": role, "content": f"{role} message number {i} about a cat and a dog"}
              for i in range(20) for role in ("user", "assistant")]
     history = [system, *turns, {"role": "user", "content": QUESTION}]
-    fitted = service.fit_messages(history, 20)
+    fitted, length = service.fit_messages(history, 20)
     assert fitted[0] == system and fitted[1]["role"] == "user" and fitted[-1] == history[-1]
     assert fitted[1:] == history[len(history) - len(fitted) + 1:]  # the latest turns, whole exchanges
-    assert service.prompt_tokens(record_from_messages(fitted)) + 20 <= service.window
+    assert length == service.prompt_tokens(record_from_messages(fitted)) and length + 20 <= service.window
     one_more = [system, *history[len(history) - len(fitted) - 1:]]
     assert service.prompt_tokens(record_from_messages(one_more)) + 20 > service.window
 
 
 @contextmanager
-def slow_model(generator: Any, seconds_per_token: float = 0.02) -> Iterator[list[str]]:
+def slow_model(generator: Any, seconds_per_token: float = 0.02) -> Iterator[None]:
     """Make every forward pass slow, and EOS and the template's stop strings impossible (answers run to
-    max_tokens); yield the list of instructions the Generator starts on, in order."""
+    max_tokens)."""
     eos = generator.tokenizer.eos_token_id
 
     def hook(module: Any, args: Any, output: Any) -> Any:
@@ -326,22 +326,13 @@ def slow_model(generator: Any, seconds_per_token: float = 0.02) -> Iterator[list
         output.logits[..., eos] = float("-inf")
         return output
 
-    started: list[str] = []
-    real_stream = generator.stream
-
-    def stream(record: dict, *args: Any) -> Iterator[str]:
-        started.append(record["instruction"])
-        return real_stream(record, *args)
-
     causal_lm = generator.model.get_base_model()  # generate() calls the model under the adapter wrapper
     handle = causal_lm.register_forward_hook(hook)
-    generator.stream = stream
     template, generator.template = generator.template, dataclasses.replace(generator.template, stop_strings=())
     try:
-        yield started
+        yield
     finally:
         handle.remove()
-        del generator.stream
         generator.template = template
 
 
@@ -384,7 +375,7 @@ def serve_in_thread(generator: Any, **options: Any) -> Iterator[str]:
     ``options`` go to ``create_app``."""
     import uvicorn
 
-    from alpaca_cot.generation.generator import SamplingParams
+    from alpaca_cot.generation.sampling import SamplingParams
     from alpaca_cot.serving.webapp import create_app
 
     app = create_app(generator, SamplingParams(max_new_tokens=8), model_id="run", ui=False, **options)
@@ -412,7 +403,8 @@ def ask(url: str, instruction: str, max_tokens: int, timeout: float = 120) -> st
 def test_one_at_a_time_disconnects_free_the_model_and_the_queue_keeps_order(generator: Any) -> None:
     import httpx
 
-    with slow_model(generator) as started, serve_in_thread(generator, max_batch_size=1) as url:
+    with slow_model(generator), prefills(generator, ["A", "B", "C", "D"]) as started, \
+            serve_in_thread(generator, max_batch_size=1) as url:
         # A streams a long answer (1500 tokens at 20 ms each: 30 s) and hangs up after its first piece.
         with httpx.Client(timeout=60) as http_client, http_client.stream(
                 "POST", f"{url}/v1/completions", json={"model": "run", "prompt": "A", "max_tokens": 1500,
@@ -503,7 +495,7 @@ def test_concurrent_requests_decode_together_with_their_own_settings(generator: 
 def test_request_bodies_over_the_limit_get_413(generator: Any, local: Any) -> None:
     from fastapi.testclient import TestClient
 
-    from alpaca_cot.generation.generator import SamplingParams
+    from alpaca_cot.generation.sampling import SamplingParams
     from alpaca_cot.serving.webapp import create_app
 
     app = create_app(generator, SamplingParams(max_new_tokens=4), model_id="run", ui=False, max_request_bytes=20_000)

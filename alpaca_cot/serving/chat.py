@@ -10,7 +10,9 @@ from typing import TextIO
 
 from alpaca_cot.data.templates import record_from_messages
 from alpaca_cot.errors import UserError
-from alpaca_cot.generation.generator import Generator, SamplingParams
+from alpaca_cot.generation.generator import Generator
+from alpaca_cot.generation.sampling import SamplingParams
+from alpaca_cot.generation.text import fit_history
 
 
 class ChatSession:
@@ -31,8 +33,8 @@ class ChatSession:
         """Forget the conversation (the system message stays)."""
         self.turns = []
 
-    def _prompt_tokens(self, turns: list[dict]) -> int:
-        return self.generator.prompt_length(record_from_messages(self.system + turns))
+    def _prompt_tokens(self, messages: list[dict]) -> int:
+        return self.generator.prompt_length(record_from_messages(messages))
 
     def prompt_budget(self) -> int:
         """Tokens the prompt may take: the context window less room for the answer."""
@@ -43,17 +45,14 @@ class ChatSession:
 
         Raises UserError, and keeps the history as it was, when the message alone cannot fit.
         """
-        turns = [*self.turns, {"role": "user", "content": text}]
-        dropped = 0
-        while (length := self._prompt_tokens(turns)) > self.prompt_budget():
-            if len(turns) == 1:
-                raise UserError(f"This message makes a {length}-token prompt; with --max_new_tokens "
-                                f"{self.params.max_new_tokens} only {self.prompt_budget()} tokens fit the "
-                                f"{self.context_window}-token context window. Send a shorter message.")
-            del turns[:2]
-            dropped += 1
-        self.turns = turns
-        return dropped
+        asked = [*self.system, *self.turns, {"role": "user", "content": text}]
+        kept, length = fit_history(asked, self._prompt_tokens, self.prompt_budget())
+        if length > self.prompt_budget():
+            raise UserError(f"This message makes a {length}-token prompt; with --max_new_tokens "
+                            f"{self.params.max_new_tokens} only {self.prompt_budget()} tokens fit the "
+                            f"{self.context_window}-token context window. Send a shorter message.")
+        self.turns = kept[len(self.system):]
+        return (len(asked) - len(kept)) // 2
 
     def answer(self, stop_event: threading.Event | None = None) -> Iterator[str]:
         """Stream the answer to the last message; it joins the history, even when stopped early."""
@@ -78,6 +77,16 @@ def print_stream(pieces: Iterable[str], out: TextIO = sys.stdout) -> str:
     return "".join(text)
 
 
+def print_answer(label: str, pieces: Iterator[str]) -> None:
+    """Print ``label`` and the streamed answer; Ctrl-C stops it (its generation too) and says so."""
+    print(label, end="", flush=True)
+    try:
+        with closing(pieces):
+            print_stream(pieces)
+    except KeyboardInterrupt:
+        print(" [stopped]", flush=True)
+
+
 def read_line(prompt: str) -> str | None:
     """A line from the terminal; None at end of input (Ctrl-D). Ctrl-C discards the line, as in a shell."""
     while True:
@@ -99,12 +108,7 @@ def answer_loop(generator: Generator, params: SamplingParams) -> None:
             return
         if not instruction.strip():
             continue
-        print("Response: ", end="", flush=True)
-        try:
-            with closing(generator.stream({"instruction": instruction, "input": ""}, params)) as pieces:
-                print_stream(pieces)
-        except KeyboardInterrupt:
-            print(" [stopped]", flush=True)
+        print_answer("Response: ", generator.stream({"instruction": instruction, "input": ""}, params))
 
 
 CHAT_HELP = ("Type a message and press Enter. 'clear' empties the history; 'stop' or Ctrl-D quits; "
@@ -135,9 +139,4 @@ def chat_loop(session: ChatSession) -> None:
         if dropped:
             print(f"(dropped the {dropped} oldest exchange{'s' if dropped > 1 else ''} to fit the "
                   f"{session.context_window}-token context window)", flush=True)
-        print("Assistant: ", end="", flush=True)
-        try:
-            with closing(session.answer()) as pieces:
-                print_stream(pieces)
-        except KeyboardInterrupt:
-            print(" [stopped]", flush=True)
+        print_answer("Assistant: ", session.answer())
