@@ -77,11 +77,24 @@ def alpaca_file(tmp_path_factory: pytest.TempPathFactory) -> str:
     return str(path)
 
 
+def last_wins(args: tuple[str, ...] | list[str]) -> list[str]:
+    """``args`` with each flag once, at its first place with its last value: tests build common flags and
+    then override some, while the scripts refuse a flag given twice."""
+    words: dict[str, list[str]] = {"": []}  # "": words before the first flag (a sub-command)
+    current = words[""]
+    for arg in args:
+        if arg.startswith("--") and arg != "--":
+            current = words[arg.partition("=")[0]] = [arg]
+        else:
+            current.append(arg)
+    return [word for values in words.values() for word in values]
+
+
 def run_script(script: str, *args: str, timeout: int = 600, env: dict | None = None,
                check: bool = True) -> subprocess.CompletedProcess:
-    """Run a top-level script as a user would, from the project root."""
-    proc = subprocess.run([PYTHON, os.path.join(ROOT, script), *args], cwd=ROOT, capture_output=True, text=True,
-                          timeout=timeout, env={**os.environ, **(env or {})})
+    """Run a top-level script as a user would, from the project root (each flag once: ``last_wins``)."""
+    proc = subprocess.run([PYTHON, os.path.join(ROOT, script), *last_wins(args)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=timeout, env={**os.environ, **(env or {})})
     if check and proc.returncode != 0:
         raise AssertionError(f"{script} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
     return proc

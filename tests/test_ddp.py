@@ -13,7 +13,7 @@ import subprocess
 import pytest
 from safetensors.torch import load_file
 
-from tests.conftest import PYTHON, ROOT
+from tests.conftest import PYTHON, ROOT, last_wins
 from tests.fixtures.replicas import REPLICAS_LINE
 from tests.fixtures.synthetic import synthetic_records
 
@@ -42,8 +42,9 @@ def finetune(out: str, *flags: str, processes: int = 0) -> subprocess.CompletedP
     launcher = LAUNCHERS["torchrun"](_free_port(), processes) if processes else [PYTHON]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     env.pop("LOCAL_RANK", None)
-    proc = subprocess.run(launcher + [os.path.join(ROOT, "uniform_finetune.py"), *flags, "--output_dir", out],
-                          cwd=ROOT, capture_output=True, text=True, timeout=900, env=env)
+    argv = last_wins([*flags, "--output_dir", out])  # the script refuses a flag given twice
+    proc = subprocess.run(launcher + [os.path.join(ROOT, "uniform_finetune.py"), *argv], cwd=ROOT,
+                          capture_output=True, text=True, timeout=900, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     return proc
 
