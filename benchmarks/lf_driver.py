@@ -4,8 +4,8 @@ Usage (llama_factory.py and run_all.py call it; run it by hand only to debug):
   benchmarks/.cache/lf-venv/bin/python benchmarks/lf_driver.py CONFIG.json
 
 CONFIG.json holds LLaMA-Factory's training arguments (what its YAML files hold) plus ``_threads``
-and ``_pad_id``. Token counting patches ``transformers.Trainer.training_step``, which its SFT
-trainer inherits.
+and ``_pad_id``. Tokens are counted by measure.py's callback, passed to ``run_exp`` with the
+train-loop timer.
 """
 
 from __future__ import annotations

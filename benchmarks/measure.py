@@ -6,7 +6,8 @@ virtualenv can use it too. Every contender counts the same way:
 - padding fraction: 1 - effective / all positions of the batches;
 - train-loop seconds: from the Trainer's ``on_train_begin`` to its ``on_train_end`` (data loading,
   forward, backward and optimizer steps; not model loading or tokenization);
-- step seconds: time inside ``Trainer.training_step`` (forward + backward only).
+- step seconds: from the start of each training forward to the end of its micro-batch (forward and
+  backward; on a step's last micro-batch also the gradient clipping before the optimizer step).
 Peak RSS: this process's maximum resident memory (run_all.py takes the same from outside, via wait4).
 """
 
@@ -26,7 +27,7 @@ METRICS_FILE = "metrics.json"
 
 @dataclass
 class Counts:
-    """What the patched Trainer saw."""
+    """What the Trainer's callbacks saw."""
 
     effective_tokens: int = 0
     batch_tokens: int = 0
@@ -50,26 +51,47 @@ class LoopTimer(transformers.TrainerCallback):
         self.counts.steps = state.global_step
 
 
-def count_tokens(pad_id: int) -> tuple[Counts, LoopTimer]:
-    """Patch ``transformers.Trainer.training_step`` (every subclass uses it) to count tokens and time.
+class TokenCounter(LoopTimer):
+    """Also counts the tokens and seconds of every training forward, through a forward pre-hook that it puts
+    on the Trainer's model when training begins (evaluation forwards, in eval mode, are left out).
 
-    Counting ``input_ids != pad_id`` works for 2-D 0/1 masks, LLaMA-Factory's packed segment-id
-    masks and its 4-D block-diagonal masks alike.
+    Counting ``input_ids != pad_id`` works for 2-D 0/1 masks, LLaMA-Factory's packed segment-id masks and
+    its 4-D block-diagonal masks alike. It reads the count back at once: a CPU measure.
     """
+
+    def __init__(self, counts: Counts, pad_id: int):
+        super().__init__(counts)
+        self.pad_id = pad_id
+        self._forward_started: float | None = None
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
+        super().on_train_begin(args, state, control, **kwargs)
+        model.register_forward_pre_hook(self._count, with_kwargs=True)
+
+    def _count(self, module: Any, args: tuple, kwargs: dict) -> None:
+        if not module.training:
+            return
+        self._forward_started = time.perf_counter()
+        ids = kwargs["input_ids"] if "input_ids" in kwargs else args[0]
+        self.counts.effective_tokens += int((ids != self.pad_id).sum())
+        self.counts.batch_tokens += int(ids.numel())
+
+    def on_substep_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self._end_micro_batch()
+
+    def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self._end_micro_batch()
+
+    def _end_micro_batch(self) -> None:
+        if self._forward_started is not None:
+            self.counts.step_seconds += time.perf_counter() - self._forward_started
+            self._forward_started = None
+
+
+def count_tokens(pad_id: int) -> tuple[Counts, TokenCounter]:
+    """The counts, and the callback that fills them: pass it in the Trainer's ``callbacks``."""
     counts = Counts()
-    original = transformers.Trainer.training_step
-
-    def training_step(self: Any, model: Any, inputs: dict, *args: Any, **kwargs: Any) -> Any:
-        started = time.perf_counter()
-        ids = inputs["input_ids"]
-        counts.effective_tokens += int((ids != pad_id).sum())
-        counts.batch_tokens += int(ids.numel())
-        loss = original(self, model, inputs, *args, **kwargs)
-        counts.step_seconds += time.perf_counter() - started
-        return loss
-
-    transformers.Trainer.training_step = training_step
-    return counts, LoopTimer(counts)
+    return counts, TokenCounter(counts, pad_id)
 
 
 def summarize(counts: Counts, train_loss: float, **extra: Any) -> dict[str, Any]:

@@ -56,8 +56,8 @@ def tokenize_record(record: dict, tokenizer: Any, cutoff_len: int) -> dict[str, 
 class CountingCollator:
     """Counts each batch's real (``input_ids != pad``) and padded positions on the CPU as it builds it.
 
-    On a GPU, counting in ``training_step`` (measure.count_tokens) would read a device tensor back every
-    step: a host-device sync that alpaca-lora's loop does not have.
+    On a GPU, counting each training forward's tokens (measure.count_tokens) would read a device tensor
+    back every step: a host-device sync that alpaca-lora's loop does not have.
     """
 
     def __init__(self, collator: Any, counts: Counts, pad_id: int):

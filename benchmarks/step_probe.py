@@ -7,8 +7,9 @@ Usage (benchmarks/gpu.py builds these commands):
 Steps are optimizer steps, counted by torch's global optimizer step hook (every contender steps a
 torch optimizer); ``A:B`` is the window from the end of step A to the end of step B. The probe
 counts each micro-batch's real tokens (the attention mask's sum, or every position of a packed row)
-by wrapping ``transformers.Trainer.training_step``, as benchmarks/measure.py does, adding them on
-the device so that counting never waits for the GPU. It synchronizes the device only at the ends of
+through a callback that every Trainer gets (``TokenCallback``, in transformers' default callbacks): a
+forward pre-hook on the Trainer's model, as in benchmarks/measure.py, adding them on the device so
+that counting never waits for the GPU. It synchronizes the device only at the ends of
 the steady window and of the profiled step, never inside the sync-check window:
 
 - steady: effective tokens/s from step A to step B (the first steps' set-up, allocator growth and
@@ -35,6 +36,7 @@ from typing import Any
 
 import torch
 import transformers
+import transformers.trainer
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
 TOP_OPS = 30  # rows of the operator table
@@ -173,8 +175,23 @@ class StepProbe:
         return {"steps": self.step, **self.result, **({"not_reached": missing} if missing else {})}
 
 
+class TokenCallback(transformers.TrainerCallback):
+    """Counts each training forward's tokens into the probe: a forward pre-hook on the Trainer's model."""
+
+    def __init__(self, probe: StepProbe):
+        self.probe = probe
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
+        model.register_forward_pre_hook(self._count, with_kwargs=True)
+
+    @torch.compiler.disable  # counted eagerly, outside a --torch_compile graph
+    def _count(self, module: Any, args: tuple, kwargs: dict) -> None:
+        if module.training:  # not the evaluations
+            self.probe.count(kwargs)
+
+
 def main(argv: list[str]) -> None:
-    """Parse the probe's options, install the hooks, run the script as __main__, write the report."""
+    """Parse the probe's options, install the hook and the callback, run the script as __main__, write the report."""
     if "--" not in argv:
         raise SystemExit("usage: step_probe.py --out FILE [--steady A:B] [--profile_step N --profile_out FILE] "
                          "[--sync A:B] -- SCRIPT [ARGS...]")
@@ -190,13 +207,8 @@ def main(argv: list[str]) -> None:
     probe = StepProbe(" ".join(argv[split + 1:]), _window(opts.steady), opts.profile_step, opts.profile_out,
                       _window(opts.sync))
     register_optimizer_step_post_hook(probe.on_step_end)
-    training_step = transformers.Trainer.training_step
-
-    def counting_training_step(self: Any, model: Any, inputs: dict, *args: Any, **kwargs: Any) -> Any:
-        probe.count(inputs)
-        return training_step(self, model, inputs, *args, **kwargs)
-
-    transformers.Trainer.training_step = counting_training_step
+    # Every Trainer the script builds starts with transformers' default callbacks: this one among them.
+    transformers.trainer.DEFAULT_CALLBACKS.append(TokenCallback(probe))
     sys.argv = [script, *script_args]
     sys.path.insert(0, os.path.dirname(os.path.abspath(script)))
     try:
