@@ -50,7 +50,7 @@ def test_batches_are_length_sorted_and_equal_one_at_a_time(generator: Generator,
     batches = list(generator.generate_batches(records, GREEDY, batch_size=4))
     assert [len(b) for b in batches] == [4, 4, 4]
     assert sorted(i for b in batches for i, _ in b) == list(range(len(records)))
-    lengths = [generator.prompt_length(r) for r in records]
+    lengths = [len(generator.prompt_ids(r)) for r in records]
     first, last = [[lengths[i] for i, _ in b] for b in (batches[0], batches[-1])]
     assert min(first) >= max(last)  # longest prompts first
     batched = generator.generate(records, GREEDY, batch_size=4)

@@ -31,7 +31,7 @@ def test_history_drops_the_oldest_exchanges_to_fit(generator: Generator) -> None
     history = [turn for i in range(6) for turn in ({"role": "user", "content": f"Question number {i}?"},
                                                    {"role": "assistant", "content": f"This is answer {i}."})]
     new = {"role": "user", "content": "And the last question?"}
-    fits = generator.prompt_length({"messages": system + history[-4:] + [new]})  # two exchanges kept
+    fits = len(generator.prompt_ids({"messages": system + history[-4:] + [new]}))  # two exchanges kept
     session = ChatSession(generator, PARAMS, context_window=fits + PARAMS.max_new_tokens,
                           system=system[0]["content"])
     session.turns = list(history)

@@ -56,10 +56,6 @@ class Generator:
         with self.tokenizer_lock if tokenizer is None else contextlib.nullcontext():
             return (tokenizer or self.tokenizer)(prompt, add_special_tokens=add_special)["input_ids"]
 
-    def prompt_length(self, record: dict) -> int:
-        """How many tokens the inference prompt of ``record`` takes."""
-        return len(self.prompt_ids(record))
-
     def generate_kwargs(self, params: SamplingParams) -> dict[str, Any]:
         """Keyword arguments for ``model.generate`` (seeding torch when ``params`` has a seed)."""
         if params.seed is not None:
@@ -99,25 +95,17 @@ class Generator:
                    for row, i in enumerate(chunk)]
 
     def batch_streams(self, max_batch_size: int) -> bool:
-        """From now on, concurrent streams decode together, up to ``max_batch_size`` at a time.
-
-        A stream joins the running batch at the next token and leaves it when done; streams beyond
-        ``max_batch_size`` wait their turn in arrival order. Each keeps its own sampling settings and seed,
-        and a greedy answer is the one ``generate`` gives alone. Returns False, and streams are decoded one
-        at a time in arrival order (stock ``generate``), when ``max_batch_size`` is 1 or the model cannot be
-        batched this way (its forward pass takes no stock ``DynamicCache``).
-        """
+        """From now on, concurrent streams decode together, up to ``max_batch_size`` at a time (more wait in
+        arrival order), each with its own settings and seed; a greedy answer is the one ``generate`` gives alone.
+        False when streams stay one at a time: ``max_batch_size`` 1, or a model ``BatchedDecoder`` cannot batch."""
         self.decoder = BatchedDecoder(self, max_batch_size)
         return self.decoder.batching
 
     def stream(self, record: dict, params: SamplingParams | None = None, stop_event: threading.Event | None = None,
                stop: Sequence[str] = ()) -> Iterator[str]:
-        """Yield answer text pieces as they are generated; setting ``stop_event`` ends generation.
-
-        The answer is cut at the template's stop strings, then at ``stop``. Text that could begin a stop
-        string, and trailing spaces, are held back until they are known not to end the answer; the rest is
-        sent at once. Beam search cannot stream in transformers: its answer comes as one piece.
-        """
+        """Yield answer text pieces as they are generated; setting ``stop_event`` ends generation. The answer is
+        cut at the template's stop strings, then at ``stop`` (see ``AnswerText``, which holds back what could
+        begin one). Beam search cannot stream in transformers: its answer comes as one piece."""
         job = self._submit(self.prompt_ids(record), params, stop_event, transformers.TextIteratorStreamer)
         answer = AnswerText(self.template.stop_strings, stop)
         try:

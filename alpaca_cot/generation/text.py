@@ -7,9 +7,7 @@ from collections.abc import Callable, Sequence
 
 class StopText:
     """Streamed text cut at the first of ``stops``; an end that could begin one is held back until decided.
-
-    With ``strip`` (an answer's own ends), leading spaces are dropped and trailing ones held back.
-    """
+    With ``strip`` (an answer's own ends), leading spaces are dropped and trailing ones held back."""
 
     def __init__(self, stops: Sequence[str] = (), strip: bool = False):
         self.stops, self.strip = tuple(stops), strip
@@ -65,11 +63,9 @@ def _held(text: str, stops: tuple[str, ...]) -> int:
 
 
 def fit_history(messages: list[dict], length: Callable[[list[dict]], int], budget: int) -> tuple[list[dict], int]:
-    """The latest ``messages`` whose prompt takes at most ``budget`` tokens, and its ``length``.
-
-    The oldest exchange (a user turn and its answer) goes first; a leading system turn and the last message
-    always stay, so the length can still be over ``budget``: the caller refuses that.
-    """
+    """The latest ``messages`` whose prompt takes at most ``budget`` tokens, and its ``length``: the oldest
+    exchange (a user turn and its answer) goes first; a leading system turn and the last message always stay,
+    so the length can still be over ``budget`` (the caller refuses that)."""
     head = messages[:1] if messages and messages[0]["role"] == "system" else []
     turns = messages[len(head):]
     while (tokens := length(head + turns)) > budget and len(turns) > 1:

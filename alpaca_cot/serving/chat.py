@@ -34,7 +34,7 @@ class ChatSession:
         self.turns = []
 
     def _prompt_tokens(self, messages: list[dict]) -> int:
-        return self.generator.prompt_length(record_from_messages(messages))
+        return len(self.generator.prompt_ids(record_from_messages(messages)))
 
     def prompt_budget(self) -> int:
         """Tokens the prompt may take: the context window less room for the answer."""

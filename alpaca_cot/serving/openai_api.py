@@ -1,5 +1,4 @@
-"""The OpenAI-compatible API: ``GET /v1/models``, ``POST /v1/chat/completions`` and ``POST /v1/completions``,
-in OpenAI's shapes, streaming as server-sent events."""
+"""The OpenAI-compatible API: ``/v1/models``, ``/v1/chat/completions``, ``/v1/completions`` (streams as SSE)."""
 
 from __future__ import annotations
 
@@ -12,12 +11,16 @@ from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 from alpaca_cot.generation.sampling import SEED_MAX, SEED_MIN, SamplingParams
 from alpaca_cot.serving.service import APIError, ModelService, collect, openai_record, text_of
 
 INT_MAX = 2**31 - 1  # the bound of integer fields that have no natural one
+PENALTY = "not supported; use repetition_penalty (Hugging Face's, >1 penalises repeats)"
+UNSUPPORTED = {"n": "only n=1 is supported (one answer per request)", "presence_penalty": PENALTY,
+               "frequency_penalty": PENALTY, "logprobs": "log probabilities are not supported",
+               "echo": "echo is not supported"}
 router = APIRouter()  # create_app puts it behind the API key
 
 
@@ -65,31 +68,18 @@ class SamplingRequest(BaseModel):
     repetition_penalty: float | None = Field(None, gt=0)
     no_repeat_ngram_size: int | None = Field(None, ge=0, le=INT_MAX)
 
-    @field_validator("n")
-    @classmethod
-    def _one_choice(cls, n: int) -> int:
-        if n != 1:
-            raise ValueError("only n=1 is supported (one answer per request)")
-        return n
-
     @field_validator("stop", mode="before")
     @classmethod
     def _stop_list(cls, stop: Any) -> Any:
         return [stop] if isinstance(stop, str) else [] if stop is None else stop
 
-    @field_validator("presence_penalty", "frequency_penalty")
+    @field_validator(*UNSUPPORTED, check_fields=False)  # echo is a field of CompletionRequest only
     @classmethod
-    def _no_penalty(cls, value: float) -> float:
-        if value:
-            raise ValueError("not supported; use repetition_penalty (Hugging Face's, >1 penalises repeats)")
+    def _supported(cls, value: Any, info: ValidationInfo) -> Any:
+        unsupported = value != 1 if info.field_name == "n" else bool(value)
+        if unsupported:
+            raise ValueError(UNSUPPORTED[info.field_name])
         return value
-
-    @field_validator("logprobs")
-    @classmethod
-    def _no_logprobs(cls, value: bool | int | None) -> None:
-        if value:
-            raise ValueError("log probabilities are not supported")
-        return None
 
 
 class ChatCompletionRequest(SamplingRequest):
@@ -105,20 +95,13 @@ class CompletionRequest(SamplingRequest):
     prompt: str | Annotated[list[str], Field(min_length=1, max_length=1)]
     echo: bool = False
 
-    @field_validator("echo")
-    @classmethod
-    def _no_echo(cls, echo: bool) -> bool:
-        if echo:
-            raise ValueError("echo is not supported")
-        return echo
-
 
 @router.get("/v1/models")
 async def models(request: Request) -> dict:
     """The one model this server serves."""
-    model = {"id": request.app.state.service.model_id, "object": "model", "created": int(time.time()),
-             "owned_by": "alpaca-cot"}
-    return {"object": "list", "data": [model]}
+    model_id = request.app.state.service.model_id
+    return {"object": "list", "data": [{"id": model_id, "object": "model", "created": int(time.time()),
+                                        "owned_by": "alpaca-cot"}]}
 
 
 @router.post("/v1/chat/completions")

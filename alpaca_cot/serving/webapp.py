@@ -11,6 +11,7 @@ from __future__ import annotations
 import datetime
 import hmac
 import time
+from collections.abc import Callable
 from typing import Any
 
 from fastapi import APIRouter, Depends, FastAPI, Request
@@ -28,14 +29,12 @@ from alpaca_cot.serving import openai_api
 from alpaca_cot.serving.service import APIError, ModelService, collect
 from alpaca_cot.serving.ui import mount_ui
 
-MAX_BATCH_SIZE = ServeArgs.max_batch_size  # streams decoded together; more wait their turn (web.py's flags)
-MAX_REQUEST_BYTES = ServeArgs.max_request_bytes
 router = APIRouter()  # the original API and the API's own description
 
 
 def create_app(generator: Generator, defaults: SamplingParams | None = None, *, model_id: str = "alpaca-cot",
-               api_key: str | None = None, ui: bool = True, max_batch_size: int = MAX_BATCH_SIZE,
-               max_request_bytes: int = MAX_REQUEST_BYTES) -> FastAPI:
+               api_key: str | None = None, ui: bool = True, max_batch_size: int = ServeArgs.max_batch_size,
+               max_request_bytes: int = ServeArgs.max_request_bytes) -> FastAPI:
     """The web service over ``generator``; with ``api_key``, the API (and ``/docs``, ``/openapi.json``) wants
     ``Authorization: Bearer KEY`` and the chat page a login whose password is the key.
 
@@ -92,29 +91,26 @@ class PromptRequest(BaseModel):
 @router.post("/")
 async def original(request: Request, req: PromptRequest) -> Response:
     """The original API: ``{"prompt"}`` -> ``{"response", "status", "time"}``."""
-    response = await _respond(request, req.prompt)
-    if response is None:
-        return Response(status_code=499)  # nobody is listening
-    now = datetime.datetime.now().strftime("%Y-%m-%d %H:%M:%S")
-    return JSONResponse({"response": response, "status": 200, "time": now})
+    return await _respond(request, req.prompt, lambda text: {
+        "response": text, "status": 200, "time": datetime.datetime.now().strftime("%Y-%m-%d %H:%M:%S")})
 
 
 @router.get("/query/{query}")
 async def query(request: Request, query: str) -> Response:
     """The original API's GET form: ``{"query", "answer", "time"}`` (seconds)."""
     start = time.perf_counter()
-    response = await _respond(request, query)
-    if response is None:
-        return Response(status_code=499)
-    return JSONResponse({"query": query, "answer": response, "time": time.perf_counter() - start})
+    return await _respond(request, query, lambda text: {"query": query, "answer": text,
+                                                        "time": time.perf_counter() - start})
 
 
-async def _respond(request: Request, prompt: str) -> str | None:
+async def _respond(request: Request, prompt: str, body: Callable[[str], dict]) -> Response:
+    """The answer to ``prompt`` as the JSON ``body`` makes of it (a 499 when the client has gone)."""
     service: ModelService = request.app.state.service
     record = {"instruction": prompt, "input": ""}
     prompt_tokens = await service.off_loop(service.prompt_tokens, record)
     params = service.params(max_new_tokens=service.budget(prompt_tokens, None))
-    return await collect(request, service.stream(record, params))
+    text = await collect(request, service.stream(record, params))
+    return Response(status_code=499) if text is None else JSONResponse(body(text))
 
 
 class BodyLimit:
