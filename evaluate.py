@@ -15,7 +15,7 @@ import os
 from alpaca_cot.cli import command, run_cli
 from alpaca_cot.config import EvaluateArgs, ModelArgs
 from alpaca_cot.evaluation.run import render_table, run_evaluation
-from alpaca_cot.generation.generator import SamplingParams
+from alpaca_cot.generation.sampling import SamplingParams
 
 
 # Greedy by default, so a rerun gives the same generations and scores.

@@ -10,7 +10,8 @@ from __future__ import annotations
 from alpaca_cot.cli import command, run_cli
 from alpaca_cot.config import ModelArgs, PredictArgs
 from alpaca_cot.evaluation.answers import score_predictions
-from alpaca_cot.generation.generator import Generator, SamplingParams
+from alpaca_cot.generation.generator import Generator
+from alpaca_cot.generation.sampling import SamplingParams
 from alpaca_cot.io import write_json_atomic
 from alpaca_cot.models.loading import load_for_inference
 from alpaca_cot.prediction import PredictionRun, load_inputs, output_paths

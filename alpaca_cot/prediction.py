@@ -20,7 +20,8 @@ from collections import Counter, defaultdict
 from alpaca_cot.data.records import read_records
 from alpaca_cot.data.sources import resolve_data
 from alpaca_cot.errors import UserError
-from alpaca_cot.generation.generator import Generator, SamplingParams
+from alpaca_cot.generation.generator import Generator
+from alpaca_cot.generation.sampling import SamplingParams
 from alpaca_cot.io import write_text_atomic
 from alpaca_cot.outputs import check_not_file, claim, marker_path, refuse_inputs, write_marker
 

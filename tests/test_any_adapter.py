@@ -14,7 +14,8 @@ import torch
 import transformers
 
 from alpaca_cot.errors import UserError
-from alpaca_cot.generation.generator import Generator, SamplingParams
+from alpaca_cot.generation.generator import Generator
+from alpaca_cot.generation.sampling import SamplingParams
 from alpaca_cot.merging import merge_adapter
 from alpaca_cot.models.loading import infer_model_type, load_for_inference
 from tests.conftest import run_script

@@ -18,7 +18,8 @@ from safetensors.torch import load_file, save_file
 
 from alpaca_cot.config import FinetuneArgs
 from alpaca_cot.errors import UserError
-from alpaca_cot.generation.generator import Generator, SamplingParams
+from alpaca_cot.generation.generator import Generator
+from alpaca_cot.generation.sampling import SamplingParams
 from alpaca_cot.merging import merge_adapter
 from alpaca_cot.models.loading import load_for_inference
 from tests.conftest import run_script
