@@ -12,6 +12,7 @@ import json
 import os
 from dataclasses import dataclass
 
+from alpaca_cot.data.columns import parse_columns
 from alpaca_cot.data.templates import TEMPLATES
 from alpaca_cot.errors import UserError
 from alpaca_cot.flags import check_fields, flag
@@ -47,8 +48,12 @@ class FinetuneArgs:
     compute_dtype: str = flag("auto", _HELP["compute_dtype"], choices=DTYPE_CHOICES)
     quantization_bit: int | None = flag(None, _HELP["quantization_bit"], choices=QUANT_CHOICES)
     # data
-    data: list[str] = flag([], "dataset names (data/registry.json) or unified-format JSON/JSONL files and folders; "
-                               "spaces or commas between several")
+    data: list[str] = flag([], "dataset names (data/registry.json) or unified-format JSON/JSONL/Parquet/CSV files and "
+                               "folders; spaces or commas between several")
+    columns: dict[str, str] | None = flag(None, "map the fields of --data files and hub datasets onto records, with "
+                                                "LLaMA-Factory's names: prompt, query, response, history, system or "
+                                                "messages (+ role_tag, content_tag, user_tag, assistant_tag, "
+                                                "system_tag), e.g. prompt=question,response=answer")
     template: str | None = flag(None, _HELP["template"], choices=tuple(TEMPLATES))
     cutoff_len: int = flag(512, "the longest training sequence, in tokens", min=8)
     val_set_size: float = flag(2000, "validation records: a count, or a fraction when below 1 (0 = none)", min=0)
@@ -109,6 +114,7 @@ class FinetuneArgs:
     overwrite_output_dir: bool = flag(False, "replace a previous run in --output_dir once this one has finished")
 
     def __post_init__(self) -> None:
+        self.columns = parse_columns(self.columns)
         check_fields(self)
         if not self.model_name_or_path and self.size is not None:
             self.model_name_or_path = default_checkpoint(self.model_type, self.size)

@@ -31,6 +31,7 @@ if sys.path[0] == os.path.dirname(os.path.abspath(__file__)):
 import fire  # noqa: E402
 
 from alpaca_cot.data import sources  # noqa: E402
+from alpaca_cot.data.columns import parse_columns  # noqa: E402
 from alpaca_cot.data.records import DataError  # noqa: E402
 from alpaca_cot.io import write_text_atomic  # noqa: E402
 from data import catalog, curation  # noqa: E402
@@ -47,22 +48,26 @@ LIST_LIMIT = 50  # bad records listed before "... and N more"
 
 
 def convert(input: str, output: str, format: str | None = None, seed: int = 42, skip_bad: bool = False,
-            fill: str | dict | None = None, overwrite: bool = False) -> None:
+            fill: str | dict | None = None, overwrite: bool = False, columns: str | dict | None = None) -> None:
     """Convert a source file, or every source file of a folder, into one unified-format file.
 
-    The format of each file is detected from its content unless --format names it (see `formats`).
+    The format of each file is detected from its content unless --format names it (see `formats`), or
+    --columns maps its fields with LLaMA-Factory's names (prompt=question,response=answer; see README.md).
     Records that cannot be converted, and files no format fits, stop the conversion with their
     file:line and field, unless --skip_bad leaves them out (and lists them). --fill
     name=X,author=Y fills {{name}}/{{author}} template slots. --seed chooses the chain-of-thought
     phrasings reproducibly (each row's phrasing follows from the seed and the row's content)."""
     check_writable(output, overwrite)
+    columns = parse_columns(columns)
+    if columns and format:
+        raise DataError("pass --format or --columns, not both: --columns replaces the format")
     records, bad, failed = [], [], []
     for path in source_files(input):
         try:
-            converted, report = convert_file(path, format, seed=seed)
+            converted, report = convert_file(path, format, seed=seed, columns=columns)
         except DataError as e:
-            hint = "; name one with --format (see `python3 data/collection.py formats`)" \
-                if isinstance(e, UndetectedFormat) else ""
+            hint = "; name one with --format (see `python3 data/collection.py formats`) or map its fields with " \
+                "--columns (e.g. prompt=question,response=answer)" if isinstance(e, UndetectedFormat) else ""
             failed.append(f"{e}{hint}")
             continue
         print(report.summary())

@@ -108,5 +108,5 @@ def test_folder_without_unified_files_advises_convert_not_download(hub, tmp_path
     with pytest.raises(DataError) as error:
         resolve_data(["csl"])
     message = str(error.value)
-    assert "holds no .json or .jsonl files (it holds csl.tsv)" in message
+    assert "holds no .json/.jsonl/.parquet/.csv files (it holds csl.tsv)" in message
     assert "download" not in message and "data/collection.py convert" in message

@@ -23,7 +23,7 @@ from alpaca_cot.io import write_json_atomic
 CODE_DIR = os.path.dirname(os.path.abspath(__file__))
 # The modules that shape the cached tokens (validation, rendering, encoding, the map applying them) and
 # the cache folder's content (split order, truncation report).
-CODE_MODULES = ("records.py", "templates.py", "encoding.py", "pipeline.py", "prepared.py")
+CODE_MODULES = ("records.py", "columns.py", "templates.py", "encoding.py", "pipeline.py", "prepared.py")
 # The coarsest mtime step we may meet: FAT and exFAT store 2 s steps, ext3 and HFS+ whole seconds, and
 # nanosecond filesystems (ext4, XFS) advance mtimes only at the kernel's clock tick. A file written again
 # within that step of our read can keep its mtime (and size and inode); once its mtime is older than our
@@ -91,20 +91,21 @@ class DigestMemo:
 
 def source_fingerprint(source: DataSource, data_files: list[str] | None, subset: str | None,
                        memo: DigestMemo) -> list:
-    """What a source's records depend on: its files' bytes, a saved folder's state files (they carry the
-    ``datasets`` fingerprint of its content), or a hub dataset's id, options and cached Arrow files."""
+    """What a source's records depend on: its ``columns`` mapping, and its files' bytes, a saved folder's state
+    files (they carry the ``datasets`` fingerprint of its content), or a hub dataset's id, options and cached
+    Arrow files."""
     if source.kind == "files":
-        return [[path, memo.digest(path)] for path in source.files]
+        return [source.columns, [[path, memo.digest(path)] for path in source.files]]
     if source.kind == "disk":
         states = []
         for root, _, names in sorted(os.walk(source.name)):
             for name in sorted(n for n in names if n.endswith(".json")):
                 states.append([os.path.relpath(os.path.join(root, name), source.name),
                                _file_digest(os.path.join(root, name))])
-        return [os.path.abspath(source.name), states]
+        return [source.columns, os.path.abspath(source.name), states]
     loaded = load_hub(source, data_files, subset, streaming=False)  # downloads once; later runs read its cache
     files = [[f["filename"], os.path.getsize(f["filename"])] for f in loaded.cache_files]
-    return [source.name, subset, data_files, files]
+    return [source.columns, source.name, subset, data_files, files]
 
 
 @functools.cache

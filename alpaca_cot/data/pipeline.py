@@ -3,8 +3,9 @@
 Two stages, each a batched ``datasets`` call, so data larger than memory flows through:
 
 1. ``load_unified`` / ``stream_unified``: each source as a (Iterable)Dataset of unified records
-   (``UNIFIED_FEATURES``). Unified JSON/JSONL files go through our validating reader (errors name the
-   file, line and field); ``save_to_disk`` folders and hub ids are validated row by row.
+   (``UNIFIED_FEATURES``), their fields mapped by the source's ``columns`` (``--columns``) when it has them.
+   JSON, JSON Lines, Parquet and CSV files go through our validating reader (errors name the file, line
+   and field); ``save_to_disk`` folders and hub ids are validated row by row.
 2. ``tokenize``: ``Dataset.map(batched=True, num_proc=N)`` over ``encoding.encode_records`` into
    memory-mapped Arrow. Each row keeps ``input_ids``, ``labels``, ``length``, ``full_length`` (before
    truncation) and ``trainable`` (label tokens that carry loss), for the splits and the truncation report.
@@ -20,8 +21,9 @@ from typing import Any
 import datasets
 from datasets import Features, List, Value
 
+from alpaca_cot.data.columns import check_mapped, map_record, row_fields
 from alpaca_cot.data.encoding import BATCH, IGNORE_INDEX, encode_records
-from alpaca_cot.data.records import DataError, answer_error, iter_json_records, untrainable_error, validate_record
+from alpaca_cot.data.records import DataError, answer_error, iter_records, untrainable_error, validate_record
 from alpaca_cot.data.sources import COLLECTION, DataSource
 from alpaca_cot.data.templates import Template
 from alpaca_cot.errors import UserError
@@ -52,12 +54,15 @@ def to_record(row: dict) -> dict:
     return {"instruction": row["instruction"], "input": row["input"] or "", "output": row["output"]}
 
 
-def file_rows(path: str) -> Iterator[dict]:
-    """The rows of one unified-format file, validated; a file with unanswered records is refused as not
-    trainable, saying why. JSON Lines files are read line by line."""
+def file_rows(path: str, columns: dict[str, str] | None = None) -> Iterator[dict]:
+    """The rows of one file, mapped by ``columns`` and validated; a file with unanswered records is refused as
+    not trainable, saying why, and a mapping that names a field no row has, naming it. Read row by row."""
     total = unanswered = 0
-    first = ""
-    for where, obj in iter_json_records(path):
+    first, seen = "", set()
+    for where, obj in iter_records(path):
+        if columns:
+            seen.update(row_fields(obj))
+            obj = map_record(obj, columns, where)
         record = validate_record(obj, where, need_answer=False)
         total += 1
         error = answer_error(record, where)
@@ -68,19 +73,22 @@ def file_rows(path: str) -> Iterator[dict]:
         first = first or error
     if not total:
         raise DataError(f"{path}: the file holds no records")
+    if columns:
+        check_mapped(columns, seen, path)
     refused = untrainable_error(path, total, unanswered, first)
     if refused:
         raise refused
 
 
-def _unify_batch(batch: dict[str, list], indices: list[int], name: str) -> dict[str, list]:
-    """Rows of a ``save_to_disk`` or hub dataset, validated, as UNIFIED_FEATURES columns."""
+def _unify_batch(batch: dict[str, list], indices: list[int], name: str,
+                 columns: dict[str, str] | None) -> dict[str, list]:
+    """Rows of a ``save_to_disk`` or hub dataset, mapped by ``columns`` and validated, as UNIFIED_FEATURES columns."""
     out: dict[str, list] = {key: [] for key in UNIFIED_FEATURES}
     for i, index in enumerate(indices):
         # Arrow gives None for a column a row lacks (single- and multi-turn rows in one table).
         record = {key: values[i] for key, values in batch.items() if values[i] is not None}
         where = f"{name}: row {index}"
-        record = validate_record(record, where, need_answer=False)
+        record = validate_record(map_record(record, columns, where) if columns else record, where, need_answer=False)
         error = answer_error(record, where)
         if error:
             raise DataError(f"{name}: not trainable as it is: {error}")
@@ -89,15 +97,17 @@ def _unify_batch(batch: dict[str, list], indices: list[int], name: str) -> dict[
     return out
 
 
-def _unify(ds: datasets.Dataset | datasets.IterableDataset, name: str,
+def _unify(ds: datasets.Dataset | datasets.IterableDataset, source: DataSource,
            cache_file: str | None = None) -> datasets.Dataset | datasets.IterableDataset:
-    columns = ds.column_names
-    if columns is not None and "instruction" not in columns and "messages" not in columns:
+    columns, name = ds.column_names, source.name
+    if columns is not None and source.columns:
+        check_mapped(source.columns, row_fields(dict(ds.features)), name)
+    elif columns is not None and "instruction" not in columns and "messages" not in columns:
         raise DataError(f"{name}: its columns are {', '.join(columns)}; training needs unified records "
-                        "(instruction, input, output, or messages): convert them with "
-                        f"`{COLLECTION} convert SOURCE OUT.json`")
+                        "(instruction, input, output, or messages): map them with --columns (e.g. "
+                        f"prompt=question,response=answer) or convert them with `{COLLECTION} convert SOURCE OUT.json`")
     kwargs: dict[str, Any] = {"batched": True, "batch_size": BATCH, "with_indices": True, "features": UNIFIED_FEATURES,
-                              "remove_columns": columns, "fn_kwargs": {"name": name}}
+                              "remove_columns": columns, "fn_kwargs": {"name": name, "columns": source.columns}}
     if isinstance(ds, datasets.Dataset):
         # Written in our build folder: a map would otherwise leave cache files in a save_to_disk folder.
         kwargs.update(cache_file_name=cache_file, desc=f"validating {name}")
@@ -134,19 +144,19 @@ def load_unified(source: DataSource, build_dir: str, data_files: list[str] | Non
                  subset: str | None) -> list[tuple[str, datasets.Dataset]]:
     """(origin, Dataset of unified rows) for each file of a source, or once for a folder or hub dataset;
     intermediate Arrow files go to ``build_dir``."""
-    slug = hashlib.sha256(source.name.encode()).hexdigest()[:16]
+    slug = hashlib.sha256(repr((source.name, source.columns)).encode()).hexdigest()[:16]
     if source.kind == "files":
-        return [(path, _generate(path, os.path.join(build_dir, "raw", f"{slug}-{i}")))
+        return [(path, _generate(path, source.columns, os.path.join(build_dir, "raw", f"{slug}-{i}")))
                 for i, path in enumerate(source.files)]
     loaded = _one_split(datasets.load_from_disk(source.name), source.name) if source.kind == "disk" \
         else load_hub(source, data_files, subset, streaming=False)
-    return [(source.name, _unify(loaded, source.name, os.path.join(build_dir, f"unified-{slug}.arrow")))]
+    return [(source.name, _unify(loaded, source, os.path.join(build_dir, f"unified-{slug}.arrow")))]
 
 
-def _generate(path: str, cache_dir: str) -> datasets.Dataset:
+def _generate(path: str, columns: dict[str, str] | None, cache_dir: str) -> datasets.Dataset:
     try:
-        return datasets.Dataset.from_generator(file_rows, features=UNIFIED_FEATURES, gen_kwargs={"path": path},
-                                               cache_dir=cache_dir)
+        return datasets.Dataset.from_generator(file_rows, features=UNIFIED_FEATURES,
+                                               gen_kwargs={"path": path, "columns": columns}, cache_dir=cache_dir)
     except Exception as e:
         raise _user_error(e) from None
 
@@ -167,13 +177,14 @@ def stream_unified(sources: list[DataSource], data_files: list[str] | None,
     parts = []
     for source in sources:
         if source.kind == "files":
-            parts += [datasets.IterableDataset.from_generator(file_rows, features=UNIFIED_FEATURES,
-                                                              gen_kwargs={"path": path}) for path in source.files]
+            parts += [datasets.IterableDataset.from_generator(
+                file_rows, features=UNIFIED_FEATURES, gen_kwargs={"path": path, "columns": source.columns})
+                for path in source.files]
         elif source.kind == "disk":
             loaded = _one_split(datasets.load_from_disk(source.name), source.name)
-            parts.append(_unify(loaded.to_iterable_dataset(), source.name))
+            parts.append(_unify(loaded.to_iterable_dataset(), source))
         else:
-            parts.append(_unify(load_hub(source, data_files, subset, streaming=True), source.name))
+            parts.append(_unify(load_hub(source, data_files, subset, streaming=True), source))
     return datasets.concatenate_datasets(parts) if len(parts) > 1 else parts[0]
 
 

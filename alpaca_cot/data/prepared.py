@@ -144,7 +144,7 @@ def prepare_splits(args: Any, tokenizer: Any, template: Template, cache_dir: str
     """
     if args.streaming:
         return stream_splits(args, tokenizer, template)
-    sources = resolve_sources(args.data)
+    sources = resolve_sources(args.data, getattr(args, "columns", None))
     check_hub_flags(args, sources)
     cache_dir = cache_dir or default_cache_dir()
     with main_process_first():
@@ -226,7 +226,7 @@ def stream_splits(args: Any, tokenizer: Any, template: Template) -> tuple[Stream
     if 0 < args.val_set_size < 1:
         raise UserError(f"--streaming needs --val_set_size as a count of records (got the fraction "
                         f"{args.val_set_size:g}): a stream has no length to take a fraction of")
-    sources = resolve_sources(args.data)
+    sources = resolve_sources(args.data, getattr(args, "columns", None))
     check_hub_flags(args, sources)
     stream = stream_unified(sources, args.data_files, args.subset)
     if args.max_samples:

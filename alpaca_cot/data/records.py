@@ -1,4 +1,5 @@
-"""The unified record format, and reading it from JSON / JSONL files with precise errors.
+"""The unified record format, and reading it from JSON / JSONL files with precise errors (and from Parquet
+and CSV files, through ``datasets``).
 
 A record is either single-turn::
 
@@ -16,6 +17,7 @@ assistant turn; prediction inputs may end with a user turn. Other keys are kept 
 from __future__ import annotations
 
 import codecs
+import csv
 import json
 import os
 from collections.abc import Iterator
@@ -24,6 +26,7 @@ from typing import Any
 from alpaca_cot.errors import UserError
 
 ROLES = ("system", "user", "assistant")
+TABLES = {".parquet": "parquet", ".csv": "csv"}  # extension -> the ``datasets`` builder that reads it
 
 
 class DataError(UserError):
@@ -152,6 +155,34 @@ def iter_json_records(path: str) -> Iterator[tuple[str, Any]]:
                 raise DataError(f"{path}:{lineno}: invalid JSON ({e.msg}, column {e.colno})") from None
 
 
+def iter_records(path: str) -> Iterator[tuple[str, Any]]:
+    """``iter_json_records``, or for a Parquet or CSV file its rows (empty cells left out), streamed."""
+    if not is_table(path):
+        yield from iter_json_records(path)
+        return
+    import datasets
+
+    builder = TABLES[os.path.splitext(path)[1].lower()]
+    text = {}
+    if builder == "csv":  # a cell is text as written ("7.0" stays "7.0", "NA" stays "NA"), not what pandas guesses
+        with open(path, encoding="utf-8-sig", newline="") as f:
+            names = next(csv.reader(f), [])
+        text = {"features": datasets.Features(dict.fromkeys(names, datasets.Value("string"))),
+                "keep_default_na": False}
+    try:
+        rows = iter(datasets.load_dataset(builder, data_files=path, split="train", streaming=True, **text))
+        for i, row in enumerate(rows):
+            yield f"{path}: row {i}", {key: value for key, value in row.items() if value is not None}
+    except Exception as e:  # a damaged file: one line, not the builder's traceback
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise DataError(f"{path}: cannot be read as {builder}: {reason}") from None
+
+
+def is_table(path: str) -> bool:
+    """Whether ``path`` is a Parquet or CSV file."""
+    return os.path.splitext(path)[1].lower() in TABLES
+
+
 def _first_char(path: str) -> bytes:
     """The file's first byte that is not whitespace (after a byte-order mark), or b"" when there is none."""
     with open(path, "rb") as f:
@@ -178,7 +209,7 @@ def read_records(path: str, *, need_answer: bool = True) -> list[dict]:
     """Read and validate every record of one unified-format file."""
     if not os.path.isfile(path):
         raise DataError(f"{path}: no such file")
-    records = [validate_record(obj, where, need_answer=need_answer) for where, obj in iter_json_records(path)]
+    records = [validate_record(obj, where, need_answer=need_answer) for where, obj in iter_records(path)]
     if not records:
         raise DataError(f"{path}: the file holds no records")
     return records

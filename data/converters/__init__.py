@@ -17,6 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from alpaca_cot.data.columns import FIELDS, map_record, row_fields
 from alpaca_cot.data.records import DataError, answered, validate_record
 from data.converters.base import BadRecord, Context
 from data.converters.cot import convert_aqua, convert_flan_cot, convert_gsm8k
@@ -48,7 +49,7 @@ from data.converters.qa import (
 from data.converters.reading import Report, Unreadable, iter_rows
 from data.storage import PLACEHOLDER, has_placeholder, literal_newline
 
-SOURCE_EXTENSIONS = (".json", ".jsonl", ".tsv", ".gz")
+SOURCE_EXTENSIONS = (".json", ".jsonl", ".tsv", ".gz", ".parquet", ".csv")
 DETECT_ROWS = 100  # rows whose fields are pooled to detect a format (real files mix keys)
 NEAREST = 3  # formats named when none fits a file
 # Keys under which a file's single top-level object holds its rows, tried in this order.
@@ -145,14 +146,17 @@ def get_format(name: str) -> Format:
     return FORMATS[name]
 
 
+def mapped_format(columns: dict[str, str]) -> Format:
+    """The format a ``--columns`` mapping makes: every field it names must be there, ``map_record`` reads them."""
+    fields = [field for name, field in columns.items() if name in FIELDS]
+    answers = "prompt" not in columns or "response" in columns
+    return _format("--columns", lambda row, ctx: [map_record(row, columns, ctx.where)], fields,
+                   {field.partition(".")[0] for field in fields}, trainable=answers)
+
+
 def pooled_keys(sample: list[Any]) -> set[str]:
     """The fields of the sample rows, with one level of nesting as ``outer.inner``."""
-    keys = set()
-    for row in sample:
-        if isinstance(row, dict):
-            keys.update(row)
-            keys.update(f"{key}.{inner}" for key, value in row.items() if isinstance(value, dict) for inner in value)
-    return keys
+    return {field for row in sample for field in row_fields(row)}
 
 
 def _columns(sample: list[Any]) -> int:
@@ -247,15 +251,16 @@ def dataset_name(path: str) -> str:
     return re.sub(r"[_-](train|dev|test|valid|validation)$", "", stem)
 
 
-def convert_file(path: str, format: str | None = None, *, seed: int = 42,
-                 plain: bool = False) -> tuple[list[dict], Report]:
+def convert_file(path: str, format: str | None = None, *, seed: int = 42, plain: bool = False,
+                 columns: dict[str, str] | None = None) -> tuple[list[dict], Report]:
     """Convert one source file. Rows that cannot become records are listed in ``Report.bad``
     (file:line and field), repairs in ``Report.repaired``; a file that no format fits, or not the
     named one, raises one DataError for the whole file. ``seed`` draws the CoT phrasings; ``plain``
-    keeps questions and answers without a phrasing (evaluation prompts)."""
+    keeps questions and answers without a phrasing (evaluation prompts); ``columns`` (``--columns``) maps the
+    rows' fields instead of a format."""
     report = Report(path)
     rows = list(iter_rows(path, report))
-    named = get_format(format) if format else None
+    named = mapped_format(columns) if columns else get_format(format) if format else None
     rows = unwrap(path, rows, named, report)
     fmt = named or detect_format(path, rows)
     if named:

@@ -6,19 +6,12 @@ import random
 from dataclasses import dataclass
 from typing import Any
 
+from alpaca_cot.data.columns import BadRecord
 from data.converters.reading import Report
 
 # Tool use inside multi-turn records: a call is an assistant turn, its result the next user turn.
 TOOL_CALL = "<tool_call>\n{}\n</tool_call>"
 TOOL_RESPONSE = "<tool_response>\n{}\n</tool_response>"
-
-
-class BadRecord(ValueError):
-    """A source row that cannot become a record; ``field`` names the offending source field."""
-
-    def __init__(self, field: str, why: str) -> None:
-        super().__init__(f"field '{field}' {why}")
-        self.field, self.why = field, why
 
 
 @dataclass

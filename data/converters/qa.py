@@ -10,6 +10,7 @@ from __future__ import annotations
 import string
 from typing import Any
 
+from alpaca_cot.data.columns import answer_text
 from data.converters.base import BadRecord, Context, build_messages, listed, text
 
 # Keys a question, an answer, a passage, or multiple-choice options go by in public sets, in order of preference.
@@ -27,30 +28,6 @@ LETTERS = string.ascii_uppercase
 def first_key(row: dict, keys: tuple[str, ...]) -> str | None:
     """The first of ``keys`` that ``row`` holds (with a value other than None)."""
     return next((key for key in keys if row.get(key) is not None), None)
-
-
-def answer_text(value: Any, field: str) -> str:
-    """An answer as text, the way the source means it: ``7`` (not ``7.0``) for an integral float,
-    ``2.5`` as written, yes/no for a boolean, a one-item list as its item, several items joined by ', '."""
-    if isinstance(value, bool):
-        return "yes" if value else "no"
-    if isinstance(value, int):
-        return str(value)
-    if isinstance(value, float):
-        # JSON has one number type: 7.0 in a file means the integer 7; repr keeps every digit that matters.
-        return str(int(value)) if value.is_integer() else repr(value)
-    if isinstance(value, str):
-        if not value.strip():
-            raise BadRecord(field, "is empty")
-        return value.strip()
-    if isinstance(value, dict) and "text" in value:  # SQuAD-style {"text": [...], "answer_start": [...]}
-        return answer_text(value["text"], f"{field}.text")
-    if isinstance(value, list):
-        if not value:
-            raise BadRecord(field, "is an empty list")
-        items = [answer_text(item, f"{field}[{i}]") for i, item in enumerate(value)]
-        return items[0] if len(set(items)) == 1 else ", ".join(items)
-    raise BadRecord(field, f"must be a string, number or list, got {type(value).__name__}")
 
 
 def _question(row: dict) -> tuple[str, str]:

@@ -1,6 +1,6 @@
 """Reading raw source files as they are published: JSON arrays, JSON Lines (whatever the file is
-called), TSV, gzip. Unambiguous defects are repaired and reported; rows that cannot be read are
-reported as bad, with their file and line."""
+called), TSV, gzip, Parquet and CSV (through ``datasets``). Unambiguous defects are repaired and
+reported; rows that cannot be read are reported as bad, with their file and line."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from alpaca_cot.data.records import DataError
+from alpaca_cot.data.records import DataError, is_table, iter_records
 
 _WHITESPACE = re.compile(r"[ \t\n\r]*")
 # A JSON escape is a backslash followed by one of these; anything else after a backslash is invalid.
@@ -65,6 +65,9 @@ def read_text(path: str) -> str:
 def iter_rows(path: str, report: Report) -> Iterator[tuple[str, Any]]:
     """Yield ``(location, row)``: a JSON value per array item or line, a field list per TSV line,
     or the whole object of a file that holds one JSON object. Unreadable lines come as ``Unreadable``."""
+    if is_table(path):
+        yield from iter_records(path)
+        return
     text = read_text(path)
     head = text.lstrip()[:1]
     if head == "[":
