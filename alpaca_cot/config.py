@@ -2,7 +2,7 @@
 
 ``FinetuneArgs`` is saved as ``finetune_args.json`` next to the adapter and read back by the other
 scripts as defaults. The inference scripts share ``ModelArgs`` and ``SamplingParams`` (in
-``alpaca_cot.generation.generator``); each script adds one group of its own.
+``alpaca_cot.generation.sampling``); each script adds one group of its own.
 """
 
 from __future__ import annotations
