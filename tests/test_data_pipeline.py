@@ -25,6 +25,7 @@ from alpaca_cot.data.templates import get_template
 from alpaca_cot.errors import UserError
 from tests.conftest import PYTHON, ROOT
 from tests.data_helpers import count_trainable
+from tests.fixtures.replicas import REPLICAS_LINE
 
 CUTOFF = 24  # short enough that records are cut, and the longest prompts leave no answer token (left out)
 
@@ -340,15 +341,16 @@ def test_streaming_under_torchrun_trains_in_sync(tmp_path, tiny_model_dir: str, 
     data = _write(tmp_path / "d.jsonl", records, jsonl=True)
     out = tmp_path / "out"
     cmd = [PYTHON, "-m", "torch.distributed.run", "--nproc_per_node", "2", f"--master_port={_free_port()}",
-           os.path.join(ROOT, "uniform_finetune.py"), "--model_name_or_path", tiny_model_dir, "--data", data,
-           "--streaming", "--max_steps", "3", "--val_set_size", "8", "--per_gpu_train_batch_size", "4",
+           os.path.join(ROOT, "tests", "fixtures", "replicas.py"), "--model_name_or_path", tiny_model_dir, "--data",
+           data, "--streaming", "--max_steps", "3", "--val_set_size", "8", "--per_gpu_train_batch_size", "4",
            "--lora_target_modules", "q_proj", "--compute_dtype", "fp32", "--output_dir", str(out)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     env.pop("LOCAL_RANK", None)
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     metrics = json.load(open(out / "metrics.json"))
-    assert metrics["world_size"] == 2 and metrics["steps"] == 3 and metrics["replicas_in_sync"] is True
+    assert metrics["world_size"] == 2 and metrics["steps"] == 3
+    assert REPLICAS_LINE.format(same=True) in proc.stdout, proc.stdout[-3000:]  # the harness compared the ranks
     assert metrics["train_records"] is None and metrics["validation_records"] == 8
 
 
