@@ -94,3 +94,13 @@ def test_ctrl_c_during_training_is_one_line(tmp_path, tiny_model_dir: str, tiny_
     assert "Traceback" not in stderr
     said = [line for line in stderr.splitlines() if line.startswith("interrupted")]  # tqdm may redraw its bar after
     assert len(said) == 1 and "--resume_from_checkpoint" in said[0], stderr[-3000:]
+
+
+@pytest.mark.parametrize("name", sorted(os.listdir(os.path.join(ROOT, "configs", "examples"))))
+def test_example_configs_are_valid_runs(name: str) -> None:
+    import uniform_finetune
+    from alpaca_cot.config import FinetuneArgs
+
+    values = read_config(os.path.join(ROOT, "configs", "examples", name), uniform_finetune.main)
+    args = FinetuneArgs(**values)
+    assert args.data and args.model_type == values["model_type"]
