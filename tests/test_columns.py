@@ -76,6 +76,8 @@ def test_history_and_system_make_a_conversation_and_tags_name_the_turns() -> Non
         {"role": "system", "content": "You square numbers."}, {"role": "user", "content": "2?"},
         {"role": "assistant", "content": "4"}, {"role": "user", "content": "And 3?\nBe brief."},
         {"role": "assistant", "content": "9"}]
+    alone = {"prompt": "instruction", "response": "output", "system": "system"}
+    assert [t["role"] for t in map_record(row, alone, "f:1")["messages"]] == ["system", "user", "assistant"]
     sharegpt = {"conversations": [{"from": "system", "value": "S"}, {"from": "human", "value": "Hi"},
                                   {"from": "gpt", "value": "Hello"}]}
     assert map_record(sharegpt, {"messages": "conversations"}, "f:1")["messages"] == [

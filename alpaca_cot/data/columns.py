@@ -1,5 +1,5 @@
 """``--columns``: a file's own fields mapped onto the unified record, with LLaMA-Factory's names (the "columns"
-and "tags" of its ``dataset_info.json``); and Parquet and CSV files read through ``datasets``.
+and "tags" of its ``dataset_info.json``).
 
     prompt=F     the instruction                 query=F    its input (optional)
     response=F   the answer (none: prompts only) system=F   a system prompt (optional)
@@ -88,7 +88,7 @@ def map_record(row: Any, columns: dict[str, str], where: str) -> dict:
             record["output"] = _text(values["response"], columns["response"])
         if not values.get("history") and not system:
             return record
-        return _with_history(record, values["history"] or [], columns.get("history", ""), system)
+        return _with_history(record, values.get("history") or [], columns.get("history", ""), system)
     except BadRecord as e:
         raise DataError(f"{where}: {e}") from None
 

