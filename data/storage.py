@@ -7,7 +7,7 @@ import os
 import re
 from dataclasses import dataclass, field
 
-from alpaca_cot.data.records import DataError, iter_json_records, validate_record
+from alpaca_cot.data.records import DataError, iter_records, validate_record
 from alpaca_cot.data.sources import resolve_data
 from alpaca_cot.io import write_text_atomic
 
@@ -33,7 +33,7 @@ def load_records(source: str, *, need_answer: bool = True) -> list[dict]:
     """Every record of a unified-format source: a file, a folder or a registry name (as ``--data``)."""
     records = []
     for path in resolve_data([source]):
-        records.extend(validate_record(obj, where, need_answer=need_answer) for where, obj in iter_json_records(path))
+        records.extend(validate_record(obj, where, need_answer=need_answer) for where, obj in iter_records(path))
     return records
 
 
@@ -99,7 +99,7 @@ def check_file(path: str) -> FileCheck:
     """Validate every record of a unified-format file, counting kinds, answers and problems."""
     check = FileCheck(path)
     try:
-        rows = list(iter_json_records(path))
+        rows = list(iter_records(path))
     except DataError as e:
         check.errors.append(str(e))
         return check

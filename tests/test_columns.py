@@ -14,10 +14,11 @@ from alpaca_cot.data import sources
 from alpaca_cot.data.columns import map_record, parse_columns
 from alpaca_cot.data.pipeline import file_rows, to_record
 from alpaca_cot.data.prepared import prepare_splits
-from alpaca_cot.data.records import DataError
+from alpaca_cot.data.records import DataError, read_records
 from alpaca_cot.data.templates import get_template
 from alpaca_cot.errors import UserError
 from data import collection
+from data.storage import check_file
 from tests.conftest import run_script
 
 MAPPING = "prompt=sQuestion,response=lSolutions"
@@ -137,6 +138,8 @@ def test_parquet_and_csv_files_read_as_json_does(tmp_path) -> None:
     found = sources.resolve_data([str(tmp_path / "sub")])
     assert found == [str(tmp_path / "sub" / "u.parquet")]
     assert [to_record(r) for r in file_rows(found[0])] == unified  # no mapping: the columns are unified
+    assert read_records(str(tmp_path / "folder.csv")) == unified  # as predict.py and evaluate.py read --data
+    assert check_file(found[0]).errors == [] and check_file(found[0]).single == 4  # collection.py validate
 
 
 def _args(data: list[str], **kw) -> FinetuneArgs:
