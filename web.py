@@ -11,9 +11,11 @@ or POST {"prompt": "..."} to http://127.0.0.1:8410/ for {"response", "status", "
 from __future__ import annotations
 
 import os
+import socket
 
 from alpaca_cot.cli import command, run_cli
 from alpaca_cot.config import ModelArgs, ServeArgs
+from alpaca_cot.errors import UserError
 from alpaca_cot.generation.generator import Generator
 from alpaca_cot.generation.sampling import SamplingParams
 from alpaca_cot.models.loading import load_for_inference
@@ -32,6 +34,7 @@ def main(model: ModelArgs, sampling: SamplingParams, args: ServeArgs) -> None:
     from alpaca_cot.serving.webapp import create_app
 
     api_key = args.api_key or os.environ.get("ALPACA_COT_API_KEY") or None
+    check_port(args.host, args.port)
     base, tokenizer, template = load_for_inference(**model.loader_kwargs())
     model_id = os.path.basename(os.path.normpath(model.lora_dir or base.name_or_path))
     app = create_app(Generator(base, tokenizer, template), sampling, model_id=model_id, api_key=api_key, ui=args.ui,
@@ -42,6 +45,15 @@ def main(model: ModelArgs, sampling: SamplingParams, args: ServeArgs) -> None:
     page = f"chat page {url}/, " if args.ui else ""
     print(f"Serving {model_id}: {page}OpenAI API {url}/v1, original API POST {url}/", flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+
+
+def check_port(host: str, port: int) -> None:
+    """Refuse, before the model loads, an address uvicorn could not listen on (a port in use, say)."""
+    try:
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+        socket.create_server((host, port), family=family).close()  # SO_REUSEADDR, as uvicorn binds
+    except OSError as e:
+        raise UserError(f"cannot listen on {host}:{port}: {e.strerror or e}; pick another --port or --host") from None
 
 
 if __name__ == "__main__":

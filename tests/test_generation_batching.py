@@ -77,11 +77,14 @@ def held(generator: Generator, streams: int) -> Iterator[None]:
 def concurrently(generator: Generator, jobs: list[tuple[dict, SamplingParams]], hold: bool = False,
                  stops: list[threading.Event] | None = None) -> list[str]:
     """Stream every (record, params) from its own thread (``hold``: all queued before the first token); the
-    answers in order."""
-    answers: list[str] = [""] * len(jobs)
+    answers in order (a failed stream's: its exception)."""
+    answers: list[Any] = [""] * len(jobs)
 
     def run(i: int) -> None:
-        answers[i] = "".join(generator.stream(*jobs[i], stops[i] if stops else None))
+        try:
+            answers[i] = "".join(generator.stream(*jobs[i], stops[i] if stops else None))
+        except Exception as e:
+            answers[i] = e
 
     threads = [threading.Thread(target=run, args=(i,)) for i in range(len(jobs))]
     with held(generator, len(jobs)) if hold else contextlib.nullcontext():
@@ -193,3 +196,69 @@ def test_every_family_batches_exactly(model_type: str, tmp_path: Any, records: l
         answers = concurrently(generator, [(r, params) for r in records[:6]], hold=True)
     assert max(rows for rows, _ in sizes) == 4
     assert answers == [alone(generator, r, params) for r in records[:6]]
+
+
+def test_a_failing_step_fails_its_requests_and_the_decoder_goes_on(stories: Generator, records: list[dict]) -> None:
+    """Out of memory while choosing tokens, in a prefill and in a decoding step: those requests fail, the rest
+    and every later request are answered as before."""
+    params = dataclasses.replace(GREEDY, max_new_tokens=8)
+    expected = [alone(stories, r, params) for r in records[:4]]
+    assert stories.batch_streams(4)
+    decoder, calls = stories.decoder, []
+
+    def failing(jobs: list, *args: Any) -> torch.Tensor:
+        calls.append(len(jobs))
+        if len(calls) == 1 or (len(jobs) == 2 and calls.count(2) == 1):  # the first prefill; the first 2-row step
+            raise torch.OutOfMemoryError("injected")
+        return type(decoder)._choose(decoder, jobs, *args)
+
+    decoder._choose = failing
+    answers = concurrently(stories, [(r, params) for r in records[:3]], hold=True)
+    assert calls.count(2) == 1 and all(isinstance(a, torch.OutOfMemoryError) for a in answers), (calls, answers)
+    assert decoder._thread.is_alive() and not decoder._rows
+    assert concurrently(stories, [(r, params) for r in records[:4]], hold=True) == expected
+    assert "".join(stories.stream(records[0], params)) == expected[0]
+
+
+READS = ("tolist", "item", "__bool__", "__int__", "__float__", "__index__", "numpy")
+
+
+def test_a_decoding_step_reads_the_device_once(stories: Generator, records: list[dict],
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """The token choice is batched: over rows of three different settings, each step reads the device once
+    (the chosen tokens), whatever the batch size; the model's forward and the streamer are not counted."""
+    assert stories.batch_streams(8)
+    decoder, counts, state = stories.decoder, [], threading.local()
+
+    def counted(name: str) -> Any:
+        method = getattr(torch.Tensor, name)
+
+        def read(self: torch.Tensor, *args: Any) -> Any:
+            if getattr(state, "phase", None) == "count":
+                counts[-1][1] += 1
+            return method(self, *args)
+        return read
+
+    def phase(name: str, fn: Any, label: str | None) -> Any:
+        def wrapped(*args: Any) -> Any:
+            outer = getattr(state, "phase", None)
+            if label:
+                counts.append([label, 0])
+            state.phase = "count" if label else "skip"
+            try:
+                return fn(*args)
+            finally:
+                state.phase = outer
+        return wrapped
+
+    for name in READS:
+        monkeypatch.setattr(torch.Tensor, name, counted(name))
+    for name, label in (("_step", "step"), ("_prefill", "prefill"), ("_forward", None), ("_emit", None)):
+        setattr(decoder, name, phase(name, getattr(decoder, name), label))
+    settings = [GREEDY, dataclasses.replace(GREEDY, repetition_penalty=1.0, no_repeat_ngram_size=0),
+                SamplingParams(max_new_tokens=32, temperature=0.8, top_k=20, seed=7)]
+    answers = concurrently(stories, [(r, settings[i % 3]) for i, r in enumerate(records[:6])], hold=True)
+    assert all(isinstance(a, str) and a for a in answers)
+    steps = [n for label, n in counts if label == "step"]
+    assert len(steps) >= 20 and set(steps) == {1}
+    assert {n for label, n in counts if label == "prefill"} == {1}

@@ -216,6 +216,20 @@ def test_time_to_first_token(client: openai.OpenAI) -> None:
     assert len(times) == 5 and statistics.median(times) < 10
 
 
+def test_a_port_in_use_is_refused_before_the_model_loads(tmp_path: Any) -> None:
+    """One line, exit 2, and the missing adapter never read: the port is checked first."""
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        result = subprocess.run([PYTHON, os.path.join(ROOT, "web.py"), "--lora_dir", str(tmp_path / "absent"),
+                                 "--port", str(port)], cwd=ROOT, capture_output=True, text=True, timeout=240,
+                                env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr.splitlines() == [result.stderr.strip()] and f"127.0.0.1:{port}" in result.stderr
+    assert "Address already in use" in result.stderr and "absent" not in result.stderr
+
+
 # ---- in process: validation, no-key mode, queue order and disconnects ---------------------------
 @pytest.fixture(scope="module")
 def generator(trained_adapter: str) -> Any:
@@ -490,6 +504,44 @@ def test_concurrent_requests_decode_together_with_their_own_settings(generator: 
             worker.join(timeout=120)
     assert max(sizes) > 1  # decoded together
     assert answers == expected
+
+
+@pytest.mark.parametrize("max_batch_size", [1, 4])
+def test_a_failing_forward_fails_its_request_and_the_server_goes_on(generator: Any, max_batch_size: int) -> None:
+    """Out of memory in a forward pass (a prefill, then a decoding step): a plain request gets a 500 in OpenAI's
+    shape, a stream ends with an error event; the next request gets the answer it got before."""
+    import torch
+    from fastapi.testclient import TestClient
+
+    from alpaca_cot.generation.sampling import SamplingParams
+    from alpaca_cot.serving.webapp import create_app
+
+    app = create_app(generator, SamplingParams(max_new_tokens=8), model_id="run", ui=False,
+                     max_batch_size=max_batch_size)
+    chat = {**CHAT, "temperature": 0}
+    forwards: list[int] = []
+
+    def hook(module: Any, args: Any, output: Any) -> Any:
+        forwards.append(1)
+        if len(forwards) in (1, 3):  # the first request's prefill; the second request's first decoding step
+            raise torch.OutOfMemoryError("injected out of memory")
+        return output
+
+    with TestClient(app, raise_server_exceptions=False) as client:
+        expected = client.post("/v1/chat/completions", json=chat).json()["choices"][0]["message"]["content"]
+        handle = generator.model.get_base_model().register_forward_hook(hook)
+        try:
+            failed = client.post("/v1/chat/completions", json=chat)
+            streamed = client.post("/v1/chat/completions", json={**chat, "stream": True}).text
+        finally:
+            handle.remove()
+        after = client.post("/v1/chat/completions", json=chat)
+    assert failed.status_code == 500 and failed.json()["error"]["type"] == "server_error"
+    assert "injected out of memory" in failed.json()["error"]["message"]
+    events = [line.removeprefix("data: ") for line in streamed.splitlines() if line.startswith("data: ")]
+    assert "injected out of memory" in json.loads(events[-2])["error"]["message"] and events[-1] == "[DONE]"
+    assert after.status_code == 200 and after.json()["choices"][0]["message"]["content"] == expected
+    assert expected and app.state.service.batched == (max_batch_size > 1)
 
 
 def test_request_bodies_over_the_limit_get_413(generator: Any, local: Any) -> None:

@@ -7,15 +7,16 @@ import contextlib
 import inspect
 import threading
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 import transformers
 
 from alpaca_cot.generation.sampling import SamplingParams
 
-if TYPE_CHECKING:
-    from alpaca_cot.generation.generator import Generator
+# The id over each row's left padding: past every vocabulary, so the stock penalty and n-gram processors
+# (which clamp ids to the vocabulary's size and drop that column) never count it.
+PAD = torch.iinfo(torch.long).max
 
 
 @dataclass
@@ -27,7 +28,6 @@ class Job:
     streamer: transformers.TextIteratorStreamer
     stop_event: threading.Event
     errors: list[BaseException] = field(default_factory=list)
-    ids: list[int] = field(default_factory=list)  # prompt and answer so far (the penalties read them)
     new_tokens: int = 0
     processors: transformers.LogitsProcessorList | None = None
     rng: torch.Generator | None = None
@@ -38,9 +38,10 @@ class BatchedDecoder:
     per forward pass, over the stock forward and ``DynamicCache``), or by stock ``generate`` one at a time
     (beam search, ``max_batch_size`` 1, or a model that cannot be batched). A new row's prompt is encoded
     alone, then its cache is left-padded into the batch's (the mask hides the padding; each row has its own
-    position ids); a finished or cancelled row leaves at once, with the columns that only it needed."""
+    position ids); a finished or cancelled row leaves at once, with the columns that only it needed. A step
+    reads the device once: the chosen tokens (see ``_choose``). An error fails only the requests it touched."""
 
-    def __init__(self, generator: Generator, max_batch_size: int):
+    def __init__(self, generator: Any, max_batch_size: int):  # a Generator (which imports this module)
         self.generator = generator
         self.model = generator.model
         base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
@@ -55,6 +56,7 @@ class BatchedDecoder:
         self._rows: list[Job] = []  # the batch, in order; only the decoding thread touches it
         self._cache: transformers.DynamicCache | None = None
         self._mask: torch.Tensor | None = None  # (rows, cached length), 0 over each row's left padding
+        self._ids: torch.Tensor | None = None  # (rows, cached length + 1): prompt and answer, PAD over the padding
 
     @torch.inference_mode()
     def supported(self) -> bool:
@@ -122,23 +124,24 @@ class BatchedDecoder:
 
     def _prefill(self, job: Job) -> None:
         """Encode ``job``'s prompt alone, choose its first token, and add its row to the batch."""
-        job.ids = list(job.prompt_ids)
-        job.processors = job.params.logits_processors()
-        if job.params.sampling:  # its own random generator: a seeded answer does not depend on the batch
-            job.rng = torch.Generator(self.generator.device)
-            if job.params.seed is None:
-                job.rng.seed()
-            else:
-                job.rng.manual_seed(job.params.seed)
         try:
+            job.processors = job.params.logits_processors()
+            if job.params.sampling:  # its own random generator: a seeded answer does not depend on the batch
+                job.rng = torch.Generator(self.generator.device)
+                if job.params.seed is None:
+                    job.rng.seed()
+                else:
+                    job.rng.manual_seed(job.params.seed)
             job.streamer.put(torch.tensor(job.prompt_ids))  # the streamer skips the first tokens it gets, the prompt
             with self.generator.lock:
                 ids = torch.tensor([job.prompt_ids], device=self.generator.device)
                 one = transformers.DynamicCache()
                 logits = self._forward(ids, torch.ones_like(ids), torch.arange(ids.shape[1], device=ids.device)[None],
                                        one)
-                if not self._emit(job, self._choose([job], logits)[0]):
-                    self._cache, self._mask = _join(self._cache, self._mask, one, torch.ones_like(ids))
+                token = self._choose([job], ids, logits)
+                if not self._emit(job, token.tolist()[0]):
+                    self._cache, self._mask, self._ids = _join(self._cache, self._mask, self._ids, one,
+                                                               torch.ones_like(ids), torch.cat([ids[0], token])[None])
                     self._rows.append(job)
                     return
         except Exception as e:  # this request fails alone
@@ -150,18 +153,21 @@ class BatchedDecoder:
         rows = self._rows
         try:
             with self.generator.lock:
-                last = torch.tensor([[job.ids[-1]] for job in rows], device=self.generator.device)
                 mask = torch.cat([self._mask, self._mask.new_ones(len(rows), 1)], dim=1)
-                logits = self._forward(last, mask, mask.sum(dim=1, keepdim=True) - 1, self._cache)
-                finished = [self._emit(job, token) for job, token in zip(rows, self._choose(rows, logits), strict=True)]
+                logits = self._forward(self._ids[:, -1:], mask, mask.sum(dim=1, keepdim=True) - 1, self._cache)
+                tokens = self._choose(rows, self._ids, logits)
+                ids = torch.cat([self._ids, tokens[:, None]], dim=1)
+                finished = [self._emit(job, token) for job, token in zip(rows, tokens.tolist(), strict=True)]
                 keep = [row for row, done in enumerate(finished) if not done]
-                if len(keep) < len(rows):
-                    self._cache, mask = _select(self._cache, mask, keep) if keep else (None, None)
+                if len(keep) < len(rows):  # drop the columns that are padding in every kept row
+                    start = ids.shape[1] - max((len(rows[row].prompt_ids) + rows[row].new_tokens for row in keep),
+                                               default=0)
+                    self._cache, mask, ids = _select(self._cache, mask, ids, keep, start) if keep else (None,) * 3
         except Exception as e:
-            finished, keep, self._cache, mask = [True] * len(rows), [], None, None
+            finished, keep, self._cache, mask, ids = [True] * len(rows), [], None, None, None
             for job in rows:
                 job.errors.append(e)
-        self._rows, self._mask = [rows[row] for row in keep], mask
+        self._rows, self._mask, self._ids = [rows[row] for row in keep], mask, ids
         for job, done in zip(rows, finished, strict=True):
             if done:
                 _end(job)
@@ -173,20 +179,31 @@ class BatchedDecoder:
         out = self.model(input_ids=ids, attention_mask=mask, cache=cache, use_cache=True, logits_to_keep=1, **extra)
         return out.logits[:, -1, :].to(dtype=torch.float32)
 
-    def _choose(self, jobs: list[Job], logits: torch.Tensor) -> list[int]:
-        """Each job's next token from its row of ``logits``, with its own settings and random generator
-        (read back from the device once for the batch)."""
-        scores = torch.cat([job.processors(torch.tensor([job.ids], device=logits.device), logits[row:row + 1])
-                            for row, job in enumerate(jobs)])
-        tokens = scores.argmax(dim=-1)
+    def _choose(self, jobs: list[Job], ids: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        """The next token of every row, on the device: the logits processors run once over the rows that share
+        settings (once over the batch when all do), given ``ids`` (each row's prompt and answer, PAD-padded on
+        the left: the stock processors ignore ids past the vocabulary); sampled rows draw with their own random
+        generator. No read from the device."""
+        groups: dict[tuple, list[int]] = {}
         for row, job in enumerate(jobs):
-            if job.rng is not None:
-                tokens[row] = torch.multinomial(torch.softmax(scores[row], dim=-1), 1, generator=job.rng)[0]
-        return tokens.tolist()
+            groups.setdefault(_choice_key(job.params), []).append(row)
+        if len(groups) == 1:
+            scores = jobs[0].processors(ids, logits)
+        else:
+            scores = torch.empty_like(logits)
+            for rows in groups.values():
+                index = torch.tensor(rows, device=logits.device)
+                scores[index] = jobs[rows[0]].processors(ids[index], logits[index])
+        tokens = scores.argmax(dim=-1)
+        drawn = [row for row, job in enumerate(jobs) if job.rng is not None]
+        if drawn:
+            probs = torch.softmax(scores[drawn], dim=-1)
+            for i, row in enumerate(drawn):
+                tokens[row] = torch.multinomial(probs[i], 1, generator=jobs[row].rng)[0]
+        return tokens
 
     def _emit(self, job: Job, token: int) -> bool:
         """Hand ``token`` to the job's streamer; True when the job is finished."""
-        job.ids.append(token)
         job.new_tokens += 1
         try:
             job.streamer.put(torch.tensor([token]))
@@ -209,28 +226,34 @@ def _end(job: Job) -> None:
         job.streamer.end()
 
 
-def _join(cache: transformers.DynamicCache | None, mask: torch.Tensor | None, new: transformers.DynamicCache,
-          new_mask: torch.Tensor) -> tuple[transformers.DynamicCache, torch.Tensor]:
-    """The batch's cache and mask with ``new``'s rows added below, the shorter side left-padded."""
+def _choice_key(params: SamplingParams) -> tuple:
+    """The settings that shape a row's token choice (rows with equal keys are processed together)."""
+    warpers = (params.temperature, params.top_k, params.top_p) if params.sampling else ()
+    return params.repetition_penalty, params.no_repeat_ngram_size, *warpers
+
+
+def _join(cache: transformers.DynamicCache | None, mask: torch.Tensor | None, ids: torch.Tensor | None,
+          new: transformers.DynamicCache, new_mask: torch.Tensor,
+          new_ids: torch.Tensor) -> tuple[transformers.DynamicCache, torch.Tensor, torch.Tensor]:
+    """The batch's cache, mask and ids with ``new``'s row added below, the shorter side left-padded."""
     if cache is None:
-        return new, new_mask
+        return new, new_mask, new_ids
     length = max(mask.shape[1], new_mask.shape[1])
 
-    def pad(t: torch.Tensor, dim: int) -> torch.Tensor:  # left-pad dimension ``dim`` to ``length`` with zeros
+    def pad(t: torch.Tensor, dim: int, value: int = 0, extra: int = 0) -> torch.Tensor:  # left-pad to ``length``
         shape = list(t.shape)
-        shape[dim] = length - t.shape[dim]
-        return torch.cat([t.new_zeros(shape), t], dim=dim)
+        shape[dim] = length + extra - t.shape[dim]
+        return torch.cat([t.new_full(shape, value), t], dim=dim)
 
     layers = [(torch.cat([pad(a.keys, 2), pad(b.keys, 2)]), torch.cat([pad(a.values, 2), pad(b.values, 2)]))
               for a, b in zip(cache.layers, new.layers, strict=True)]
-    return transformers.DynamicCache(ddp_cache_data=layers), torch.cat([pad(mask, 1), pad(new_mask, 1)])
+    return (transformers.DynamicCache(ddp_cache_data=layers), torch.cat([pad(mask, 1), pad(new_mask, 1)]),
+            torch.cat([pad(ids, 1, PAD, 1), pad(new_ids, 1, PAD, 1)]))
 
 
-def _select(cache: transformers.DynamicCache, mask: torch.Tensor,
-            rows: list[int]) -> tuple[transformers.DynamicCache, torch.Tensor]:
-    """Only ``rows`` of the batch, without the leading columns that are padding in all of them."""
+def _select(cache: transformers.DynamicCache, mask: torch.Tensor, ids: torch.Tensor, rows: list[int],
+            start: int) -> tuple[transformers.DynamicCache, torch.Tensor, torch.Tensor]:
+    """Only ``rows`` of the batch, from column ``start`` of ``ids`` on (the columns before are padding)."""
     index = torch.tensor(rows, device=mask.device)
-    mask = mask[index]
-    start = int((mask.cumsum(dim=1) == 0).sum(dim=1).min())  # padding columns every kept row starts with
     layers = [(layer.keys[index, :, start:], layer.values[index, :, start:]) for layer in cache.layers]
-    return transformers.DynamicCache(ddp_cache_data=layers), mask[:, start:]
+    return transformers.DynamicCache(ddp_cache_data=layers), mask[index, start:], ids[index, start:]

@@ -53,6 +53,8 @@ def create_app(generator: Generator, defaults: SamplingParams | None = None, *, 
     app.add_exception_handler(RequestValidationError, lambda request, exc: _validation_error(exc).response())
     app.add_exception_handler(HTTPException, lambda request, exc: APIError(
         exc.status_code, f"{exc.detail}: {request.method} {request.url.path}").response())
+    app.add_exception_handler(Exception, lambda request, exc: APIError(  # e.g. out of memory: this request fails
+        500, f"The server failed to answer: {exc}", type="server_error").response())
     for routes in (router, openai_api.router):
         app.include_router(routes, dependencies=[Depends(_authorize)])
     if ui:
