@@ -3,8 +3,9 @@
 Usage: python3 data/collection.py VERB [ARGS] [--FLAGS]   (python3 data/collection.py VERB --help)
 
     convert INPUT OUTPUT          source file or folder -> one unified .json/.jsonl file
-    validate PATH...              a report per unified file: validity, trainable or not
-    stats                         the statistics table (Markdown) and relative-size chart (PNG)
+    validate PATH...              a report per unified file: validity, kinds, trainable or not
+    stats [PATH...]               the statistics table (Markdown) and relative-size chart (PNG); with
+                                  PATHs, a table of those files: records by kind, pairs' reply lengths, bad rows
     mix OUTPUT SOURCE[:WEIGHT]... weighted mix of names, files or folders
     dedup INPUT OUTPUT            drop exact or normalized duplicates
     decontaminate INPUT OUTPUT --eval_file FILE   drop records sharing n-grams with an eval set's questions/answers
@@ -53,6 +54,7 @@ def convert(input: str, output: str, format: str | None = None, seed: int = 42, 
 
     The format of each file is detected from its content unless --format names it (see `formats`), or
     --columns maps its fields with LLaMA-Factory's names (prompt=question,response=answer; see README.md).
+    Preference files (chosen and rejected replies; KTO labels) become preference pairs or KTO records.
     Records that cannot be converted, and files no format fits, stop the conversion with their
     file:line and field, unless --skip_bad leaves them out (and lists them). --fill
     name=X,author=Y fills {{name}}/{{author}} template slots. --seed chooses the chain-of-thought
@@ -99,10 +101,11 @@ def convert(input: str, output: str, format: str | None = None, seed: int = 42, 
 
 def validate(*paths: str) -> None:
     """Check unified-format files (or folders of .json/.jsonl files) and print a report per file:
-    valid records, single-/multi-turn, trainable or not, errors with file:line and field."""
+    valid records, single-/multi-turn, SFT or preference pairs or KTO, trainable or not, errors with file:line
+    and field."""
     if not paths:
         raise DataError("validate needs at least one file or folder")
-    files = [f for path in paths for f in (source_files(path) if os.path.isdir(path) else [path])]
+    files = _files(paths)
     failed = 0
     for path in files:
         check = check_file(path)
@@ -112,10 +115,22 @@ def validate(*paths: str) -> None:
         raise DataError(f"{failed} of {len(files)} files have invalid records")
 
 
-def stats(out_dir: str | None = None, overwrite: bool = False) -> None:
+def stats(*paths: str, out_dir: str | None = None, overwrite: bool = False) -> None:
     """Regenerate the statistics table of the collection (Markdown, also printed) from the registry
     and the files present under data/, and the relative-size chart (PNG), in --out_dir (default
-    data/stats). Files an earlier run of stats wrote are replaced; others only with --overwrite."""
+    data/stats). Files an earlier run of stats wrote are replaced; others only with --overwrite.
+    With PATHs (unified files or folders), print their table instead: valid records by kind (SFT,
+    preference pairs, KTO), the pairs' mean reply lengths in characters, pairs refused for identical
+    replies, and invalid records (those among them)."""
+    if paths:
+        print("| file | SFT | pairs | KTO | chosen (mean chars) | rejected (mean chars) | identical | bad |\n|"
+              + "---|" * 8)
+        for check in map(check_file, _files(paths)):
+            pairs = check.kinds["pairs"]
+            means = [f"{chars / pairs:.0f}" if pairs else "" for chars in (check.chosen_chars, check.rejected_chars)]
+            print(f"| {check.path} | {check.kinds['sft']} | {pairs} | {check.kinds['kto']} | {' | '.join(means)} | "
+                  f"{check.identical} | {len(check.errors)} |")
+        return
     out_dir = out_dir or os.path.join(sources.DATA_DIR, "stats")
     table_path, chart_path = os.path.join(out_dir, "statistics.md"), os.path.join(out_dir, "relative_size.png")
     for path in (table_path, chart_path):
@@ -203,8 +218,14 @@ def formats() -> None:
             keys = f"{fmt.columns} tab-separated fields per line"
         else:
             keys = "fields " + ", ".join(" | ".join(group) for group in fmt.groups)
-        trainable = "" if fmt.trainable else " [no outputs: not trainable]"
+        trainable = {"pairs": " [preference pairs]", "kto": " [KTO]"}.get(fmt.kind, "") if fmt.trainable \
+            else " [no outputs: not trainable]"
         print(f"{fmt.name} ({keys}){trainable}\n    {fmt.description}")
+
+
+def _files(paths: tuple[str, ...]) -> list[str]:
+    """The files named, folders replaced by their source files."""
+    return [f for path in paths for f in source_files(path)]  # a missing path: one line
 
 
 def _listing(lines: list[str]) -> str:

@@ -10,7 +10,7 @@ import unicodedata
 from collections.abc import Iterable
 
 from alpaca_cot.data.cot import split_cot
-from alpaca_cot.data.records import DataError
+from alpaca_cot.data.records import DataError, record_kind
 from data.storage import record_texts
 
 # Word tokens for decontamination: a CJK character is a token by itself, other scripts split on
@@ -72,13 +72,15 @@ def content_texts(record: dict) -> list[str]:
 
 def dedup(records: list[dict], mode: str = "normalized") -> list[dict]:
     """The records with duplicates removed, first occurrence kept, compared on their content (see
-    ``content_texts``). ``exact`` compares the texts as they are; ``normalized`` after ``normalize``."""
+    ``content_texts``; a pair's prompt, chosen and rejected). ``exact`` compares the texts as they are;
+    ``normalized`` after ``normalize``."""
     if mode not in ("exact", "normalized"):
         raise DataError(f"dedup: --mode is {mode!r}; use exact or normalized")
     seen, kept = set(), []
     for record in records:
         texts = content_texts(record)
-        key = json.dumps(texts if mode == "exact" else [normalize(t) for t in texts], ensure_ascii=False)
+        texts = texts if mode == "exact" else [normalize(t) for t in texts]
+        key = json.dumps([texts, record_kind(record) == "kto" and record["label"]], ensure_ascii=False)
         if key not in seen:
             seen.add(key)
             kept.append(record)
@@ -88,16 +90,16 @@ def dedup(records: list[dict], mode: str = "normalized") -> list[dict]:
 def question_and_answer(record: dict) -> tuple[str, str]:
     """What an evaluation record asks and expects, without any phrasing of ours: the question and
     final answer of a CoT record, instruction and input with the output, or the user turns with
-    the assistant turns."""
+    the assistant turns; a preference record's replies are answers too."""
     parts = split_cot(record)
     if parts:
         return parts[0], parts[2]
+    replies = [record[key] for key in ("output", "chosen", "rejected") if key in record]
     if "messages" in record:
         turns = record["messages"]
         return ("\n".join(t["content"] for t in turns if t["role"] == "user"),
-                "\n".join(t["content"] for t in turns if t["role"] == "assistant"))
-    question = "\n".join(part for part in (record["instruction"], record.get("input", "")) if part)
-    return question, record.get("output", "")
+                "\n".join([t["content"] for t in turns if t["role"] == "assistant"] + replies))
+    return "\n".join(part for part in (record["instruction"], record.get("input", "")) if part), "\n".join(replies)
 
 
 def tokens(text: str) -> list[str]:

@@ -47,6 +47,7 @@ SEED_NAMES = ("alpaca", "belle", "cot", "belle1.5m", "finance", "multiturn_chat"
 EMPTY_OUTPUT = "field 'output' is empty"
 TWO_ANSWERS = "it follows another assistant turn"
 EMPTY_ANSWER = "is empty, and it is the final answer"
+OTHER_PROMPT = "field 'rejected' differs from 'chosen' before the reply"
 ALPACA_ZH = "alpaca_chinese_dataset/alpaca_data-{}-中文-{}.json"
 KNOWN_BAD = {
     **{(ALPACA_ZH.format("0-3252", "已完成"), n): EMPTY_OUTPUT for n in (1422, 6117, 6737, 8682)},
@@ -55,7 +56,9 @@ KNOWN_BAD = {
     **{("alpaca_chinese_dataset/alpaca_data-9407-12345-英文.json", n): EMPTY_OUTPUT for n in (9282, 9742, 10322)},
     **{("codealpaca/code_alpaca_2k.json", n): EMPTY_OUTPUT for n in (1187, 9297)},
     **{("hh_rlhf/harmless-base/test.jsonl.gz", n): EMPTY_ANSWER for n in (87, 517, 926, 1104)},
-    **{("hh_rlhf/harmless-base/test.jsonl.gz", n): TWO_ANSWERS for n in (668, 764, 1255, 1320, 1689, 1850, 1953, 2037)},
+    # hh-rlhf is read as preference pairs: the transcripts must agree up to their last replies.
+    **{("hh_rlhf/harmless-base/test.jsonl.gz", n): TWO_ANSWERS for n in (668, 764, 1320, 1850)},
+    **{("hh_rlhf/harmless-base/test.jsonl.gz", n): OTHER_PROMPT for n in (1255, 1689, 1951, 1953, 2037)},
     ("medicalgpt/sharegpt_zh_1K_format.jsonl", 781): "is a user turn that no assistant turn answers",
 }
 KNOWN_REPAIRS = {
@@ -124,9 +127,10 @@ def test_every_source_format_is_met_in_the_raw_files(converted):
     met = {report.format for _, report in converted.values()}
     # "messages" is the unified multi-turn format itself; the round trip below reads it back. The
     # layouts of evaluation sets and task collections are absent from ../shared: test_collection_layouts.py
-    # tests each on a fixture of its own.
+    # tests each on a fixture of its own, test_preference_data.py the preference layouts. hh_rlhf (SFT) is
+    # only chosen by --format: detection reads hh-rlhf as pairs.
     assert met == set(FORMATS) - {"messages", "qa", "qa_tsv", "choice", "target_scores", "prompts", "humaneval",
-                                  "mbpp"}
+                                  "mbpp", "ultrafeedback", "sharegpt_pairs", "pairs", "kto", "hh_rlhf"}
 
 
 @pytest.mark.slow
@@ -137,8 +141,8 @@ def test_convert_then_validate_round_trips(converted, tmp_path):
             continue
         out = str(tmp_path / f"{i}.jsonl")
         write_records(out, records)
-        trainable = FORMATS[report.format].trainable
-        assert read_records(out, need_answer=trainable) == records, path
+        trainable, kind = FORMATS[report.format].trainable, FORMATS[report.format].kind
+        assert read_records(out, need_answer=trainable, kind=kind) == records, path
         if not trainable:
             with pytest.raises(DataError, match="missing field 'output'"):
                 read_records(out)
@@ -146,7 +150,7 @@ def test_convert_then_validate_round_trips(converted, tmp_path):
         assert again == records and not again_report.bad, path
         if any("messages" in record for record in records):
             multi_turn.add(report.format)
-    assert multi_turn == {"sharegpt", "firefly", "hh_rlhf", "moss"}
+    assert multi_turn == {"sharegpt", "firefly", "hh_rlhf_pairs", "moss"}
     assert check_file(out).lines()[1] == "  trainable: every record has an answer"
 
 
@@ -244,12 +248,15 @@ def test_cli_builds_cot_and_data_cot_resolves(raw, tmp_path, monkeypatch):
 
 def test_bad_records_stop_conversion_unless_skipped(raw, tmp_path, capsys):
     src, out = os.path.join(raw, "hh_rlhf"), str(tmp_path / "hh.jsonl")
-    with pytest.raises(DataError, match=r"12 records cannot be converted") as error:
+    with pytest.raises(DataError, match=r"13 records cannot be converted") as error:
         convert(src, out)
     assert "test.jsonl.gz:668: field 'chosen (turn 5)'" in str(error.value) and not os.path.exists(out)
+    assert "test.jsonl.gz:1951: field 'rejected' differs from 'chosen'" in str(error.value)
     convert(src, out, skip_bad=True)
-    assert "skipped 12 bad records" in capsys.readouterr().out
-    assert len(read_records(out)) == 2300
+    assert "skipped 13 bad records" in capsys.readouterr().out
+    assert len(read_records(out, kind="pairs")) == 2299
+    convert(src, out, format="hh_rlhf", skip_bad=True, overwrite=True)  # SFT: the chosen transcripts
+    assert "skipped 12 bad records" in capsys.readouterr().out and len(read_records(out)) == 2300
 
 
 def test_bad_record_names_file_line_and_field(tmp_path):
@@ -271,7 +278,7 @@ def test_fill_and_instruction_only_are_reported(raw, tmp_path, capsys):
 
 
 def test_stats_reproduce_the_original_table(tmp_path, capsys):
-    stats(str(tmp_path))
+    stats(out_dir=str(tmp_path))
     mark, table = (tmp_path / "statistics.md").read_text(encoding="utf-8").split("\n", 1)
     assert mark == catalog.STATS_MARK
     assert table == capsys.readouterr().out.split("wrote")[0].rstrip("\n") + "\n"
@@ -281,12 +288,12 @@ def test_stats_reproduce_the_original_table(tmp_path, capsys):
     assert (tmp_path / "relative_size.png").read_bytes()[:4] == b"\x89PNG"
     (tmp_path / "statistics.md").write_text("stale", encoding="utf-8")
     with pytest.raises(DataError, match="statistics.md already exists; pass --overwrite"):
-        stats(str(tmp_path))  # not a file stats wrote: kept
+        stats(out_dir=str(tmp_path))  # not a file stats wrote: kept
 
 
 @pytest.mark.slow
 def test_stats_regenerates_its_own_files(tmp_path):
-    stats(str(tmp_path))
+    stats(out_dir=str(tmp_path))
     first = (tmp_path / "statistics.md").read_text(encoding="utf-8")
     assert catalog.generated_by_stats(str(tmp_path / "relative_size.png"))
     (tmp_path / "relative_size.png").write_bytes((tmp_path / "relative_size.png").read_bytes() + b"old")

@@ -12,6 +12,11 @@ or multi-turn (a list of turns, optionally opened by one system turn)::
 where user and assistant turns alternate, starting with user. Training records end with an
 assistant turn; prediction inputs may end with a user turn. Other keys are kept untouched
 (predict.py copies them to its output).
+
+A preference record is a prompt in either form, without an answer (``messages`` end with a user turn), and
+replies, non-empty strings: a pair (DPO, ORPO, SimPO) ``{PROMPT, "chosen": str, "rejected": str}`` whose
+replies differ, or a KTO record ``{PROMPT, "output": str, "label": bool}`` (true: a desirable reply).
+``record_kind`` tells "sft", "pairs" and "kto" apart; ``require_kind`` refuses a file of another kind.
 """
 
 from __future__ import annotations
@@ -27,6 +32,10 @@ from alpaca_cot.errors import UserError
 
 ROLES = ("system", "user", "assistant")
 TABLES = {".parquet": "parquet", ".csv": "csv"}  # extension -> the ``datasets`` builder that reads it
+REPLIES = {"pairs": ("chosen", "rejected"), "kto": ("output",)}  # a preference record's reply fields, by kind
+KINDS = {"sft": "an SFT record (an 'output' or a final assistant turn)",
+         "pairs": "a preference pair ('chosen' and 'rejected' replies)",
+         "kto": "a KTO record (one 'output' with a boolean 'label')"}
 
 
 class DataError(UserError):
@@ -70,6 +79,45 @@ def validate_record(record: Any, where: str, *, need_answer: bool = True) -> dic
     if not record.get("input"):
         record = {**record, "input": ""}
     return record
+
+
+def record_kind(record: Any) -> str:
+    """"pairs" for a record with 'chosen' or 'rejected', "kto" for one with a boolean 'label', else "sft"."""
+    if isinstance(record, dict) and ("chosen" in record or "rejected" in record):
+        return "pairs"
+    return "kto" if isinstance(record, dict) and isinstance(record.get("label"), bool) else "sft"
+
+
+def validate_preference(record: Any, where: str) -> dict:
+    """Return a pair or KTO record normalised (see the module docstring), or raise DataError at ``where``."""
+    kind = record_kind(record)
+    if kind == "sft":
+        validate_record(record, where, need_answer=False)  # not an object, or not even a valid prompt: that error
+        raise DataError(f"{where}: {KINDS['sft']}, not {KINDS['pairs']} or {KINDS['kto']}")
+    replies = REPLIES[kind]
+    prompt = validate_record({k: v for k, v in record.items() if k not in (*replies, "label")}, where,
+                             need_answer=False)
+    if answered(prompt):
+        field, why = ("messages", "must end with a user turn") if "messages" in prompt else ("output", "is not read")
+        raise DataError(f"{where}: field '{field}' {why} in {KINDS[kind]}")
+    for key in replies:
+        if not isinstance(record.get(key), str):
+            raise DataError(f"{where}: field '{key}' must be a string, got {type(record.get(key)).__name__}"
+                            if key in record else f"{where}: missing field '{key}' ({KINDS[kind]})")
+        if not record[key].strip():
+            raise DataError(f"{where}: field '{key}' is empty")
+    if kind == "pairs" and record["chosen"].strip() == record["rejected"].strip():
+        raise DataError(f"{where}: field 'rejected' is identical to 'chosen' (a pair needs two different replies)")
+    return {**record, **prompt}
+
+
+def require_kind(path: str, kind: str, hint: str = "") -> None:
+    """Raise DataError at the first row of ``path`` that is not of ``kind`` ("sft", "pairs" or "kto");
+    ``hint`` (e.g. "--stage dpo trains on pairs") ends the message."""
+    for where, obj in iter_records(path):
+        found = record_kind(obj)
+        if found != kind:
+            raise DataError(f"{where}: {KINDS[found]} where {KINDS[kind]} was expected" + (f"; {hint}" if hint else ""))
 
 
 def answered(record: dict) -> bool:
@@ -207,11 +255,15 @@ def _is_one_object(text: str) -> bool:
         return False
 
 
-def read_records(path: str, *, need_answer: bool = True) -> list[dict]:
-    """Read and validate every record of one unified-format file."""
+def read_records(path: str, *, need_answer: bool = True, kind: str = "sft") -> list[dict]:
+    """Read and validate every record of one unified-format file; ``kind`` "pairs" or "kto" reads preference
+    records, refusing the file at its first row of another kind."""
     if not os.path.isfile(path):
         raise DataError(f"{path}: no such file")
-    records = [validate_record(obj, where, need_answer=need_answer) for where, obj in iter_records(path)]
+    if kind != "sft":
+        require_kind(path, kind)  # a first pass, so that the error names the first row of another kind
+    records = [validate_record(obj, where, need_answer=need_answer) if kind == "sft" else
+               validate_preference(obj, where) for where, obj in iter_records(path)]
     if not records:
         raise DataError(f"{path}: the file holds no records")
     return records

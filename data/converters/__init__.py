@@ -18,7 +18,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from alpaca_cot.data.columns import FIELDS, map_record, row_fields
-from alpaca_cot.data.records import DataError, answered, validate_record
+from alpaca_cot.data.records import DataError, answered, record_kind
+from data.converters import preference as pref
 from data.converters.base import BadRecord, Context
 from data.converters.cot import convert_aqua, convert_flan_cot, convert_gsm8k
 from data.converters.dialog import convert_firefly, convert_hh_rlhf, convert_moss, convert_sharegpt
@@ -47,7 +48,7 @@ from data.converters.qa import (
     convert_target_scores,
 )
 from data.converters.reading import Report, Unreadable, iter_rows
-from data.storage import PLACEHOLDER, has_placeholder, literal_newline
+from data.storage import PLACEHOLDER, has_placeholder, literal_newline, validate_any
 
 SOURCE_EXTENSIONS = (".json", ".jsonl", ".tsv", ".gz", ".parquet", ".csv")
 DETECT_ROWS = 100  # rows whose fields are pooled to detect a format (real files mix keys)
@@ -70,6 +71,7 @@ class Format:
     trainable: bool = True  # False: prompts without answers
     columns: int = 0  # tab-separated fields per line; 0: JSON rows
     check: Callable[[set[str], list[dict]], bool] | None = None  # content test beyond the fields
+    kind: str = "sft"  # the records it makes: sft, pairs (chosen, rejected) or kto (output, label)
 
     @property
     def keys(self) -> frozenset[str]:
@@ -112,11 +114,20 @@ _QA_FIELDS = {"passage", "context", "Body"}
 FORMATS: dict[str, Format] = {f.name: f for f in (
     _format("flan_cot", convert_flan_cot, [], columns=3),
     _format("qa_tsv", convert_qa_tsv, [], columns=2),
+    # Preference data first: its rows also carry the fields of SFT layouts (UltraFeedback's `messages`).
+    _format("ultrafeedback", pref.convert_ultrafeedback, ["prompt", "chosen", "rejected"], kind="pairs"),
+    _format("sharegpt_pairs", pref.convert_sharegpt_pairs, ["conversations", "chosen", "rejected"], {"system", "tools"},
+            kind="pairs"),
+    _format("pairs", pref.convert_alpaca_pairs, [("instruction", "messages"), "chosen", "rejected"],
+            {"input", "system", "history"}, kind="pairs"),
+    _format("kto", pref.convert_kto, [("messages", "instruction"), "label"], {"input", "output"}, kind="kto",
+            check=lambda keys, rows: any(isinstance(row.get("label"), bool) for row in rows)),
+    _format("hh_rlhf_pairs", pref.convert_hh_pairs, ["chosen", "rejected"], kind="pairs"),
     _format("messages", convert_messages, ["messages"]),
     _format("moss", convert_moss, ["chat", "meta_instruction"]),
     _format("sharegpt", convert_sharegpt, ["conversations"], {"tools", "system"}),
     _format("firefly", convert_firefly, ["conversation"]),
-    _format("hh_rlhf", convert_hh_rlhf, ["chosen", "rejected"]),
+    _format("hh_rlhf", convert_hh_rlhf, ["chosen", "rejected"]),  # never detected (hh_rlhf_pairs is): --format
     _format("self_instruct", convert_self_instruct, ["prompt", "completion"]),
     _format("seed_tasks", convert_seed_tasks, ["instruction", "instances"]),
     _format("aqua", convert_aqua, ["question", "options", "rationale", "correct"], dataset="aqua"),
@@ -281,7 +292,7 @@ def convert_file(path: str, format: str | None = None, *, seed: int = 42, plain:
         try:
             if isinstance(row, list) != bool(fmt.columns):
                 raise BadRecord("row", f"is a {type(row).__name__}, which the {fmt.name} format does not read")
-            converted = [validate_record(r, where, need_answer=fmt.trainable) for r in fmt.convert(row, ctx)]
+            converted = [validate_any(r, where, need_answer=fmt.trainable) for r in fmt.convert(row, ctx)]
         except BadRecord as e:
             report.bad.append(f"{where}: {e}")
         except DataError as e:
@@ -299,7 +310,7 @@ def convert_file(path: str, format: str | None = None, *, seed: int = 42, plain:
     if escaped:
         report.notes.append(f"{path}: {escaped} records hold the two characters '\\n' and no line break, "
                             "likely an escaped line break; kept as written")
-    unanswered = sum(not answered(record) for record in records)
+    unanswered = sum(record_kind(record) == "sft" and not answered(record) for record in records)
     if records and unanswered == len(records):
         report.notes.append(f"{path}: instruction-only prompts without outputs: not trainable "
                             "(usable as prediction inputs)")

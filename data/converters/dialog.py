@@ -18,7 +18,7 @@ TOOLS_SYSTEM = ("You can call the functions described by these JSON schemas. To 
                 "<tool_response></tool_response>.\n{tools}")
 
 # ShareGPT speaker names -> (role, how the content is written).
-_SHAREGPT_ROLES = {
+SHAREGPT_ROLES = {
     "human": ("user", "{}"), "user": ("user", "{}"),
     "gpt": ("assistant", "{}"), "assistant": ("assistant", "{}"), "chatgpt": ("assistant", "{}"),
     "bard": ("assistant", "{}"), "bing": ("assistant", "{}"), "model": ("assistant", "{}"),
@@ -29,6 +29,12 @@ _SHAREGPT_ROLES = {
 def convert_sharegpt(row: dict, ctx: Context) -> list[dict]:
     """ShareGPT / FastChat ``{conversations: [{from, value}]}`` with from = human | gpt (| system
     first). LLaMA-Factory's tool files add from = function_call | observation and a ``tools`` JSON string."""
+    turns, system = sharegpt_turns(row)
+    return [build_messages(turns, ctx, system)]
+
+
+def sharegpt_turns(row: dict) -> tuple[list[tuple[str, str, str]], str]:
+    """The ``(role, content, source_field)`` turns of a ShareGPT row, and its system prompt (with the tools)."""
     system = row.get("system") or ""
     turns = []
     for i, turn in enumerate(listed(row, "conversations")):
@@ -41,15 +47,15 @@ def convert_sharegpt(row: dict, ctx: Context) -> list[dict]:
         if speaker == "system" and i == 0:
             system = value
             continue
-        if speaker not in _SHAREGPT_ROLES:
-            raise BadRecord(f"{where}.from", f"is {speaker!r}; known speakers: {', '.join(_SHAREGPT_ROLES)}")
-        role, form = _SHAREGPT_ROLES[speaker]
+        if speaker not in SHAREGPT_ROLES:
+            raise BadRecord(f"{where}.from", f"is {speaker!r}; known speakers: {', '.join(SHAREGPT_ROLES)}")
+        role, form = SHAREGPT_ROLES[speaker]
         turns.append((role, form.format(value), f"{where}.value"))
     tools = row.get("tools")
     if tools and tools != "[]":
         tools = tools if isinstance(tools, str) else json.dumps(tools, ensure_ascii=False)
         system = "\n\n".join(part for part in (system, TOOLS_SYSTEM.format(tools=tools)) if part)
-    return [build_messages(turns, ctx, system)]
+    return turns, system
 
 
 def convert_firefly(row: dict, ctx: Context) -> list[dict]:
@@ -70,15 +76,19 @@ _HH_TURN = re.compile(r"\n\n(Human|Assistant):")
 
 
 def convert_hh_rlhf(row: dict, ctx: Context) -> list[dict]:
-    """hh-rlhf ``{chosen, rejected}``: the ``chosen`` transcript ``\\n\\nHuman: ...\\n\\nAssistant: ...``
-    becomes the conversation (the unified format keeps no preference pairs, so ``rejected`` is unused)."""
-    parts = _HH_TURN.split(text(row, "chosen"))
+    """hh-rlhf ``{chosen, rejected}``, for SFT (only with --format hh_rlhf; detection reads such files as
+    pairs, hh_rlhf_pairs): the ``chosen`` transcript ``\\n\\nHuman: ...\\n\\nAssistant: ...`` becomes the
+    conversation, ``rejected`` is unused."""
+    return [build_messages(hh_turns(row, "chosen"), ctx)]
+
+
+def hh_turns(row: dict, key: str) -> list[tuple[str, str, str]]:
+    """The ``(role, content, source_field)`` turns of the hh-rlhf transcript ``row[key]``."""
+    parts = _HH_TURN.split(text(row, key))
     if parts[0].strip():
-        raise BadRecord("chosen", "does not start with '\\n\\nHuman:'")
-    speakers, contents = parts[1::2], parts[2::2]
-    turns = [("user" if speaker == "Human" else "assistant", content.strip(), f"chosen (turn {j + 1})")
-             for j, (speaker, content) in enumerate(zip(speakers, contents, strict=True))]
-    return [build_messages(turns, ctx)]
+        raise BadRecord(key, "does not start with '\\n\\nHuman:'")
+    return [("user" if speaker == "Human" else "assistant", content.strip(), f"{key} (turn {j + 1})")
+            for j, (speaker, content) in enumerate(zip(parts[1::2], parts[2::2], strict=True))]
 
 
 def convert_moss(row: dict, ctx: Context) -> list[dict]:
