@@ -2,13 +2,15 @@
 
 Usage:
   PYTHONPATH=. .venv/bin/python benchmarks/serve_load.py [--model_name_or_path ../shared/models/stories260K-hf]
-      [--streams 1,8,50] [--max_tokens 256] [--max_batch_size 64] [--threads 1] [--out results.json]
+      [--streams 1,8,50] [--repeats 3] [--max_tokens 256] [--max_batch_size 64] [--threads 1] [--out results.json]
 
-For each mode (``max_batch_size`` of the server, and 1: the first-come-first-served queue) it starts the
-app of web.py on 127.0.0.1 in a process of its own, warms it up, then for each number of concurrent
-streams sends that many streaming chat completions at once through the official ``openai`` client (at
+It starts two servers, each the app of web.py on 127.0.0.1 in a process of its own: ``max_batch_size``
+(batched) and 1 (the first-come-first-served queue), and warms them up. Then for each number of concurrent
+streams, --repeats times, the two modes taking turns (so that both meet the same load on a shared
+machine), it sends that many streaming chat completions at once through the official ``openai`` client (at
 least --min_requests in all, never more than that many in flight) and reports aggregate generated
-tokens/s, p50/p99 time to first token and p50/p99 total latency. Requests are greedy (temperature 0)
+tokens/s, p50/p99 time to first token and p50/p99 total latency of the run of median tokens/s, with
+``uptime`` before and after and the load average after each run. Requests are greedy (temperature 0)
 and their prompts distinct, so both modes must give the same answers: the script checks that too.
 Each server stops by itself; the whole run stops after --time_limit_s. The default --compute_dtype is
 fp32: there greedy answers are the same batched or not; in bf16 rounding differs with the batch's
@@ -110,6 +112,11 @@ async def load(url: str, streams: int, requests: int, max_tokens: int) -> dict:
             "answers": [r["text"] for r in sorted(results, key=lambda r: r["i"])]}
 
 
+def uptime() -> str:
+    """The machine's load, as ``uptime`` prints it (the machine may be shared)."""
+    return subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
+
+
 def free_port() -> int:
     """A TCP port free on the loopback interface now."""
     with socket.socket() as s:
@@ -117,54 +124,77 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_mode(max_batch_size: int, levels: list[int], min_requests: int, max_tokens: int, deadline: float,
-             server_args: list[str], threads: int) -> tuple[str, list[dict]]:
-    """Start a server with ``max_batch_size``, measure every level against it, stop it."""
+def start_server(max_batch_size: int, deadline: float, server_args: list[str],
+                 threads: int) -> tuple[subprocess.Popen, str, str]:
+    """A server with ``max_batch_size`` in a process of its own, warmed up: (process, URL, banner)."""
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "HF_HUB_OFFLINE": "1", "PYTHONPATH": ROOT}
     proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--serve_port", str(port),
                              "--max_batch_size", str(max_batch_size), *server_args],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-    try:
-        banner = proc.stdout.readline().strip()
-        while True:
-            if proc.poll() is not None:
-                raise UserError(f"the server exited ({proc.returncode}): {banner} {proc.stdout.read()[-2000:]}")
-            try:
-                urllib.request.urlopen(f"{url}/v1/models", timeout=5)
-                break
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise UserError("the server did not start before --time_limit_s") from None
-                time.sleep(0.3)
-        asyncio.run(load(url, 1, 1, 8))  # warm-up
-        results = []
-        for streams in levels:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise UserError("--time_limit_s ran out; lower --max_tokens or --streams")
-            results.append(asyncio.run(asyncio.wait_for(
-                load(url, streams, max(streams, min_requests), max_tokens), remaining)))
-        return banner, results
-    finally:
-        proc.terminate()
+    banner = proc.stdout.readline().strip()
+    while True:
+        if proc.poll() is not None:
+            raise UserError(f"the server exited ({proc.returncode}): {banner} {proc.stdout.read()[-2000:]}")
         try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+            urllib.request.urlopen(f"{url}/v1/models", timeout=5)
+            break
+        except OSError:
+            if time.monotonic() > deadline:
+                raise UserError("the server did not start before --time_limit_s") from None
+            time.sleep(0.3)
+    asyncio.run(load(url, 1, 1, 8))  # warm-up
+    return proc, url, banner
+
+
+def stop(proc: subprocess.Popen) -> None:
+    proc.terminate()
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def median_run(runs: list[dict]) -> dict:
+    """The run of median tokens/s, with every run's tokens/s and load average."""
+    runs = sorted(runs, key=lambda r: r["tokens_per_s"])
+    return {**runs[len(runs) // 2], "runs_tokens_per_s": [r["tokens_per_s"] for r in runs],
+            "runs_load": [r["load"] for r in runs]}
+
+
+def measure(modes: dict[str, str], levels: list[int], repeats: int, min_requests: int, max_tokens: int,
+            deadline: float) -> dict[str, list[dict]]:
+    """Every level ``repeats`` times against every server, the modes taking turns (the first one alternating),
+    so that both meet the same machine load; per mode and level the run of median tokens/s."""
+    results: dict[str, list[dict]] = {name: [] for name in modes}
+    for streams in levels:
+        runs: dict[str, list[dict]] = {name: [] for name in modes}
+        for repeat in range(repeats):
+            for name in (list(modes) if repeat % 2 == 0 else list(reversed(modes))):
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise UserError("--time_limit_s ran out; lower --max_tokens, --repeats or --streams")
+                run = asyncio.run(asyncio.wait_for(load(modes[name], streams, max(streams, min_requests),
+                                                        max_tokens), remaining))
+                runs[name].append({**run, "load": round(os.getloadavg()[0], 2)})
+        for name in modes:
+            results[name].append(median_run(runs[name]))
+    return results
 
 
 def main(model_name_or_path: str = os.path.join(os.path.dirname(ROOT), "shared", "models", "stories260K-hf"),
          model_type: str = "llama", lora_dir: str | None = None, compute_dtype: str = "fp32",
          streams: str = "1,8,50", max_tokens: int = 256, max_batch_size: int = 64, min_requests: int = 4,
-         threads: int = 1, time_limit_s: float = 900, out: str | None = None, serve_port: int | None = None) -> None:
+         threads: int = 1, repeats: int = 3, time_limit_s: float = 1800, out: str | None = None,
+         serve_port: int | None = None) -> None:
     """Measure the server batched (--max_batch_size) and one request at a time, and print both tables.
 
     --streams: the numbers of concurrent streams; --min_requests: requests per level at least (a level
-    of 1 stream sends them one after the other); --threads: torch threads of the server; --out: the
-    figures as JSON too. (--serve_port runs the server process itself.)
+    of 1 stream sends them one after the other); --repeats: runs per mode and level (the median is shown);
+    --threads: torch threads of each server; --out: the figures as JSON too. (--serve_port runs the server
+    process itself.)
     """
     server_args = ["--model_name_or_path", model_name_or_path, "--model_type", model_type, "--compute_dtype",
                    compute_dtype, "--threads", str(threads), "--max_tokens", str(max_tokens),
@@ -177,24 +207,33 @@ def main(model_name_or_path: str = os.path.join(os.path.dirname(ROOT), "shared",
         raise UserError("--streams takes positive numbers (e.g. 1,8,50) and --max_batch_size must be 2 or more")
     deadline = time.monotonic() + float(time_limit_s)
     report: dict[str, Any] = {"model": lora_dir or model_name_or_path, "max_tokens": max_tokens,
-                              "load_average": os.getloadavg()[0]}
-    for name, size in (("batched", int(max_batch_size)), ("one_at_a_time", 1)):
-        banner, report[name] = run_mode(size, levels, int(min_requests), int(max_tokens), deadline, server_args,
-                                        int(threads))
-        print(f"{name}: {banner}", flush=True)
-    print(f"\nmodel {report['model']}, max_tokens {max_tokens}, greedy, load average at start "
-          f"{report['load_average']:.1f}\n")
-    print("| mode | streams | requests | tokens | wall s | tokens/s | TTFT p50 s | TTFT p99 s | latency p50 s | "
-          "latency p99 s |\n|---|---|---|---|---|---|---|---|---|---|")
+                              "repeats": int(repeats), "cpus": os.cpu_count(), "uptime_start": uptime()}
+    servers = {name: start_server(size, deadline, server_args, int(threads))
+               for name, size in (("batched", int(max_batch_size)), ("one_at_a_time", 1))}
+    try:
+        for name, (_, _, banner) in servers.items():
+            print(f"{name}: {banner}", flush=True)
+        report.update(measure({name: url for name, (_, url, _) in servers.items()}, levels, int(repeats),
+                              int(min_requests), int(max_tokens), deadline))
+    finally:
+        for proc, _, _ in servers.values():
+            stop(proc)
+    report["uptime_end"] = uptime()
+    print(f"\nmodel {report['model']}, max_tokens {max_tokens}, greedy, {report['cpus']} CPUs, median of {repeats} "
+          f"runs per row, the modes taking turns\nuptime at start: {report['uptime_start']}\nuptime at end:   "
+          f"{report['uptime_end']}\n")
+    print("| mode | streams | requests | tokens | tokens/s (median) | all runs' tokens/s | load (1 min) per run | "
+          "TTFT p50 s | TTFT p99 s | latency p50 s | latency p99 s |\n|---|---|---|---|---|---|---|---|---|---|---|")
     for name in ("batched", "one_at_a_time"):
         for r in report[name]:
-            print(f"| {name.replace('_', ' ')} | {r['streams']} | {r['requests']} | {r['tokens']} | {r['wall_s']} | "
-                  f"{r['tokens_per_s']} | {r['ttft_p50_s']} | {r['ttft_p99_s']} | {r['latency_p50_s']} | "
-                  f"{r['latency_p99_s']} |")
+            print(f"| {name.replace('_', ' ')} | {r['streams']} | {r['requests']} | {r['tokens']} | "
+                  f"{r['tokens_per_s']} | {r['runs_tokens_per_s']} | {r['runs_load']} | {r['ttft_p50_s']} | "
+                  f"{r['ttft_p99_s']} | {r['latency_p50_s']} | {r['latency_p99_s']} |")
     for batched, single in zip(report["batched"], report["one_at_a_time"], strict=True):
         same = sum(a == b for a, b in zip(batched["answers"], single["answers"], strict=True))
-        print(f"{batched['streams']} streams: batched {batched['tokens_per_s'] / single['tokens_per_s']:.1f}x the "
-              f"tokens/s of one at a time; greedy answers identical in {same}/{batched['requests']}")
+        print(f"{batched['streams']} streams: batched {batched['tokens_per_s'] / single['tokens_per_s']:.2f}x the "
+              f"tokens/s of one at a time, TTFT p50 {batched['ttft_p50_s'] / single['ttft_p50_s']:.2f}x; greedy "
+              f"answers identical in {same}/{batched['requests']}")
     if out:
         write_json_atomic(out, report)
         print(f"figures written to {out}")

@@ -128,10 +128,7 @@ class BatchedDecoder:
             job.processors = job.params.logits_processors()
             if job.params.sampling:  # its own random generator: a seeded answer does not depend on the batch
                 job.rng = torch.Generator(self.generator.device)
-                if job.params.seed is None:
-                    job.rng.seed()
-                else:
-                    job.rng.manual_seed(job.params.seed)
+                job.rng.seed() if job.params.seed is None else job.rng.manual_seed(job.params.seed)
             job.streamer.put(torch.tensor(job.prompt_ids))  # the streamer skips the first tokens it gets, the prompt
             with self.generator.lock:
                 ids = torch.tensor([job.prompt_ids], device=self.generator.device)

@@ -16,6 +16,28 @@ from alpaca_cot.generation.sampling import SamplingParams
 from alpaca_cot.generation.text import AnswerText
 
 
+class _ShortWindow:
+    """A text streamer that decodes few tokens per token: the stock one decodes the whole line again (quadratic);
+    once all its text is sent, the last tokens stay as context (as the stock one does at a newline)."""
+
+    CONTEXT = 8
+
+    def put(self, value: torch.Tensor) -> None:
+        super().put(value)  # type: ignore[misc]
+        if len(self.token_cache) > 4 * self.CONTEXT:
+            if len(self.tokenizer.decode(self.token_cache, **self.decode_kwargs)) == self.print_len:
+                self.token_cache = self.token_cache[-self.CONTEXT:]
+                self.print_len = len(self.tokenizer.decode(self.token_cache, **self.decode_kwargs))
+
+
+class _Streamer(_ShortWindow, transformers.TextIteratorStreamer):
+    pass
+
+
+class _AsyncStreamer(_ShortWindow, transformers.AsyncTextIteratorStreamer):
+    pass
+
+
 class Generator:
     """Wraps (model, tokenizer, template): records or message lists in, answers out."""
 
@@ -106,7 +128,7 @@ class Generator:
         """Yield answer text pieces as they are generated; setting ``stop_event`` ends generation. The answer is
         cut at the template's stop strings, then at ``stop`` (see ``AnswerText``, which holds back what could
         begin one). Beam search cannot stream in transformers: its answer comes as one piece."""
-        job = self._submit(self.prompt_ids(record), params, stop_event, transformers.TextIteratorStreamer)
+        job = self._submit(self.prompt_ids(record), params, stop_event, _Streamer)
         answer = AnswerText(self.template.stop_strings, stop)
         try:
             for piece in job.streamer:
@@ -125,7 +147,7 @@ class Generator:
                            stop_event: threading.Event | None = None, stop: Sequence[str] = ()) -> AsyncIterator[str]:
         """``stream`` for an asyncio caller, from the prompt's token ids: the decoder hands its text straight
         to the event loop (no thread per request)."""
-        job = self._submit(prompt_ids, params, stop_event, transformers.AsyncTextIteratorStreamer)
+        job = self._submit(prompt_ids, params, stop_event, _AsyncStreamer)
         answer = AnswerText(self.template.stop_strings, stop)
         try:
             async for piece in job.streamer:
