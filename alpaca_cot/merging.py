@@ -8,7 +8,6 @@ model's on a probe input within a stated tolerance. The folder is written aside 
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 from typing import Any
@@ -19,13 +18,7 @@ import transformers
 from alpaca_cot.config import ARGS_FILE
 from alpaca_cot.errors import UserError
 from alpaca_cot.io import write_json_atomic
-from alpaca_cot.models.loading import (
-    ADAPTER_CONFIG,
-    load_for_inference,
-    resolve_base_model,
-    resolve_lora_dir,
-    saved_run_args,
-)
+from alpaca_cot.models import loading
 from alpaca_cot.outputs import check_not_file, holds_files, writing
 
 MERGEABLE = ("LORA", "ADALORA")  # prompt, p-tuning and prefix adapters add tokens, not weight updates
@@ -42,15 +35,13 @@ PROBE = {"instruction": "Tell me about alpacas.", "input": "",
 
 def check_adapter(lora_dir: str) -> str:
     """The adapter's peft type; refuse folders that hold no mergeable adapter, with the reason."""
-    path = os.path.join(lora_dir, ADAPTER_CONFIG)
-    if not os.path.isfile(path):
+    if not os.path.isfile(os.path.join(lora_dir, loading.ADAPTER_CONFIG)):
         if os.path.isfile(os.path.join(lora_dir, "config.json")):
             raise UserError(f"{lora_dir} holds a full model (a full fine-tune), not an adapter: there is nothing "
                             "to merge; use the folder as it is.")
-        raise UserError(f"{lora_dir} holds no {ADAPTER_CONFIG}: pass the output folder of uniform_finetune.py or "
-                        "a PEFT adapter folder or hub id")
-    with open(path, encoding="utf-8") as f:
-        peft_type = str(json.load(f).get("peft_type", "")).upper()
+        raise UserError(f"{lora_dir} holds no {loading.ADAPTER_CONFIG}: pass the output folder of uniform_finetune.py "
+                        "or a PEFT adapter folder or hub id")
+    peft_type = str(loading.read_adapter_config(lora_dir).get("peft_type", "")).upper()
     if peft_type not in MERGEABLE:
         raise UserError(f"A {peft_type} adapter adds virtual tokens in front of the input instead of changing "
                         "weights, so it cannot be merged into the model; load it with --lora_dir instead.")
@@ -109,16 +100,16 @@ def merge_adapter(lora_dir: str, merged_dir: str, *, model_type: str | None = No
     check_not_file(merged_dir, "--merged_dir")
     if holds_files(merged_dir) and not overwrite:
         raise UserError(f"{merged_dir} is not empty; pass --overwrite to replace it, or another --merged_dir")
-    folder = resolve_lora_dir(lora_dir)
+    folder = loading.resolve_lora_dir(lora_dir)
     peft_type = check_adapter(folder)
-    saved = saved_run_args(folder)
-    base = resolve_base_model(folder, model_name_or_path)
+    saved = loading.saved_run_args(folder)
+    base = loading.resolve_base_model(folder, model_name_or_path)
     config = check_unquantized(base, quantization_bit)
     if saved is not None and saved.quantization_bit:
         print(f"The adapter was trained over a {saved.quantization_bit}-bit base; it is merged into the full-precision "
               "base, whose outputs differ slightly from the quantized model's.", flush=True)
     target_dtype = _save_dtype(str(save_dtype), config)
-    model, tokenizer, prompt_template = load_for_inference(
+    model, tokenizer, prompt_template = loading.load_for_inference(
         folder, model_type=model_type, model_name_or_path=model_name_or_path, size=size,
         compute_dtype=compute_dtype, trust_remote_code=trust_remote_code, template=template)
     dtype = next(model.parameters()).dtype

@@ -1,34 +1,14 @@
 """The one owner of output folders: who may replace what, and how a finished output takes its place.
 
-Every command that writes a folder or file (training, merging, evaluation, prediction) goes through here:
-
-- **Ownership.** An output we write carries a marker, ``run.json`` (``<name>.run.json`` beside a single
-  output file), whose ``written_by`` names the command (``WRITERS``). ``claim`` / ``claim_folder`` read
-  only, and say whether a path holds an earlier output of the same kind (True) or nothing (False); any
-  other content (files without our marker, or another command's marker) is refused in one line and left
-  untouched. ``refuse_inputs`` refuses an output path that is one of the command's inputs.
-- **Staging.** Files are written in a temp folder and published when complete (``writing``): beside the
-  target (a hidden ``.<name>.writing``) and swapped in whole, or inside it (``.saving``) and moved in file
-  by file. A run that takes long and must survive a kill stages in a visible ``<target>.staging``
-  (``staging_dir``) and is swapped in when it has finished.
-- **Atomic swap.** ``swap_in`` renames the old output aside, the new one into place, then deletes the old;
-  a kill between the renames leaves both, and the next swap finishes the job.
-
-How each command uses it:
-
-- training: ``check_not_file``; ``holds_files`` decides between a new run, a resume and
-  ``--overwrite_output_dir`` (which trains in ``staging_dir(out)``); the final save is
-  ``writing(out, whole=False)``, then ``swap_in(staging, out)``; ``remove_if_empty`` after a failed start.
-- merging: ``check_not_file``, ``holds_files`` (refused unless --overwrite), then ``writing(merged_dir)``.
-- evaluation: ``if claim_folder(out, "evaluate", flag="--output_dir"): saved = read_marker(marker_path(out))``
-  (compare settings there), then ``write_marker(marker_path(out), "evaluate", settings=...)``; the results
-  are single files written atomically (``alpaca_cot.io``).
-- prediction: ``refuse_inputs([predictions, metrics, marker], data_files, flag="--result_dir", shown=...)``;
-  ``claim(marker, "predict", [existing outputs...], flag=..., shown=...)`` where ``marker`` is
-  ``marker_path(result, single_file=...)``; ``write_marker`` before the first prediction.
-
-Today training and merging replace a non-empty folder on --overwrite_output_dir / --overwrite whoever
-wrote it; issue 22 makes them ``claim_folder`` first, as evaluation and prediction do.
+An output we write carries a marker, ``run.json`` (``<name>.run.json`` beside a single output file), whose
+``written_by`` names the command (``WRITERS``). ``claim`` / ``claim_folder`` read only: True where an earlier
+output of the same kind is there, False where nothing is; anything else is refused in one line, untouched
+(evaluation and prediction claim; training and merging replace any non-empty folder on --overwrite_output_dir /
+--overwrite until issue 22). ``refuse_inputs`` refuses an output path that is (or holds) an input. ``writing``
+stages files in a temp folder and publishes them when complete: swapped in whole (``swap_in``: the old output is
+renamed aside, the new one into place, the old deleted) or moved file by file into a run folder that also
+holds checkpoints. A long run that must survive kills stages in ``<target>.staging`` (training's
+--overwrite_output_dir) and is swapped in when it has finished.
 """
 
 from __future__ import annotations
@@ -46,8 +26,6 @@ MARKER = "run.json"
 WRITERS = {"finetune": "alpaca_cot uniform_finetune.py", "merge": "alpaca_cot merge.py",
            "evaluate": "alpaca_cot evaluate.py", "predict": "alpaca_cot predict.py"}
 STAGING_SUFFIX = ".staging"  # where a long run writes until it has finished (resumable after a kill)
-REPLACED_SUFFIX = ".replaced"  # the old output for the moment of the swap
-SAVING = ".saving"  # files being written inside an output folder, moved in once all are written
 
 
 def check_not_file(path: str, flag: str) -> None:
@@ -120,14 +98,9 @@ def refuse_inputs(outputs: Iterable[str], inputs: Iterable[str], *, flag: str, s
                             f"another {flag}")
 
 
-def staging_dir(target: str) -> str:
-    """Where a long run that replaces ``target`` writes until it has finished."""
-    return target + STAGING_SUFFIX
-
-
 def swap_in(staging: str, target: str) -> None:
     """Put the finished output in ``staging`` at ``target``; the output there before is deleted only after."""
-    old = target + REPLACED_SUFFIX
+    old = target + ".replaced"
     if os.path.isdir(target):
         shutil.rmtree(old, ignore_errors=True)  # left by a swap killed after its second rename: already replaced
         os.replace(target, old)
@@ -146,7 +119,7 @@ def writing(target: str, *, whole: bool = True) -> Iterator[str]:
     is removed and ``target`` is as it was. A temp folder left by a killed process is cleared first.
     """
     parent, name = os.path.split(os.path.abspath(target))
-    temp = os.path.join(parent, f".{name}.writing") if whole else os.path.join(target, SAVING)
+    temp = os.path.join(parent, f".{name}.writing") if whole else os.path.join(target, ".saving")
     shutil.rmtree(temp, ignore_errors=True)
     os.makedirs(temp)
     try:
@@ -160,9 +133,3 @@ def writing(target: str, *, whole: bool = True) -> Iterator[str]:
     for entry in os.listdir(temp):
         os.replace(os.path.join(temp, entry), os.path.join(target, entry))
     os.rmdir(temp)
-
-
-def remove_if_empty(folder: str) -> None:
-    """Remove ``folder`` if it exists and holds nothing: a command that failed leaves no empty folder behind."""
-    if os.path.isdir(folder) and not os.listdir(folder):
-        os.rmdir(folder)

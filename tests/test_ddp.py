@@ -63,11 +63,14 @@ def assert_trained(run: str) -> None:
     assert moved > 100 * ADAPTER_ATOL, moved
 
 
-def lora_flags(model_dir: str, data_file: str, cache_dir: str) -> list[str]:
-    """A short deterministic LoRA run: no dropout, fp32, a high learning rate so the steps move the weights."""
+def lora_flags(model_dir: str, data_file: str, cache_dir: str, max_steps: int = 3, val_set_size: int = 0,
+               learning_rate: str = "1e-2") -> list[str]:
+    """A short deterministic LoRA run: no dropout, fp32, a high learning rate so the steps move the weights
+    (a flag is given once: the keywords change these values)."""
     return ["--model_type", "llama", "--model_name_or_path", model_dir, "--data", data_file,
-            "--lora_target_modules", "q_proj", "v_proj", "--lora_dropout", "0", "--val_set_size", "0",
-            "--max_steps", "3", "--learning_rate", "1e-2", "--compute_dtype", "fp32", "--cache_dir", cache_dir]
+            "--lora_target_modules", "q_proj", "v_proj", "--lora_dropout", "0", "--val_set_size", str(val_set_size),
+            "--max_steps", str(max_steps), "--learning_rate", learning_rate, "--compute_dtype", "fp32", "--cache_dir",
+            cache_dir]
 
 
 @pytest.mark.slow
@@ -110,19 +113,21 @@ def test_two_process_ddp_equals_one_process_on_the_same_global_batch(tmp_path, p
 
 @pytest.mark.slow
 def test_two_process_resume_reports_the_whole_run(tmp_path, tiny_model_dir: str, tiny_data_file: str) -> None:
-    flags = [*lora_flags(tiny_model_dir, tiny_data_file, str(tmp_path / "cache")), "--max_steps", "4",
-             "--save_steps", "2", "--per_gpu_train_batch_size", "2"]  # the last --max_steps counts
+    flags = [*lora_flags(tiny_model_dir, tiny_data_file, str(tmp_path / "cache"), max_steps=4, val_set_size=8),
+             "--save_steps", "2", "--per_gpu_train_batch_size", "2"]
     finetune(str(tmp_path / "whole"), *flags, processes=2)
-    shutil.copytree(tmp_path / "whole", tmp_path / "cut")
-    for name in os.listdir(tmp_path / "cut"):  # killed after checkpoint-2: the rest never made it
-        if name != "checkpoint-2":
-            path = tmp_path / "cut" / name
-            shutil.rmtree(path) if path.is_dir() else path.unlink()
-    proc = finetune(str(tmp_path / "cut"), *flags, "--resume_from_checkpoint", processes=2)
-    assert "resuming from" in proc.stdout + proc.stderr
-    assert max_weight_diff(str(tmp_path / "whole"), str(tmp_path / "cut")) == 0
-    whole, cut = (json.load(open(tmp_path / run / "metrics.json")) for run in ("whole", "cut"))
-    # Each rank restores the checkpoint's totals: they must be both ranks' (before, rank 1 restored rank 0's
-    # and the resumed run reported another train_loss).
-    for key in ("train_loss", "effective_tokens", "steps"):
-        assert cut[key] == whole[key], key
+    for kept in ("checkpoint-2", "checkpoint-4"):  # killed after checkpoint-2, or during the final save
+        cut = tmp_path / f"cut-{kept}"
+        shutil.copytree(tmp_path / "whole", cut)
+        for name in os.listdir(cut):  # the rest never made it
+            if name != kept:
+                shutil.rmtree(cut / name) if (cut / name).is_dir() else (cut / name).unlink()
+        proc = finetune(str(cut), *flags, "--resume_from_checkpoint", processes=2)
+        assert f"resuming from {cut}/{kept}" in proc.stdout + proc.stderr
+        assert max_weight_diff(str(tmp_path / "whole"), str(cut)) == 0
+        whole, resumed = (json.load(open(run / "metrics.json")) for run in (tmp_path / "whole", cut))
+        # Each rank restores the checkpoint's totals: they must be both ranks' (before, rank 1 restored rank 0's
+        # and the resumed run reported another train_loss); the final evaluation is the trained model's.
+        for key in ("train_loss", "effective_tokens", "steps"):
+            assert resumed[key] == whole[key], key
+        assert abs(resumed["eval_loss_after"] - whole["eval_loss_after"]) < 1e-4

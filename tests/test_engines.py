@@ -186,13 +186,15 @@ def test_fsdp_on_cpu_stops_before_any_work(tmp_path, tiny_model_dir: str, tiny_d
 def reference_runs(tmp_path_factory, tiny_model_dir: str, tiny_data_file: str) -> dict:
     """Plain single-process runs (LoRA and full) that the engines must reproduce: global batch 4 x 2."""
     root = tmp_path_factory.mktemp("reference")
-    flags = lora_flags(tiny_model_dir, tiny_data_file, str(root / "cache")) + [
-        "--per_gpu_train_batch_size", "4", "--gradient_accumulation_steps", "2"]
+    batch = ["--per_gpu_train_batch_size", "4", "--gradient_accumulation_steps", "2"]
+    flags = lora_flags(tiny_model_dir, tiny_data_file, str(root / "cache")) + batch
+    full_flags = lora_flags(tiny_model_dir, tiny_data_file, str(root / "cache"), learning_rate="1e-3") + batch + [
+        "--peft_type", "full"]
     finetune(str(root / "lora"), *flags)
     assert_trained(str(root / "lora"))
-    finetune(str(root / "full"), *flags, "--peft_type", "full", "--learning_rate", "1e-3")
+    finetune(str(root / "full"), *full_flags)
     assert max_weight_diff(tiny_model_dir, str(root / "full"), "model.safetensors") > 100 * ADAPTER_ATOL  # trained
-    return {"flags": flags, "lora": str(root / "lora"), "full": str(root / "full")}
+    return {"flags": flags, "full_flags": full_flags, "lora": str(root / "lora"), "full": str(root / "full")}
 
 
 def _metrics(run: str) -> dict:
@@ -226,8 +228,7 @@ def test_deepspeed_lora_on_cpu_equals_the_plain_run(tmp_path, preset: str, refer
 def test_deepspeed_zero3_full_fine_tune_saves_the_gathered_model(tmp_path, reference_runs: dict) -> None:
     pytest.importorskip("deepspeed", reason="DeepSpeed is optional (pip install deepspeed)")
     out = str(tmp_path / "zero3-full")
-    finetune(out, *reference_runs["flags"], "--peft_type", "full", "--learning_rate", "1e-3", "--deepspeed",
-             "zero3", processes=1)
+    finetune(out, *reference_runs["full_flags"], "--deepspeed", "zero3", processes=1)
     assert max_weight_diff(reference_runs["full"], out, "model.safetensors") < ADAPTER_ATOL
     assert _metrics(out)["flops_per_token"] == _metrics(reference_runs["full"])["flops_per_token"]
     model = transformers.AutoModelForCausalLM.from_pretrained(out)  # plain transformers, no partitions left
@@ -277,9 +278,10 @@ def test_deepspeed_run_resumes_from_its_checkpoint(tmp_path, preset: str, kind: 
     it read as "no optimizer.pt"), and a run killed after checkpoint-2, or during its final save, resumes to
     the whole run's weights bit for bit and its metrics (before, the second failed in the gathering)."""
     pytest.importorskip("deepspeed", reason="DeepSpeed is optional (pip install deepspeed)")
-    full = ("--peft_type", "full", "--learning_rate", "1e-3") if kind == "full" else ()
-    flags = [*lora_flags(tiny_model_dir, tiny_data_file, str(tmp_path / "cache")), "--max_steps", "4",
-             "--save_steps", "2", "--deepspeed", preset, *full]
+    rate = "1e-3" if kind == "full" else "1e-2"
+    flags = [*lora_flags(tiny_model_dir, tiny_data_file, str(tmp_path / "cache"), max_steps=4, val_set_size=8,
+                         learning_rate=rate), "--save_steps", "2", "--deepspeed", preset]
+    flags += ["--peft_type", "full"] if kind == "full" else []
     weights = "model.safetensors" if kind == "full" else "adapter_model.safetensors"
     whole = tmp_path / "whole"
     finetune(str(whole), *flags, processes=1)
@@ -294,3 +296,5 @@ def test_deepspeed_run_resumes_from_its_checkpoint(tmp_path, preset: str, kind: 
         assert max_weight_diff(str(whole), str(cut), weights) == 0
         for key in ("train_loss", "effective_tokens", "steps"):
             assert _metrics(str(cut))[key] == _metrics(str(whole))[key], key
+        # The final evaluation is the trained model's (after a restored final save, its checkpoint's weights).
+        assert abs(_metrics(str(cut))["eval_loss_after"] - _metrics(str(whole))["eval_loss_after"]) < 1e-4

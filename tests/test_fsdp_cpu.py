@@ -35,16 +35,16 @@ ATOL = 1e-5
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(sys.platform != "linux", reason="gloo under torchrun")]
 
 
-def fsdp_finetune(out: str, *flags: str, trains: bool = True) -> subprocess.CompletedProcess:
-    """uniform_finetune.py --fsdp in 2 CPU processes through the harness; asserts success and, where it
-    ``trains``, that every rank held about half of the parameters (FSDP, not DDP)."""
+def fsdp_finetune(out: str, *flags: str) -> subprocess.CompletedProcess:
+    """uniform_finetune.py --fsdp in 2 CPU processes through the harness; asserts success and that every rank
+    held about half of the parameters (FSDP, not DDP) where it trained or evaluated."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     env.pop("LOCAL_RANK", None)
     cmd = LAUNCHERS["torchrun"](_free_port(), 2) + [HARNESS, *flags, "--fsdp", "--output_dir", out]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     shares = {int(m[0]): tuple(map(int, m[1:])) for m in SHARE_RE.findall(proc.stdout + proc.stderr)}
-    assert sorted(shares) == ([0, 1] if trains else []), proc.stdout[-3000:]
+    assert sorted(shares) == [0, 1], proc.stdout[-3000:]
     for local, total, sharded, tensors in shares.values():
         assert sharded == tensors and local < 0.6 * total, shares
     metrics = json.load(open(os.path.join(out, "metrics.json")))
@@ -52,8 +52,8 @@ def fsdp_finetune(out: str, *flags: str, trains: bool = True) -> subprocess.Comp
     return proc
 
 
-def _flags(model_dir: str, data_file: str, cache: str, *extra: str) -> list[str]:
-    return [*lora_flags(model_dir, data_file, cache), "--logging_steps", "1", *extra]
+def _flags(model_dir: str, data_file: str, cache: str, *extra: str, **sizes: int | str) -> list[str]:
+    return [*lora_flags(model_dir, data_file, cache, **sizes), "--logging_steps", "1", *extra]
 
 
 def _log_history(run: str) -> list[dict]:
@@ -71,9 +71,11 @@ TWO = ("--per_gpu_train_batch_size", "1", "--gradient_accumulation_steps", "2")
 @pytest.mark.parametrize("kind", ["lora", "qlora", "full"])
 def test_fsdp_on_two_cpu_processes_equals_one_process(tmp_path, kind: str, tiny_model_dir: str,
                                                       tiny_data_file: str) -> None:
-    extra = {"lora": ("--max_steps", "4", "--save_steps", "2"), "qlora": ("--quantization_bit", "4"),
-             "full": ("--peft_type", "full", "--learning_rate", "1e-3")}[kind]
-    flags = _flags(tiny_model_dir, tiny_data_file, str(tmp_path / "cache"), *extra)
+    extra = {"lora": ("--save_steps", "2"), "qlora": ("--quantization_bit", "4"),
+             "full": ("--peft_type", "full")}[kind]
+    # The LoRA run is also the one resumed: 4 steps, and a validation split for the final evaluation's check.
+    sizes = {"lora": {"max_steps": 4, "val_set_size": 8}, "full": {"learning_rate": "1e-3"}}.get(kind, {})
+    flags = _flags(tiny_model_dir, tiny_data_file, str(tmp_path / "cache"), *extra, **sizes)
     one, two = str(tmp_path / "one"), str(tmp_path / "two")
     finetune(one, *flags, *ONE)
     fsdp_finetune(two, *flags, *TWO)
@@ -104,10 +106,12 @@ def _resumes_bit_identically(whole: str, flags: list[str], cut: str, kept: str) 
         if name != kept:
             path = os.path.join(cut, name)
             shutil.rmtree(path) if os.path.isdir(path) else os.unlink(path)
-    # From the final step's checkpoint nothing trains: the finished run is restored.
-    proc = fsdp_finetune(cut, *flags, "--resume_from_checkpoint", trains=kept != "checkpoint-4")
+    # From the final step's checkpoint nothing trains: the finished run is restored, and sharded only for its
+    # final evaluation (the validation split), which must be the trained model's.
+    proc = fsdp_finetune(cut, *flags, "--resume_from_checkpoint")
     assert f"resuming from {cut}/{kept}" in proc.stdout + proc.stderr
     assert max_weight_diff(whole, cut) == 0
     a, b = (json.load(open(os.path.join(run, "metrics.json"))) for run in (whole, cut))
     for key in ("train_loss", "effective_tokens", "steps"):
         assert b[key] == a[key], key
+    assert abs(b["eval_loss_after"] - a["eval_loss_after"]) < 1e-4  # the trained model's, also when restored

@@ -87,8 +87,7 @@ def _check_remote_code(path: str, spec: ModelSpec, trust_remote_code: bool) -> b
         return True
     except OSError as e:
         raise _hub_error(path, "model config", e) from None
-    needs = bool(getattr(config, "auto_map", None)) and trust_remote_code and spec.remote_code
-    return needs
+    return bool(getattr(config, "auto_map", None)) and trust_remote_code and spec.remote_code
 
 
 def load_tokenizer(path: str, spec: ModelSpec, trust_remote_code: bool = False) -> Any:

@@ -1,13 +1,10 @@
-"""Checkpoints and run folders are complete or not used: nothing a killed run half-wrote is taken for whole.
+"""Checkpoints are complete or not used: nothing a killed run half-wrote is taken for whole.
 
-The HF Trainer (transformers 5, ``Trainer._save_checkpoint``) writes ``checkpoint-N/`` in place, in
-this order: the model (adapter) weights, the optimizer (where the engine keeps it: DeepSpeed and FSDP
-have their own layouts), scheduler, scaler and RNG states, and last ``trainer_state.json``; only then
-does it delete older checkpoints. A folder killed mid-write therefore lacks ``trainer_state.json``,
-holds a torn one, or (after a machine crash, whose unflushed files can come back empty) holds empty
-files. The Trainer's own ``get_last_checkpoint`` takes the highest step whatever its state, and
-resuming from such a folder fails or, worse, silently skips a missing optimizer. We pick the folder
-ourselves and pass its path to ``trainer.train``.
+The HF Trainer (transformers 5) writes ``checkpoint-N/`` in place: the model (adapter) weights, the optimizer
+(DeepSpeed and FSDP have their own layouts), scheduler, scaler and RNG states, last ``trainer_state.json``, and
+only then deletes older checkpoints. A folder killed mid-write lacks ``trainer_state.json``, holds a torn one,
+or (after a machine crash) empty files. The Trainer's ``get_last_checkpoint`` takes the highest step whatever
+its state, and resuming from it fails or silently skips a missing optimizer: we pick the folder ourselves.
 """
 
 from __future__ import annotations
@@ -18,36 +15,20 @@ import re
 import shutil
 from typing import Any
 
-from transformers.trainer import (
-    FSDP_MODEL_NAME,
-    OPTIMIZER_NAME,
-    OPTIMIZER_NAME_BIN,
-    SCHEDULER_NAME,
-    TRAINER_STATE_NAME,
-)
+from transformers import utils as names
+from transformers.trainer import FSDP_MODEL_NAME, OPTIMIZER_NAME, OPTIMIZER_NAME_BIN, SCHEDULER_NAME, TRAINER_STATE_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
-from transformers.utils import (
-    ADAPTER_CONFIG_NAME,
-    ADAPTER_SAFE_WEIGHTS_NAME,
-    ADAPTER_WEIGHTS_NAME,
-    CONFIG_NAME,
-    GENERATION_CONFIG_NAME,
-    SAFE_WEIGHTS_INDEX_NAME,
-    SAFE_WEIGHTS_NAME,
-    WEIGHTS_INDEX_NAME,
-    WEIGHTS_NAME,
-)
 
 from alpaca_cot.errors import UserError
-from alpaca_cot.outputs import remove_if_empty
+from alpaca_cot.outputs import holds_files
 
 CHECKPOINT_RE = re.compile(rf"^{PREFIX_CHECKPOINT_DIR}-(\d+)$")
 FSDP_SHARDED = re.compile(r"^optimizer_\d+$")  # accelerate's sharded FSDP optimizer state folders
 SHARDED_WEIGHTS = re.compile(r"^(model|pytorch_model)-\d+-of-\d+\.(safetensors|bin)$")
-MODEL_CONFIG_FILES = (ADAPTER_CONFIG_NAME, CONFIG_NAME, GENERATION_CONFIG_NAME)
+MODEL_CONFIG_FILES = (names.ADAPTER_CONFIG_NAME, names.CONFIG_NAME, names.GENERATION_CONFIG_NAME)
 DEEPSPEED_LATEST = "latest"  # DeepSpeed's pointer to the step folder it finished writing
-WEIGHT_FILES = (ADAPTER_SAFE_WEIGHTS_NAME, ADAPTER_WEIGHTS_NAME, SAFE_WEIGHTS_NAME, SAFE_WEIGHTS_INDEX_NAME,
-                WEIGHTS_NAME, WEIGHTS_INDEX_NAME)
+WEIGHT_FILES = (names.ADAPTER_SAFE_WEIGHTS_NAME, names.ADAPTER_WEIGHTS_NAME, names.SAFE_WEIGHTS_NAME,
+                names.SAFE_WEIGHTS_INDEX_NAME, names.WEIGHTS_NAME, names.WEIGHTS_INDEX_NAME)
 
 
 def checkpoint_folders(output_dir: str) -> list[tuple[int, str]]:
@@ -60,13 +41,10 @@ def checkpoint_folders(output_dir: str) -> list[tuple[int, str]]:
 
 
 def _state_files(path: str, names: list[str]) -> tuple[list[str], list[str]]:
-    """The model-weight and optimizer files of a checkpoint, wherever its engine puts them (relative paths).
-
-    The Trainer alone (and DDP): ``optimizer.pt`` beside the weights. FSDP (accelerate's savers): the gathered
-    ``pytorch_model_fsdp.bin`` and ``optimizer.bin``, or sharded ``pytorch_model_fsdp_N/`` and ``optimizer_N/``
-    folders. DeepSpeed: the folder that ``latest`` names (``global_stepN/``) holds every rank's
-    ``*model_states.pt`` and ``*optim_states.pt``; it writes ``latest`` after them.
-    """
+    """The model-weight and optimizer files of a checkpoint, wherever its engine puts them (relative paths): the
+    Trainer alone (and DDP) ``optimizer.pt`` beside the weights; FSDP the gathered ``pytorch_model_fsdp.bin`` and
+    ``optimizer.bin``, or sharded ``pytorch_model_fsdp_N/`` and ``optimizer_N/``; DeepSpeed every rank's
+    ``*model_states.pt`` and ``*optim_states.pt`` in the folder ``latest`` names, written after them."""
     weights = [n for n in names if n in WEIGHT_FILES or n == f"{FSDP_MODEL_NAME}.bin"]
     optimizer = [n for n in names if n in (OPTIMIZER_NAME, OPTIMIZER_NAME_BIN)]
     for name in names:
@@ -142,12 +120,9 @@ def latest_complete_checkpoint(output_dir: str) -> tuple[str | None, list[tuple[
 
 
 def choose_checkpoint(output_dir: str, resume: str | bool, *, remove_incomplete: bool) -> tuple[str, list[str]]:
-    """The checkpoint folder ``--resume_from_checkpoint`` means, and lines saying what was chosen.
-
-    ``True`` (the bare flag) is the latest complete checkpoint in ``output_dir``; the incomplete
-    ones after it are named and, with ``remove_incomplete``, deleted (the resumed run trains and
-    saves those steps again). A folder named by the user must be complete.
-    """
+    """The checkpoint folder ``--resume_from_checkpoint`` means, and lines saying what was chosen: ``True`` (the
+    bare flag) is the latest complete one in ``output_dir``, the incomplete ones after it named and, with
+    ``remove_incomplete``, deleted (the resumed run saves those steps again); a folder named must be complete."""
     if resume is not True:
         path = str(resume)
         if not os.path.isdir(path):
@@ -173,10 +148,8 @@ def choose_checkpoint(output_dir: str, resume: str | bool, *, remove_incomplete:
 
 
 def run_training(trainer: Any, resume: str | bool | None) -> Any:
-    """``trainer.train``, from the checkpoint ``resume`` means (see ``choose_checkpoint``), saying which.
-
-    A run that fails before saving anything leaves no empty output folder behind.
-    """
+    """``trainer.train``, from the checkpoint ``resume`` means (``choose_checkpoint``), saying which; a run
+    that fails before saving anything leaves no empty output folder behind."""
     checkpoint = None
     if resume:
         main = trainer.is_world_process_zero()
@@ -186,7 +159,8 @@ def run_training(trainer: Any, resume: str | bool | None) -> Any:
     try:
         return trainer.train(resume_from_checkpoint=checkpoint)
     except BaseException:
-        if trainer.is_world_process_zero():
-            remove_if_empty(trainer.args.output_dir)
+        out = trainer.args.output_dir
+        if trainer.is_world_process_zero() and os.path.isdir(out) and not holds_files(out):
+            os.rmdir(out)
         raise
 

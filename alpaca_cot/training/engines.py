@@ -7,10 +7,9 @@
 - ``--fsdp``: FSDP2 full sharding, each decoder layer (the model's ``_no_split_modules``) one unit;
   ``--fsdp_offload`` keeps the shards in CPU memory.
 
-Every optimizer step sees the same records whatever the number of processes (the length-grouped order
-is drawn for the global batch, and the loss is normalised over the global token count), so 2 processes
-train what one process with the same global batch trains. The saved adapter or model is gathered from
-the shards (``gathered_state_dict``) and loads alone in plain transformers/peft.
+Every optimizer step sees the same records whatever the number of processes (the length-grouped order is
+drawn for the global batch, the loss normalised over the global token count). The saved adapter or model
+is gathered from the shards (``gathered_state_dict``) and loads alone in plain transformers/peft.
 """
 
 from __future__ import annotations
@@ -65,11 +64,6 @@ def check_engine_flags(args: Any) -> None:
                         "(QLoRA) with --fsdp, or DDP for 8-bit.")
     if args.deepspeed is not None and args.deepspeed not in DEEPSPEED_PRESETS and os.path.isfile(args.deepspeed):
         args.deepspeed = os.path.abspath(args.deepspeed)  # a saved run names its config from any folder
-
-
-def zero_stage(path: str) -> int:
-    """The ZeRO stage of a DeepSpeed config file (0 when it names none)."""
-    return read_deepspeed_config(path).get("zero_optimization", {}).get("stage", 0)
 
 
 @dataclass(frozen=True)
@@ -142,7 +136,7 @@ def plan_engine(args: Any, *, cuda: bool | None = None, world: int | None = None
         return EnginePlan("fsdp", cuda, fsdp_offload=args.fsdp_offload, quantized=quantized)
     if args.deepspeed:
         config = resolve_deepspeed_config(args.deepspeed)
-        stage = zero_stage(config)
+        stage = read_deepspeed_config(config).get("zero_optimization", {}).get("stage", 0)
         _refuse_adalora(args, f"--deepspeed {args.deepspeed}")
         if quantized and stage == 3:
             raise UserError(f"--quantization_bit with ZeRO-3 (--deepspeed {args.deepspeed}): our loader puts the "

@@ -1,10 +1,9 @@
 """The collators: padding-free batches (a batch's samples flattened into one row, attention computed per
 sample), or right-padded ones where packing is off.
 
-Inputs ``[s1 s2 s3]`` in one row with ``position_ids`` restarting at 0 for each sample; labels are
--100 at each sample's first token, so no sample learns to predict across a boundary. Linear layers
-see only real tokens: no padding at all. Which attention keeps the samples apart is decided on the
-loaded model (``choose_packing``), never approximated:
+Inputs ``[s1 s2 s3]`` in one row, ``position_ids`` restarting at 0 for each sample, labels -100 at each
+sample's first token (no sample predicts across a boundary); linear layers see only real tokens. Which
+attention keeps the samples apart is decided on the loaded model (``choose_packing``), never approximated:
 
 - ``varlen_sdpa`` (ours): one causal SDPA over the samples laid out right-padded, with the layer's
   sliding window as a band mask. Its cost is that of the samples, not of one row-long quadratic
@@ -14,8 +13,8 @@ loaded model (``choose_packing``), never approximated:
   its flash/varlen kernels on CUDA where flash-attn is installed.
 - none: padded batches (remote-code models, prompt/prefix tuning's virtual tokens).
 
-The output head runs only where a label follows (``logits_to_keep``): prompt positions never
-need logits, and the head (hidden x vocabulary) is a large share of a small model's cost.
+The output head runs only where a label follows (``logits_to_keep``): the head (hidden x vocabulary) is a
+large share of a small model's cost, and prompt positions never need logits.
 """
 
 from __future__ import annotations
@@ -183,10 +182,7 @@ class PackCollator:
         self.model_loss = model_loss
 
     def __call__(self, features: list[dict]) -> dict[str, Any]:
-        ids: list[int] = []
-        labels: list[int] = []
-        positions: list[int] = []
-        bounds = [0]
+        ids, labels, positions, bounds = [], [], [], [0]
         for f in features:
             n = len(f["input_ids"])
             ids += f["input_ids"]
@@ -211,8 +207,7 @@ class PackCollator:
 
 
 class PadCollator:
-    """Right-pads a batch; labels pad with -100. ``input_ids`` and ``labels`` lists in, tensors out (the
-    batches where packing is off)."""
+    """Right-pads a batch (labels with -100) where packing is off: ``input_ids``/``labels`` lists in, tensors out."""
 
     def __init__(self, pad_id: int):
         self.pad_id = pad_id

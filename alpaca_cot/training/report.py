@@ -1,5 +1,4 @@
-"""What a run reports: its log lines, its output folder (checked before any work, written once at the end),
-the metrics and the loss plot."""
+"""What a run reports: log lines, the output folder (checked first, written at the end), metrics, loss plot."""
 
 from __future__ import annotations
 
@@ -15,14 +14,7 @@ from alpaca_cot.config import FinetuneArgs
 from alpaca_cot.data.templates import Template
 from alpaca_cot.errors import UserError
 from alpaca_cot.io import write_json_atomic, write_text_atomic
-from alpaca_cot.outputs import (
-    STAGING_SUFFIX,
-    check_not_file,
-    holds_files,
-    staging_dir,
-    swap_in,
-    writing,
-)
+from alpaca_cot.outputs import STAGING_SUFFIX, check_not_file, holds_files, swap_in, writing
 from alpaca_cot.training.checkpoints import checkpoint_folders, choose_checkpoint, model_files
 
 METRICS_FILE = "metrics.json"
@@ -42,16 +34,13 @@ def log(message: str) -> None:
 
 
 def prepare_output_dir(args: FinetuneArgs) -> None:
-    """Check --output_dir before any work; nothing is created or deleted.
-
-    A previous run is kept unless resumed. With --overwrite_output_dir the new run trains in
-    ``<output_dir>.staging`` (``args.output_dir`` becomes that) and replaces the old run only once it
-    has finished (``save_outputs``). --resume_from_checkpoint must find a complete checkpoint.
-    """
+    """Check --output_dir before any work (nothing is created or deleted): a previous run is kept unless resumed;
+    with --overwrite_output_dir the new run trains in ``<output_dir>.staging`` (``args.output_dir`` becomes that)
+    and replaces the old run once it has finished. --resume_from_checkpoint must find a complete checkpoint."""
     out = args.output_dir
     check_not_file(out, "--output_dir")
     if args.overwrite_output_dir:
-        args.output_dir = staging_dir(out)
+        args.output_dir = out + STAGING_SUFFIX
         if checkpoint_folders(args.output_dir) and not args.resume_from_checkpoint:
             raise UserError(f"{args.output_dir} holds checkpoints of an unfinished --overwrite_output_dir run; add "
                             "--resume_from_checkpoint to continue it, or delete that folder to start again.")
@@ -91,13 +80,9 @@ def save_outputs(args: FinetuneArgs, trainer: Any, tokenizer: Any, template: Tem
                  state_dict: dict | None = None, truncation: list[dict] | None = None,
                  weights_from: str | None = None) -> None:
     """Adapter (safetensors), tokenizer, arguments, template, metrics, loss plot and the records cut to
-    --cutoff_len (TRUNCATION_FILE): written aside, then moved in (``alpaca_cot.outputs.writing``).
-
-    ``state_dict``: the weights gathered from a sharded engine's ranks (default: the model's own).
-    ``weights_from``: a checkpoint folder whose saved adapter or model files are copied instead.
-
-    An --overwrite_output_dir run, trained beside --output_dir, then takes the old run's place.
-    """
+    --cutoff_len: written aside, moved in, and an --overwrite_output_dir run then takes the old run's place.
+    ``state_dict``: the weights gathered from a sharded engine's ranks (default: the model's own);
+    ``weights_from``: a checkpoint folder whose saved adapter or model files are copied instead."""
     out = args.output_dir
     target = out.removesuffix(STAGING_SUFFIX) if args.overwrite_output_dir else out
     args.output_dir = target  # what the saved arguments and the caller name

@@ -1,9 +1,5 @@
-"""The fine-tuning run, in order: data -> tokens -> model + PEFT -> Trainer -> adapter, metrics, plot.
-
-The pieces live beside it: ``trainer`` (the Trainer, its totals and sampler), ``packing`` (the collators and
-the packed attention), ``engines`` (DDP, DeepSpeed, FSDP), ``checkpoints`` (which checkpoint to resume) and
-``report`` (the log, the output folder, the metrics and the loss plot).
-"""
+"""The fine-tuning run, in order: data -> tokens -> model + PEFT -> Trainer (``trainer``, ``packing``, ``engines``,
+``checkpoints``) -> adapter, metrics, plot (``report``)."""
 
 from __future__ import annotations
 
@@ -21,26 +17,11 @@ from alpaca_cot.errors import UserError
 from alpaca_cot.models.adapters import apply_peft, build_peft_config, resolve_target_modules
 from alpaca_cot.models.loading import load_model, load_tokenizer, resolve_dtype
 from alpaca_cot.models.registry import get_model_spec
+from alpaca_cot.training import packing, report
 from alpaca_cot.training.checkpoints import run_training
 from alpaca_cot.training.engines import EnginePlan, gathered_state_dict, plan_engine
 from alpaca_cot.training.flops import matmul_peak_flops, mean_causal_context, training_flops_per_token
-from alpaca_cot.training.packing import (
-    PackCollator,
-    PackingPlan,
-    PadCollator,
-    apply_packing,
-    choose_packing,
-    packed_loss,
-    require_liger,
-)
-from alpaca_cot.training.report import (
-    is_main_process,
-    log,
-    prepare_output_dir,
-    report_truncation,
-    save_outputs,
-    throughput,
-)
+from alpaca_cot.training.report import log
 from alpaca_cot.training.trainer import AdaLoraCallback, CountingTrainer, RunTotals
 
 
@@ -56,10 +37,10 @@ def run_finetune(args: FinetuneArgs) -> tuple[dict, Any]:
     dtype, note = resolve_dtype(args.compute_dtype)
     if note:
         log(note)
-    prepare_output_dir(args)
+    report.prepare_output_dir(args)
     engine = plan_engine(args)  # before the data: an engine that cannot run here stops the run at once
     if args.use_liger_kernel:
-        require_liger()  # before any data or model work
+        packing.require_liger()  # before any data or model work
     tokenizer = load_tokenizer(args.model_name_or_path, spec, args.trust_remote_code)
     template = get_template(args.template or _default_template(spec.template, tokenizer), tokenizer)
     train_data, val_data, info = _load_data(args, tokenizer, template)
@@ -93,7 +74,7 @@ def run_finetune(args: FinetuneArgs) -> tuple[dict, Any]:
     # A collective (every rank takes part); none after a restored finished run, whose weights are its checkpoint's.
     state_dict = gathered_state_dict(trainer, engine) if trainer.restored_from is None else None
     if trainer.is_world_process_zero():
-        save_outputs(args, trainer, tokenizer, template, metrics, state_dict, truncation=info["truncation"],
+        report.save_outputs(args, trainer, tokenizer, template, metrics, state_dict, truncation=info["truncation"],
                      weights_from=trainer.restored_from)
     return metrics, trainer.model
 
@@ -101,7 +82,7 @@ def run_finetune(args: FinetuneArgs) -> tuple[dict, Any]:
 def _load_data(args: FinetuneArgs, tokenizer: Any, template: Any) -> tuple[Any, Any, dict]:
     """The tokenized training and validation splits, and what ``prepare_splits`` says about them (logged)."""
     train_data, val_data, info = prepare_splits(args, tokenizer, template, cache_dir=args.cache_dir)
-    report_truncation(info["truncation"], args)
+    report.report_truncation(info["truncation"], args)
     if info["train_records"] == 0:  # None with --streaming (prepare_splits refuses an empty stream)
         raise UserError("No training record has answer tokens within --cutoff_len; raise --cutoff_len.")
     log(f"data: {info['train_records'] or 'streamed'} training and {len(val_data)} validation records from "
@@ -111,7 +92,7 @@ def _load_data(args: FinetuneArgs, tokenizer: Any, template: Any) -> tuple[Any, 
 
 
 def _build_model(args: FinetuneArgs, spec: Any, engine: EnginePlan, dtype: torch.dtype,
-                 total_steps: int) -> tuple[Any, PackingPlan]:
+                 total_steps: int) -> tuple[Any, packing.PackingPlan]:
     """The base model, its batches' attention (packed or padded) and its PEFT adapter (or all weights)."""
     full = args.peft_type == "full"
     model = load_model(args.model_name_or_path, spec, dtype=torch.float32 if full else dtype,
@@ -120,32 +101,32 @@ def _build_model(args: FinetuneArgs, spec: Any, engine: EnginePlan, dtype: torch
     log(describe_loaded(model))
     # Decided on the loaded model's config, so that --model_type auto packs whatever class the checkpoint
     # names, with an attention that is exact for it (sliding windows, softcapping) or not at all.
-    plan = choose_packing(model, args.peft_type, args.packing, remote_code=args.trust_remote_code,
+    plan = packing.choose_packing(model, args.peft_type, args.packing, remote_code=args.trust_remote_code,
                           cuda=engine.cuda)
-    apply_packing(model, plan)
+    packing.apply_packing(model, plan)
     log(f"batches: {plan.reason}")
     targets = resolve_target_modules(model, spec, args.lora_target_modules) \
         if args.peft_type in ("lora", "adalora") else []
     peft_config = build_peft_config(args, targets, total_steps)
     model = apply_peft(model, peft_config, quantized=engine.kbit_preparation,
                        gradient_checkpointing=args.gradient_checkpointing)
-    if is_main_process() and hasattr(model, "print_trainable_parameters"):
+    if report.is_main_process() and hasattr(model, "print_trainable_parameters"):
         model.print_trainable_parameters()
     model.config.use_cache = False  # the KV cache only costs memory in training
     if args.use_liger_kernel:
-        require_liger(model)
+        packing.require_liger(model)
     return model, plan
 
 
-def _build_trainer(args: FinetuneArgs, model: Any, plan: PackingPlan, training_args: transformers.TrainingArguments,
-                   tokenizer: Any, train_data: Any, val_data: Any) -> CountingTrainer:
+def _build_trainer(args: FinetuneArgs, model: Any, plan: packing.PackingPlan, training_args: Any, tokenizer: Any,
+                   train_data: Any, val_data: Any) -> CountingTrainer:
     # Liger's fused loss leaves no logits for packed_loss: the model computes its loss from the labels.
     model_loss = args.use_liger_kernel or not plan.packed
-    collator = PackCollator(model_loss=model_loss) if plan.packed else PadCollator(tokenizer.pad_token_id)
+    collator = packing.PackCollator(model_loss) if plan.packed else packing.PadCollator(tokenizer.pad_token_id)
     callbacks = [RunTotals()] + ([AdaLoraCallback(model)] if args.peft_type == "adalora" else [])
     return CountingTrainer(model=model, args=training_args, train_dataset=train_data,
                            eval_dataset=val_data if len(val_data) else None, data_collator=collator,
-                           processing_class=tokenizer, compute_loss_func=None if model_loss else packed_loss,
+                           processing_class=tokenizer, compute_loss_func=None if model_loss else packing.packed_loss,
                            callbacks=callbacks)
 
 
@@ -164,7 +145,7 @@ def _report_training(trainer: CountingTrainer, result: Any, metrics: dict, evalu
         metrics["eval_loss_after"] = trainer.evaluate()["eval_loss"]
         log(f"eval loss after training: {metrics['eval_loss_after']:.4f}")
     world = metrics["world_size"]
-    metrics.update(throughput(totals, world))
+    metrics.update(report.throughput(totals, world))
     metrics["flops_per_token"] = flops_per_token
     metrics["matmul_peak_gflops"] = peak / 1e9
     metrics["mfu"] = metrics["effective_tokens_per_s"] / world * metrics["flops_per_token"] / peak
@@ -178,31 +159,23 @@ def _report_training(trainer: CountingTrainer, result: Any, metrics: dict, evalu
 def build_training_args(args: FinetuneArgs, engine: EnginePlan, dtype: torch.dtype, total_steps: int, *,
                         evaluate: bool, model: Any = None) -> transformers.TrainingArguments:
     """The Trainer's arguments for this run; ``model`` only for FSDP (its units are the model's decoder layers).
-
-    With DeepSpeed they hold the config that ``from_pretrained`` reads to partition ZeRO-3 weights as they load:
-    keep them alive until the Trainer has them.
-    """
+    With DeepSpeed they hold the config ``from_pretrained`` reads to partition ZeRO-3 weights as they load."""
     every = max(1, total_steps // 5)
     return transformers.TrainingArguments(
         output_dir=args.output_dir,
         per_device_train_batch_size=args.per_gpu_train_batch_size,
         per_device_eval_batch_size=args.per_gpu_train_batch_size,
         gradient_accumulation_steps=args.gradient_accumulation_steps,
-        num_train_epochs=args.epochs,
-        max_steps=args.max_steps,
-        learning_rate=args.learning_rate,
-        warmup_steps=int(args.warmup_ratio * total_steps),
-        bf16=dtype == torch.bfloat16,
-        fp16=dtype == torch.float16,
+        num_train_epochs=args.epochs, max_steps=args.max_steps,
+        learning_rate=args.learning_rate, warmup_steps=int(args.warmup_ratio * total_steps),
+        bf16=dtype == torch.bfloat16, fp16=dtype == torch.float16,
         logging_steps=args.logging_steps,
         eval_strategy="steps" if evaluate else "no",
         # Evaluate before training inside train(): a trainer.evaluate() call before train() leaves
         # the model unwrapped by DDP in transformers 5 (ranks then drift apart; see tests/test_ddp.py).
         eval_on_start=evaluate and not args.resume_from_checkpoint,
         eval_steps=args.eval_steps or every,
-        save_strategy="steps",
-        save_steps=args.save_steps or every,
-        save_total_limit=2,
+        save_strategy="steps", save_steps=args.save_steps or every, save_total_limit=2,
         report_to=[] if args.report_to == "none" else args.report_to.split(","),
         seed=args.seed,
         # Batches of similar lengths: padded batches waste less, and packed ones less attention work
@@ -218,9 +191,8 @@ def build_training_args(args: FinetuneArgs, engine: EnginePlan, dtype: torch.dty
         ddp_find_unused_parameters=False if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None,
         use_cpu=engine.use_cpu,
         **engine.training_kwargs(model),
-        disable_tqdm=not is_main_process(),
-        use_liger_kernel=args.use_liger_kernel,
-        torch_compile=args.torch_compile,
+        disable_tqdm=not report.is_main_process(),
+        use_liger_kernel=args.use_liger_kernel, torch_compile=args.torch_compile,
     )
 
 
@@ -230,11 +202,9 @@ def describe_loaded(model: Any) -> str:
     params = list(model.parameters())
     total = sum(getattr(p, "ds_numel", p.numel()) for p in params)
     partitioned = [p for p in params if hasattr(p, "ds_tensor")]
-    where = "whole on this rank"
-    if partitioned:
-        held = sum(p.ds_tensor.numel() for p in partitioned)
-        where = (f"partitioned by DeepSpeed ZeRO-3 as they loaded ({len(partitioned)} tensors); this rank holds "
-                 f"{held:,}")
+    held = sum(p.ds_tensor.numel() for p in partitioned)
+    where = (f"partitioned by DeepSpeed ZeRO-3 as they loaded ({len(partitioned)} tensors); this rank holds "
+             f"{held:,}") if partitioned else "whole on this rank"
     return f"model: {total:,} weight elements in {len(params)} tensors, {where}"
 
 

@@ -1,5 +1,4 @@
-"""The HF Trainer as a run uses it: whole-run totals, a seeded length-grouped order, the restore of a finished
-run, and AdaLoRA's rank updates."""
+"""The HF Trainer as a run uses it: whole-run totals, a seeded length-grouped order, a finished run's restore."""
 
 from __future__ import annotations
 
@@ -12,6 +11,7 @@ import peft
 import torch
 import transformers
 from safetensors.torch import load_file
+from transformers.integrations import is_deepspeed_zero3_enabled
 from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_callback import ExportableState, TrainerState
 from transformers.trainer_pt_utils import LengthGroupedSampler
@@ -20,14 +20,11 @@ from alpaca_cot.training.checkpoints import model_files
 
 
 class RunTotals(transformers.TrainerCallback, ExportableState):
-    """Whole-run totals over all ranks: real and padded tokens trained on, the step losses summed over
-    steps (each step's the mean over ranks) and the seconds of the train loop without evaluations. Saved
-    in every checkpoint (``ExportableState``), so a resumed run reports the whole run, also when it was
-    killed during the final save, and whatever number of processes resumes it.
-
-    Each rank adds its own batches on its device (no per-step sync); before a checkpoint and at the end
-    the ranks pool what they added (``pool``, a collective), since only the main process writes the
-    checkpoint and every rank restores it."""
+    """Whole-run totals over all ranks: real and padded tokens trained on, the step losses summed over steps
+    (each step's the mean over ranks) and the train loop's seconds without evaluations. Saved in every
+    checkpoint (``ExportableState``), so a resumed run reports the whole run, whatever number of processes
+    resumes it. Each rank adds its batches on its device (no per-step sync); the ranks pool them (``pool``, a
+    collective) before each checkpoint, which only the main process writes and every rank restores."""
 
     def __init__(self) -> None:
         self.real_tokens = 0
@@ -98,9 +95,8 @@ def _sum_over_ranks(values: list[float]) -> list[float]:
 
 
 class CountingTrainer(transformers.Trainer):
-    """Trainer that keeps ``RunTotals`` and draws each epoch's length-grouped order from ``seed + epoch``,
-    so the order does not depend on what else used the global random state before (an evaluation
-    before training, or none on resume): a resumed run trains the same batches."""
+    """Trainer that keeps ``RunTotals`` and draws each epoch's length-grouped order from ``seed + epoch``, whatever
+    used the global random state before (an evaluation before training, or none on resume)."""
 
     restored_from: str | None = None  # the final checkpoint of a finished run that train() restored
 
@@ -138,6 +134,10 @@ class CountingTrainer(transformers.Trainer):
         for name, value in state.stateful_callbacks.get(type(totals).__name__, {}).get("attributes", {}).items():
             setattr(totals, name, value)
         load_weights(self.model, checkpoint)  # for the final evaluation and the caller
+        if self.is_deepspeed_enabled and not is_deepspeed_zero3_enabled():
+            # Without train() there is no DeepSpeed engine, and transformers evaluates without one only under
+            # ZeRO-3 ("ZeRO inference"); under ZeRO-1/2 every rank holds the whole model: evaluate it as it is.
+            self.is_deepspeed_enabled = False
         loss = totals.loss_sum / max(state.global_step, 1)
         return transformers.trainer_utils.TrainOutput(state.global_step, loss, {"train_runtime": 0.0})
 
@@ -150,11 +150,8 @@ class CountingTrainer(transformers.Trainer):
 
 
 def load_weights(model: Any, checkpoint: str) -> None:
-    """Load the adapter (or whole model) weights a checkpoint saved into ``model``, on every rank.
-
-    Called before ``train()`` wraps the model, where each rank holds it whole (DDP, FSDP, ZeRO-1/2) or, under
-    ZeRO-3, in partitions that are gathered one tensor at a time to be written.
-    """
+    """Load the adapter (or whole model) weights a checkpoint saved into ``model``, on every rank, before
+    ``train()`` wraps it: whole on each rank (DDP, FSDP, ZeRO-1/2), or ZeRO-3 partitions gathered one by one."""
     state: dict[str, torch.Tensor] = {}
     for name in model_files(checkpoint):
         path = os.path.join(checkpoint, name)
@@ -188,8 +185,7 @@ class EpochLengthSampler(LengthGroupedSampler):
         super().__init__(batch_size, lengths=lengths)
         self.seed, self.epoch = seed, 0
 
-    def set_epoch(self, epoch: int) -> None:
-        """Called by the Trainer at the start of each epoch."""
+    def set_epoch(self, epoch: int) -> None:  # called by the Trainer at the start of each epoch
         self.epoch = epoch
 
     def __iter__(self) -> Any:
