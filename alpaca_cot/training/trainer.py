@@ -133,7 +133,7 @@ class CountingTrainer(transformers.Trainer):
         totals = self.totals
         for name, value in state.stateful_callbacks.get(type(totals).__name__, {}).get("attributes", {}).items():
             setattr(totals, name, value)
-        load_weights(self.model, checkpoint)  # for the final evaluation and the caller
+        self.model = self.model_wrapped = load_weights(self.model, checkpoint)  # for the final evaluation, the caller
         if self.is_deepspeed_enabled and not is_deepspeed_zero3_enabled():
             # Without train() there is no DeepSpeed engine, and transformers evaluates without one only under
             # ZeRO-3 ("ZeRO inference"); under ZeRO-1/2 every rank holds the whole model: evaluate it as it is.
@@ -149,9 +149,9 @@ class CountingTrainer(transformers.Trainer):
         return EpochLengthSampler(global_batch, dataset.lengths(), self.args.seed)
 
 
-def load_weights(model: Any, checkpoint: str) -> None:
-    """Load the adapter (or whole model) weights a checkpoint saved into ``model``, on every rank, before
-    ``train()`` wraps it: whole on each rank (DDP, FSDP, ZeRO-1/2), or ZeRO-3 partitions gathered one by one."""
+def load_weights(model: Any, checkpoint: str) -> Any:
+    """``model`` with the adapter (or whole model) weights a checkpoint saved, on every rank, before ``train()``
+    wraps it: whole on each rank (DDP, FSDP, ZeRO-1/2), or ZeRO-3 partitions gathered one by one."""
     state: dict[str, torch.Tensor] = {}
     for name in model_files(checkpoint):
         path = os.path.join(checkpoint, name)
@@ -160,13 +160,20 @@ def load_weights(model: Any, checkpoint: str) -> None:
         elif name.endswith(".bin"):
             state.update(torch.load(path, map_location="cpu", weights_only=True))
     if isinstance(model, peft.PeftModel):  # adapter names, AdaLoRA's ranks and prompt embeddings: peft's own load
+        config = model.peft_config[model.active_adapter]
+        if config.is_prompt_learning and config.peft_type != peft.PeftType.PROMPT_TUNING:
+            # p-tuning and prefix tuning save their encoder's output, not its weights: load it as inference does
+            return peft.PeftModel.from_pretrained(model.get_base_model(), checkpoint)
+        if config.peft_type == peft.PeftType.ADALORA:  # saved resized to the ranks it kept: resize to them first
+            config.rank_pattern = peft.AdaLoraConfig.from_pretrained(checkpoint).rank_pattern
         peft.set_peft_model_state_dict(model, state)
-        return
+        return model
     params = dict(model.named_parameters())
     for key, tensor in state.items():
         param = params[key]
         with _gathered(param), torch.no_grad():
             param.copy_(tensor)
+    return model
 
 
 def _gathered(param: torch.nn.Parameter) -> Any:
