@@ -25,7 +25,7 @@ def main(model: ModelArgs, args: MergeArgs) -> None:
     change every weight the adapter updates, and its logits must equal the adapter model's on a probe
     input (within 1e-4 x the largest logit in fp32); merge.json records both. The merge runs in
     --compute_dtype (fp32 by default); --save_dtype auto keeps the base checkpoint's dtype. A
-    quantized base is refused. A non-empty --merged_dir is replaced only with --overwrite.
+    quantized base is refused. --overwrite replaces only an earlier merge.py output, never an input.
     """
     if not model.lora_dir:
         raise UserError("Pass --lora_dir: an output folder of uniform_finetune.py, or a PEFT adapter folder or hub id.")

@@ -31,7 +31,8 @@ def main(model: ModelArgs, sampling: SamplingParams, args: PredictArgs) -> None:
     """
     records = load_inputs(args.data, args.max_samples)
     predictions_path, metrics_path = output_paths(args.result_dir)
-    run = PredictionRun(records, args.result_dir, sources=args.data, overwrite=args.overwrite)
+    run = PredictionRun(records, args.result_dir, sources=args.data, overwrite=args.overwrite,
+                        models={"--lora_dir": [model.lora_dir], "--model_name_or_path": [model.model_name_or_path]})
     if run.todo:
         print(f"{len(records) - len(run.todo)} of {len(records)} records are already in {predictions_path}; "
               f"predicting {len(run.todo)}", flush=True)

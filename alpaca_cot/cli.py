@@ -12,13 +12,16 @@ import typing
 from collections.abc import Callable
 from typing import Any
 
-from alpaca_cot.errors import UserError
+from alpaca_cot.errors import UserError, disk_full
 from alpaca_cot.flags import flag_fields
 
 # Flags the seed took as space-separated lists (argparse nargs); fire wants one value.
 LIST_FLAGS = ("lora_target_modules", "data")
 CONFIG_HELP = ("    config: a YAML or JSON file whose keys are these flags (a run's finetune_args.json is one); "
                "flags given on the command line override it")
+
+
+CONFIG_FILES: list[str] = []  # the --config file of this command: an input no output may replace
 
 
 def normalize_argv(argv: list[str]) -> list[str]:
@@ -182,6 +185,7 @@ def run_cli(main: Callable[..., Any], interrupted: str = "interrupted") -> None:
 
     try:
         config, argv = split_config(normalize_argv(sys.argv[1:]))
+        CONFIG_FILES[:] = [config] if config else []
         check_argv(argv, main)
         fire.Fire(with_defaults(main, read_config(config, main)) if config else main, command=argv)
     except UserError as e:
@@ -190,3 +194,10 @@ def run_cli(main: Callable[..., Any], interrupted: str = "interrupted") -> None:
     except KeyboardInterrupt:
         print(f"\n{interrupted}", file=sys.stderr)
         sys.exit(130)
+    except Exception as e:
+        if not disk_full(e):
+            raise
+        where = f" writing {e.filename}" if getattr(e, "filename", None) else ""
+        print(f"error: the disk is full{where}; nothing partial was kept: free some space and run the same "
+              "command again (a training run: add --resume_from_checkpoint)", file=sys.stderr)
+        sys.exit(2)

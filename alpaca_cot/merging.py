@@ -19,7 +19,7 @@ from alpaca_cot.config import ARGS_FILE
 from alpaca_cot.errors import UserError
 from alpaca_cot.io import write_json_atomic
 from alpaca_cot.models import loading
-from alpaca_cot.outputs import check_not_file, holds_files, writing
+from alpaca_cot.outputs import claim_folder, marker_path, refuse_all_inputs, write_marker, writing
 
 MERGEABLE = ("LORA", "ADALORA")  # prompt, p-tuning and prefix adapters add tokens, not weight updates
 REPORT_FILE = "merge.json"
@@ -97,13 +97,14 @@ def merge_adapter(lora_dir: str, merged_dir: str, *, model_type: str | None = No
     ``lora_dir`` is a run's output folder or any PEFT adapter folder or hub id; the base comes from
     ``model_name_or_path``, else the run's saved arguments, else adapter_config.json.
     """
-    check_not_file(merged_dir, "--merged_dir")
-    if holds_files(merged_dir) and not overwrite:
-        raise UserError(f"{merged_dir} is not empty; pass --overwrite to replace it, or another --merged_dir")
     folder = loading.resolve_lora_dir(lora_dir)
     peft_type = check_adapter(folder)
     saved = loading.saved_run_args(folder)
     base = loading.resolve_base_model(folder, model_name_or_path)
+    refuse_all_inputs([merged_dir], {"--lora_dir": [lora_dir, folder], "--model_name_or_path": [base]},
+                      flag="--merged_dir", shown=merged_dir)
+    if claim_folder(merged_dir, "merge", flag="--merged_dir") and not overwrite:
+        raise UserError(f"{merged_dir} is not empty; pass --overwrite to replace it, or another --merged_dir")
     config = check_unquantized(base, quantization_bit)
     if saved is not None and saved.quantization_bit:
         print(f"The adapter was trained over a {saved.quantization_bit}-bit base; it is merged into the full-precision "
@@ -160,3 +161,4 @@ def _save(model: Any, tokenizer: Any, template: Any, lora_dir: str, merged_dir: 
         if os.path.isfile(os.path.join(lora_dir, ARGS_FILE)):
             shutil.copy2(os.path.join(lora_dir, ARGS_FILE), folder)
         write_json_atomic(os.path.join(folder, REPORT_FILE), report)
+        write_marker(marker_path(folder), "merge")

@@ -3,8 +3,8 @@
 An output we write carries a marker, ``run.json`` (``<name>.run.json`` beside a single output file), whose
 ``written_by`` names the command (``WRITERS``). ``claim`` / ``claim_folder`` read only: True where an earlier
 output of the same kind is there, False where nothing is; anything else is refused in one line, untouched
-(evaluation and prediction claim; training and merging replace any non-empty folder on --overwrite_output_dir /
---overwrite until issue 22). ``refuse_inputs`` refuses an output path that is (or holds) an input. ``writing``
+(every command claims its outputs first, even with --overwrite_output_dir / --overwrite). ``refuse_inputs``
+refuses an output path that is (or holds) an input. ``writing``
 stages files in a temp folder and publishes them when complete: swapped in whole (``swap_in``: the old output is
 renamed aside, the new one into place, the old deleted) or moved file by file into a run folder that also
 holds checkpoints. A long run that must survive kills stages in ``<target>.staging`` (training's
@@ -19,6 +19,7 @@ import os
 import shutil
 from collections.abc import Iterable, Iterator
 
+from alpaca_cot import cli
 from alpaca_cot.errors import UserError
 from alpaca_cot.io import write_json_atomic
 
@@ -85,17 +86,42 @@ def claim_folder(folder: str, kind: str, *, flag: str) -> bool:
     return claim(marker_path(folder), kind, present, flag=flag, shown=folder)
 
 
-def refuse_inputs(outputs: Iterable[str], inputs: Iterable[str], *, flag: str, shown: str,
+def refuse_inputs(outputs: Iterable[str], inputs: Iterable[str | None], *, flag: str, shown: str,
                   input_flag: str = "--data") -> None:
-    """Refuse when an output path is one of the command's ``inputs`` (or a folder that holds one)."""
-    real = {os.path.realpath(path) for path in inputs}
+    """Refuse when an output path is one of the command's ``inputs`` (or a folder that holds one), whatever the
+    flags: an output never replaces what the command reads. Inputs that name no local path (hub ids) are skipped."""
+    real = {os.path.realpath(path) for path in inputs if path and os.path.exists(path)}
     for path in outputs:
         out = os.path.realpath(path)
         held = [p for p in real if p == out or p.startswith(out + os.sep)]
         if held:
-            what = f"is a {input_flag} file" if held[0] == out else f"holds the {input_flag} file {held[0]}"
+            kind = "folder" if os.path.isdir(held[0]) else "file"
+            what = f"is a {input_flag} {kind}" if held[0] == out else f"holds the {input_flag} {kind} {held[0]}"
             raise UserError(f"{flag} {shown}: {path} {what}, and an output never replaces its input; choose "
                             f"another {flag}")
+
+
+def refuse_all_inputs(outputs: list[str], inputs: dict[str, Iterable[str | None]], *, flag: str,
+                      shown: str) -> None:
+    """``refuse_inputs`` for each input flag (``{"--data": paths, ...}``), and the ``--config`` file read."""
+    for input_flag, paths in {**inputs, "--config": cli.CONFIG_FILES}.items():
+        refuse_inputs(outputs, paths, flag=flag, shown=shown, input_flag=input_flag)
+
+
+def folder_size(path: str) -> int:
+    """Bytes of the files under ``path`` (0 where it is absent)."""
+    return sum(os.path.getsize(os.path.join(root, name)) for root, _, names in os.walk(path) for name in names)
+
+
+def check_free_space(folder: str, need: int, what: str) -> None:
+    """Refuse in one line, before any work, when the disk of ``folder`` has clearly less free than ``need`` bytes."""
+    existing = os.path.abspath(folder)
+    while not os.path.isdir(existing):
+        existing = os.path.dirname(existing)
+    free = shutil.disk_usage(existing).free
+    if free < need:
+        raise UserError(f"{folder}: {what} need about {need / 2**20:,.1f} MiB and its disk has {free / 2**20:,.1f} "
+                        "MiB free; free some space or choose a folder on another disk")
 
 
 def swap_in(staging: str, target: str) -> None:

@@ -23,7 +23,7 @@ from alpaca_cot.errors import UserError
 from alpaca_cot.generation.generator import Generator
 from alpaca_cot.generation.sampling import SamplingParams
 from alpaca_cot.io import write_text_atomic
-from alpaca_cot.outputs import check_not_file, claim, marker_path, refuse_inputs, write_marker
+from alpaca_cot.outputs import check_not_file, claim, marker_path, refuse_all_inputs, write_marker
 
 PREDICTION_FIELD = "generate"  # the original's field name
 FILE_SUFFIXES = (".jsonl", ".json", ".txt")
@@ -45,15 +45,17 @@ def run_file_path(result_dir: str) -> str:
     return marker_path(result_dir, single_file=result_dir.endswith(FILE_SUFFIXES))
 
 
-def check_outputs(result_dir: str, sources: list[str]) -> bool:
+def check_outputs(result_dir: str, sources: list[str], models: dict[str, list] | None = None) -> bool:
     """Whether ``--result_dir`` holds an earlier predict.py run (True) or nothing yet (False).
 
-    Reads only (``alpaca_cot.outputs``). Raises UserError when an output path is a ``--data`` file, or when
+    Reads only (``alpaca_cot.outputs``). Raises UserError when an output path is (or holds) an input (``--data``
+    files, the ``models`` folders by flag, the --config file), or when
     something is there that predict.py did not write (no sidecar): it is never cut, resumed or replaced.
     """
     predictions, metrics = output_paths(result_dir)
     marker = run_file_path(result_dir)
-    refuse_inputs([predictions, metrics, marker], resolve_data(sources), flag="--result_dir", shown=result_dir)
+    refuse_all_inputs([result_dir, predictions, metrics, marker], {"--data": resolve_data(sources), **(models or {})},
+                      flag="--result_dir", shown=result_dir)
     is_folder = not result_dir.endswith(FILE_SUFFIXES)
     if is_folder:
         check_not_file(result_dir, "--result_dir")
@@ -106,14 +108,15 @@ def read_predictions(path: str) -> list[dict]:
 class PredictionRun:
     """The predictions of ``records`` in the file at ``path``: what is done, what is left, and writing the rest."""
 
-    def __init__(self, records: list[dict], result_dir: str, *, sources: list[str], overwrite: bool = False):
+    def __init__(self, records: list[dict], result_dir: str, *, sources: list[str], overwrite: bool = False,
+                 models: dict[str, list] | None = None):
         """Check ``result_dir`` against the ``--data`` ``sources`` (see ``check_outputs``); read what is done."""
         self.records = records
         self.path, self.metrics_path = output_paths(result_dir)
         self.run_file = run_file_path(result_dir)
         self.sources = sources
         self.overwrite = overwrite
-        owned = check_outputs(result_dir, sources)
+        owned = check_outputs(result_dir, sources, models)
         self.done = read_predictions(self.path) if owned and not overwrite else []
         left = Counter(record_key(r) for r in self.done)
         self.todo: list[int] = []

@@ -59,7 +59,7 @@ def convert(input: str, output: str, format: str | None = None, seed: int = 42, 
     file:line and field, unless --skip_bad leaves them out (and lists them). --fill
     name=X,author=Y fills {{name}}/{{author}} template slots. --seed chooses the chain-of-thought
     phrasings reproducibly (each row's phrasing follows from the seed and the row's content)."""
-    check_writable(output, overwrite)
+    check_writable(output, overwrite, (input,))
     columns = parse_columns(columns)
     if columns and format:
         raise DataError("pass --format or --columns, not both: --columns replaces the format")
@@ -149,8 +149,8 @@ def mix(output: str, *sources: str, total: int | None = None, seed: int = 42, ov
     --total the weights are proportions of --total records. Sampling is seeded by --seed."""
     if not sources:
         raise DataError("mix needs at least one source, e.g. `mix data/mixed.json alpaca:1 cot:0.5`")
-    check_writable(output, overwrite)
     specs = [curation.parse_source(str(spec)) for spec in sources]
+    check_writable(output, overwrite, tuple(source for source, _ in specs))
     pools = [load_records(source) for source, _ in specs]
     counts = curation.mix_counts([len(pool) for pool in pools], [weight for _, weight in specs], total)
     rng = random.Random(seed)
@@ -167,7 +167,7 @@ def dedup(input: str, output: str, mode: str = "normalized", overwrite: bool = F
     """Drop duplicate records, keeping the first. Records are compared on their content: two
     phrasings of one chain-of-thought row are duplicates. --mode exact compares texts as they are,
     normalized (default) after Unicode normalization, case folding and removing punctuation."""
-    check_writable(output, overwrite)
+    check_writable(output, overwrite, (input,))
     records = load_records(input, need_answer=False)
     kept = curation.dedup(records, mode)
     write_records(output, kept, overwrite=overwrite)
@@ -180,7 +180,7 @@ def decontaminate(input: str, output: str, eval_file: str, n: int = 13, overwrit
     (a unified file, or any source format `convert` reads). Our CoT phrasings and rationales are
     left out of the evaluation side, so only what the evaluation asks and expects counts. CJK
     characters are single tokens; a question shorter than --n tokens must appear whole."""
-    check_writable(output, overwrite)
+    check_writable(output, overwrite, (input, eval_file))
     records = load_records(input, need_answer=False)
     eval_records = []
     for path in source_files(eval_file):

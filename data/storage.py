@@ -19,12 +19,15 @@ from alpaca_cot.data.records import (
 )
 from alpaca_cot.data.sources import resolve_data
 from alpaca_cot.io import write_text_atomic
+from alpaca_cot.outputs import refuse_inputs
 
 PLACEHOLDER = re.compile(r"\{\{\s*\w+\s*\}\}")  # template slots such as {{name}} (LLaMA-Factory identity data)
 
 
-def check_writable(path: str, overwrite: bool) -> None:
-    """Refuse to replace an existing output unless asked to, before any work is done."""
+def check_writable(path: str, overwrite: bool, inputs: tuple[str, ...] = ()) -> None:
+    """Refuse to replace an existing output unless asked to, and an input (or a folder holding one) whatever the
+    flags, before any work is done."""
+    refuse_inputs([path], inputs, flag="output", shown=path, input_flag="source")
     if os.path.exists(path) and not overwrite:
         raise DataError(f"{path} already exists; pass --overwrite to replace it")
 

@@ -191,6 +191,7 @@ def test_overwrite_replaces_the_old_run_only_when_the_new_one_finished(tmp_path,
 
     # A replacement run killed after its checkpoint-4: it waits beside the old run, which is untouched.
     shutil.copytree(out / "checkpoint-4", staging / "checkpoint-4")
+    shutil.copy(out / "run.json", staging / "run.json")  # marked as ours before its first checkpoint
     again = _train(stories_dir, alpaca_file, out, "--max_steps", "6", "--overwrite_output_dir", check=False)
     assert again.returncode == 2
     assert f"{staging} holds checkpoints of an unfinished --overwrite_output_dir run" in again.stderr

@@ -289,6 +289,7 @@ def test_bad_flags_are_one_line(tmp_path, strategyqa_file: str) -> None:
         assert proc.returncode == 2, proc.stderr
         assert proc.stderr.strip().splitlines() == [proc.stderr.strip().splitlines()[-1]]
         assert message in proc.stderr
+    assert not os.listdir(tmp_path)  # a refused evaluation leaves nothing behind (no OUT/run.json)
 
 
 @pytest.mark.slow

@@ -108,15 +108,20 @@ def test_merged_folder_loads_like_a_run(trained_adapter: str, merged_here: str, 
     assert Generator(*load_for_inference(merged_here, compute_dtype="fp32")).generate(records, greedy) == from_adapter
 
 
-def test_never_overwrites_a_non_empty_folder(trained_adapter: str, tmp_path) -> None:
+def test_replaces_only_its_own_merge(trained_adapter: str, tmp_path) -> None:
     target = tmp_path / "out"
     target.mkdir()
     (target / "keep.txt").write_text("mine")
-    with pytest.raises(UserError, match="is not empty; pass --overwrite"):
-        merge_adapter(trained_adapter, str(target))
+    for overwrite in (False, True):  # a folder merge.py did not write is never replaced
+        with pytest.raises(UserError, match="keep.txt exists and was not written by merge.py"):
+            merge_adapter(trained_adapter, str(target), overwrite=overwrite)
     assert os.listdir(target) == ["keep.txt"]
-    merge_adapter(trained_adapter, str(target), overwrite=True)
-    assert "keep.txt" not in os.listdir(target) and "model.safetensors" in os.listdir(target)
+    mine = tmp_path / "merged"
+    merge_adapter(trained_adapter, str(mine))
+    with pytest.raises(UserError, match="is not empty; pass --overwrite"):
+        merge_adapter(trained_adapter, str(mine))
+    merge_adapter(trained_adapter, str(mine), overwrite=True)
+    assert {"model.safetensors", "run.json"} <= set(os.listdir(mine))
     assert not [n for n in os.listdir(tmp_path) if n.startswith(".")]  # no temporary folder left
 
 

@@ -49,13 +49,9 @@ def lm_eval_model_args(loader_kwargs: dict) -> dict:
     return args
 
 
-def run_lm_eval(loader_kwargs: dict, model: Any, args: EvaluateArgs) -> dict:
-    """Run ``--tasks`` through lm-evaluation-harness's HF model; its results, per-sample logs saved."""
-    import torch
-
+def task_manager(args: EvaluateArgs) -> Any:
+    """lm-eval's task manager, once every ``--tasks`` name is known to it (checked before any output is written)."""
     try:
-        import lm_eval
-        from lm_eval.models.huggingface import HFLM
         from lm_eval.tasks import TaskManager
     except ImportError:
         raise UserError("--tasks needs lm-evaluation-harness: pip install lm_eval") from None
@@ -66,6 +62,16 @@ def run_lm_eval(loader_kwargs: dict, model: Any, args: EvaluateArgs) -> dict:
     if unknown:
         raise UserError(f"--tasks: unknown lm-eval task {', '.join(unknown)}; list them with `lm_eval ls tasks`"
                         f" (offline tasks: a YAML in --include_path, now {args.include_path})")
+    return manager
+
+
+def run_lm_eval(loader_kwargs: dict, model: Any, args: EvaluateArgs, manager: Any) -> dict:
+    """Run ``--tasks`` through lm-evaluation-harness's HF model (``manager``: ``task_manager``'s); its results,
+    per-sample logs saved."""
+    import lm_eval
+    import torch
+    from lm_eval.models.huggingface import HFLM
+
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model_args = lm_eval_model_args(loader_kwargs)
     if loader_kwargs.get("quantization_bit"):

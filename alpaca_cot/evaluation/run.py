@@ -23,10 +23,10 @@ from alpaca_cot.config import EvaluateArgs
 from alpaca_cot.data.sources import resolve_data
 from alpaca_cot.errors import UserError
 from alpaca_cot.evaluation.generative import LazyModel, data_name, evaluate_data
-from alpaca_cot.evaluation.harness import plain, run_lm_eval
+from alpaca_cot.evaluation.harness import plain, run_lm_eval, task_manager
 from alpaca_cot.evaluation.stats import percent
 from alpaca_cot.io import write_json_atomic, write_text_atomic
-from alpaca_cot.outputs import claim_folder, marker_path, read_marker, write_marker
+from alpaca_cot.outputs import claim_folder, marker_path, read_marker, refuse_all_inputs, write_marker
 
 
 def run_evaluation(model_args: Any, sampling: Any, args: EvaluateArgs) -> dict:
@@ -40,13 +40,17 @@ def run_evaluation(model_args: Any, sampling: Any, args: EvaluateArgs) -> dict:
     duplicated = sorted({n for n in names if names.count(n) > 1})
     if duplicated:
         raise UserError(f"--data: two entries are both named {duplicated[0]!r}; give them different file names")
+    manager = task_manager(args) if args.tasks else None  # an unknown task is refused before anything is written
+    refuse_all_inputs([args.output_dir], {"--data": data_files, "--lora_dir": [loader_kwargs.get("lora_dir")],
+                                          "--model_name_or_path": [loader_kwargs.get("model_name_or_path")]},
+                      flag="--output_dir", shown=args.output_dir)
     prepare_output_dir(args.output_dir, settings, args.overwrite)
     model = LazyModel(loader_kwargs)
     results: dict[str, Any] = {"model": loader_kwargs, "sampling": asdict(sampling), "data": {}}
     for source, name in zip(args.data, names, strict=True):
         results["data"][name] = evaluate_data(source, model, sampling, args)
     if args.tasks:
-        results["lm_eval"] = run_lm_eval(loader_kwargs, model, args)
+        results["lm_eval"] = run_lm_eval(loader_kwargs, model, args, manager)
     write_json_atomic(os.path.join(args.output_dir, "results.json"), plain(results))
     write_text_atomic(os.path.join(args.output_dir, "results.md"), render_table(results))
     return results

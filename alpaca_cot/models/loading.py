@@ -68,7 +68,9 @@ def device_for_rank() -> torch.device:
 
 def _hub_error(path: str, what: str, error: Exception) -> LoadError:
     if os.path.isdir(path):
-        return LoadError(f"Could not load the {what} from the folder {path}: {error}")
+        found = ", ".join(sorted(os.listdir(path))[:8]) or "nothing"
+        return LoadError(f"Could not load the {what} from the folder {path} (it holds {found}): "
+                         f"{(str(error).strip().splitlines() or [''])[0]}")
     return LoadError(f"Could not load the {what} {path!r}: it is not a local folder and the Hugging Face hub "
                      f"could not serve it (offline, or no such repository); pass --model_name_or_path a local "
                      f"folder that holds config.json, the weights and the tokenizer files.")
@@ -92,7 +94,8 @@ def _check_remote_code(path: str, spec: ModelSpec, trust_remote_code: bool) -> b
 
 def load_tokenizer(path: str, spec: ModelSpec, trust_remote_code: bool = False) -> Any:
     """The tokenizer, with a pad token chosen by the registry's pad-token rule."""
-    if not os.path.isdir(path) or os.path.isfile(os.path.join(path, "config.json")):  # adapter folders have none
+    # An adapter folder with its tokenizer has no config.json; any other folder must have one.
+    if not os.path.isdir(path) or os.path.isfile(os.path.join(path, "config.json")) or not has_tokenizer(path):
         _check_remote_code(path, spec, trust_remote_code)  # the clear sentence comes before any custom code
     cls = getattr(transformers, spec.tokenizer_class)
     try:
@@ -149,6 +152,18 @@ def load_model(path: str, spec: ModelSpec, *, dtype: torch.dtype = torch.float32
         model.to(device)
     _fix_cpu_4bit(model)
     return model
+
+
+def meta_model(path: str, spec: ModelSpec, trust_remote_code: bool = False) -> Any:
+    """The model of ``path``'s config on the meta device (no weights read or allocated), for its module names;
+    None where the config builds no causal LM this way (the loaded model is checked instead)."""
+    remote = _check_remote_code(path, spec, trust_remote_code)
+    try:
+        config = transformers.AutoConfig.from_pretrained(path, trust_remote_code=remote)
+        with torch.device("meta"):
+            return transformers.AutoModelForCausalLM.from_config(config, trust_remote_code=remote)
+    except Exception:  # noqa: BLE001 - only an early check: load_model reports the real problem
+        return None
 
 
 def _fix_cpu_4bit(model: Any) -> None:

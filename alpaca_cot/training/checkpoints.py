@@ -19,8 +19,8 @@ from transformers import utils as names
 from transformers.trainer import FSDP_MODEL_NAME, OPTIMIZER_NAME, OPTIMIZER_NAME_BIN, SCHEDULER_NAME, TRAINER_STATE_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from alpaca_cot.errors import UserError
-from alpaca_cot.outputs import holds_files
+from alpaca_cot.errors import UserError, disk_full
+from alpaca_cot.outputs import MARKER, folder_size
 
 CHECKPOINT_RE = re.compile(rf"^{PREFIX_CHECKPOINT_DIR}-(\d+)$")
 FSDP_SHARDED = re.compile(r"^optimizer_\d+$")  # accelerate's sharded FSDP optimizer state folders
@@ -151,6 +151,9 @@ def run_training(trainer: Any, resume: str | bool | None) -> Any:
     """``trainer.train``, from the checkpoint ``resume`` means (``choose_checkpoint``), saying which; a run
     that fails before saving anything leaves no empty output folder behind."""
     checkpoint = None
+    if not resume and trainer.is_world_process_zero():  # torn ones a full disk or a kill left: saved again
+        for path, _ in latest_complete_checkpoint(trainer.args.output_dir)[1]:
+            shutil.rmtree(path)
     if resume:
         main = trainer.is_world_process_zero()
         checkpoint, notes = choose_checkpoint(trainer.args.output_dir, resume, remove_incomplete=main)
@@ -158,9 +161,19 @@ def run_training(trainer: Any, resume: str | bool | None) -> Any:
             print("\n".join(notes), flush=True)
     try:
         return trainer.train(resume_from_checkpoint=checkpoint)
-    except BaseException:
+    except BaseException as e:
         out = trainer.args.output_dir
-        if trainer.is_world_process_zero() and os.path.isdir(out) and not holds_files(out):
-            os.rmdir(out)
+        if trainer.is_world_process_zero() and os.path.isdir(out):
+            if set(os.listdir(out)) <= {MARKER}:
+                shutil.rmtree(out)
+            elif disk_full(e):  # the checkpoint being written is torn: the next run resumes from the one before
+                torn = os.path.join(out, f"checkpoint-{trainer.state.global_step}")
+                for path in {torn, *(p for p, _ in latest_complete_checkpoint(out)[1])}:
+                    shutil.rmtree(path, ignore_errors=True)
+        if disk_full(e):
+            latest = latest_complete_checkpoint(out)[0]
+            need = f"about {folder_size(latest) / 2**20:,.1f} MiB a checkpoint" if latest else "more space"
+            again = "with --resume_from_checkpoint" if latest else "again"
+            raise UserError(f"the disk of {out} filled up while training ({need}); the partial checkpoint was "
+                            f"removed: free space and run the same command {again}") from None
         raise
-

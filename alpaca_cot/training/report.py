@@ -10,12 +10,13 @@ from typing import Any
 
 import torch
 
+from alpaca_cot import outputs
 from alpaca_cot.config import FinetuneArgs
 from alpaca_cot.data.templates import Template
 from alpaca_cot.errors import UserError
 from alpaca_cot.io import write_json_atomic, write_text_atomic
-from alpaca_cot.outputs import STAGING_SUFFIX, check_not_file, holds_files, swap_in, writing
-from alpaca_cot.training.checkpoints import checkpoint_folders, choose_checkpoint, model_files
+from alpaca_cot.outputs import STAGING_SUFFIX, claim_folder, swap_in, writing
+from alpaca_cot.training.checkpoints import choose_checkpoint, latest_complete_checkpoint, model_files
 
 METRICS_FILE = "metrics.json"
 LOSS_PLOT = "loss_curve.png"
@@ -34,22 +35,41 @@ def log(message: str) -> None:
 
 
 def prepare_output_dir(args: FinetuneArgs) -> None:
-    """Check --output_dir before any work (nothing is created or deleted): a previous run is kept unless resumed;
-    with --overwrite_output_dir the new run trains in ``<output_dir>.staging`` (``args.output_dir`` becomes that)
-    and replaces the old run once it has finished. --resume_from_checkpoint must find a complete checkpoint."""
-    out = args.output_dir
-    check_not_file(out, "--output_dir")
+    """Check --output_dir before any work (nothing is created or deleted): it is never an input (or holds one),
+    and a folder there is replaced or resumed only if uniform_finetune.py wrote it (its marker). A previous run is
+    kept unless resumed; with --overwrite_output_dir the new run trains in ``<output_dir>.staging``
+    (``args.output_dir`` becomes that) and replaces the old run once it has finished. --resume_from_checkpoint
+    must find a complete checkpoint."""
+    out, staging = args.output_dir, args.output_dir + STAGING_SUFFIX
+    outputs.refuse_all_inputs([out, staging], {"--model_name_or_path": [args.model_name_or_path], "--data": args.data},
+                      flag="--output_dir", shown=out)
+    started = claim_folder(out, "finetune", flag="--output_dir") and os.listdir(out) != [outputs.MARKER]
     if args.overwrite_output_dir:
-        args.output_dir = out + STAGING_SUFFIX
-        if checkpoint_folders(args.output_dir) and not args.resume_from_checkpoint:
-            raise UserError(f"{args.output_dir} holds checkpoints of an unfinished --overwrite_output_dir run; add "
+        claim_folder(staging, "finetune", flag="--output_dir")
+        args.output_dir = staging
+        if latest_complete_checkpoint(staging)[0] and not args.resume_from_checkpoint:
+            raise UserError(f"{staging} holds checkpoints of an unfinished --overwrite_output_dir run; add "
                             "--resume_from_checkpoint to continue it, or delete that folder to start again.")
-        log(f"--overwrite_output_dir: this run trains in {args.output_dir} and replaces {out} once it has finished")
-    elif holds_files(out) and not args.resume_from_checkpoint:
+        log(f"--overwrite_output_dir: this run trains in {staging} and replaces {out} once it has finished")
+    elif started and not args.resume_from_checkpoint:
         raise UserError(f"--output_dir {out} already holds files; pass --resume_from_checkpoint to continue "
                         "that run, --overwrite_output_dir to replace it, or choose another --output_dir.")
     if args.resume_from_checkpoint:
         choose_checkpoint(args.output_dir, args.resume_from_checkpoint, remove_incomplete=False)
+
+
+def mark_output_dir(args: FinetuneArgs) -> None:
+    """Mark the folder the run writes as uniform_finetune.py's, before its first checkpoint (main process)."""
+    if is_main_process():
+        os.makedirs(args.output_dir, exist_ok=True)
+        outputs.write_marker(outputs.marker_path(args.output_dir), "finetune")
+
+
+def check_space(args: FinetuneArgs, model: Any) -> None:
+    """Refuse a run whose checkpoints and outputs clearly will not fit on its disk: a checkpoint holds the trained
+    weights and Adam's two moments in fp32, two are kept while a third is written, and the output holds the weights."""
+    weights = 4 * sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters() if p.requires_grad)
+    outputs.check_free_space(args.output_dir, 3 * 3 * weights + weights, "this run's checkpoints and outputs")
 
 
 def report_truncation(entries: list[dict], args: FinetuneArgs) -> None:

@@ -15,7 +15,7 @@ from alpaca_cot.data.prepared import prepare_splits
 from alpaca_cot.data.templates import get_template
 from alpaca_cot.errors import UserError
 from alpaca_cot.models.adapters import apply_peft, build_peft_config, resolve_target_modules
-from alpaca_cot.models.loading import load_model, load_tokenizer, resolve_dtype
+from alpaca_cot.models.loading import load_model, load_tokenizer, meta_model, resolve_dtype
 from alpaca_cot.models.registry import get_model_spec
 from alpaca_cot.training import packing, report
 from alpaca_cot.training.checkpoints import run_training
@@ -42,6 +42,10 @@ def run_finetune(args: FinetuneArgs) -> tuple[dict, Any]:
     if args.use_liger_kernel:
         packing.require_liger()  # before any data or model work
     tokenizer = load_tokenizer(args.model_name_or_path, spec, args.trust_remote_code)
+    lora = args.peft_type in ("lora", "adalora")
+    meta = meta_model(args.model_name_or_path, spec, args.trust_remote_code) if lora else None
+    if meta is not None:  # a wrong name is refused before tokenizing
+        resolve_target_modules(meta, spec, args.lora_target_modules)
     template = get_template(args.template or _default_template(spec.template, tokenizer), tokenizer)
     train_data, val_data, info = _load_data(args, tokenizer, template)
 
@@ -69,6 +73,8 @@ def run_finetune(args: FinetuneArgs) -> tuple[dict, Any]:
     # Counted on the whole model: a ZeRO-3 partitioned parameter keeps its whole size in ``ds_numel``.
     flops_per_token = training_flops_per_token(model, args.peft_type == "full",
                                                mean_causal_context(train_data.lengths()))
+    report.check_space(args, model)
+    report.mark_output_dir(args)
     result = run_training(trainer, args.resume_from_checkpoint)
     _report_training(trainer, result, metrics, evaluate, peak, flops_per_token)
     # A collective (every rank takes part); none after a restored finished run, whose weights are its checkpoint's.
