@@ -16,8 +16,9 @@ statement. Each arm's training loss is read from its log every ``LOG_EVERY`` ste
 Data: the shared folder's original source files ($ALPACA_COT_SHARED, default ../shared; data/raw).
 Output: .cache/ablation/ (data), saved_models/ablation/ (adapters, evaluations, ablation.md with the tables).
 
-Usage: python3 scripts/cot_ablation.py [--budget_tokens 64000] [--eval_records 100] [--max_new_tokens 160]
-(the defaults take about 35 minutes on a quiet 2-core CPU)
+Usage: python3 scripts/cot_ablation.py [--budget_tokens 24000] [--batch_size 4] [--eval_records 100]
+       [--max_new_tokens 96]
+(on a 2-core CPU shared with other jobs, OMP_NUM_THREADS=1 keeps each process from spinning on a busy core)
 """
 
 from __future__ import annotations
@@ -175,8 +176,8 @@ def claim_rates(scored_file: str) -> dict:
     return {"stated": proportion(len(stated), len(rows)), "rationale_first": proportion(len(reasoned), len(rows))}
 
 
-def main(budget_tokens: int = 64000, eval_records: int = 100, max_new_tokens: int = 160, cutoff_len: int = 384,
-         learning_rate: float = 1e-3, batch_size: int = 8, eval_batch_size: int = 50, retrain: bool = False,
+def main(budget_tokens: int = 24000, eval_records: int = 100, max_new_tokens: int = 96, cutoff_len: int = 384,
+         learning_rate: float = 1e-3, batch_size: int = 4, eval_batch_size: int = 50, retrain: bool = False,
          seed: int = 0, data_dir: str = ".cache/ablation", out_dir: str = "saved_models/ablation") -> None:
     """Build the data, train both arms, evaluate them and the base model, write the tables."""
     start = time.time()
@@ -216,8 +217,8 @@ def main(budget_tokens: int = 64000, eval_records: int = 100, max_new_tokens: in
     table = render(out_dir, sizes, curves)
     wall = time.time() - start
     command = "python3 scripts/cot_ablation.py " + " ".join(
-        f"--{k} {v}" for k, v in {"budget_tokens": budget_tokens, "eval_records": eval_records,
-                                  "max_new_tokens": max_new_tokens}.items())
+        f"--{k} {v}" for k, v in {"budget_tokens": budget_tokens, "batch_size": batch_size,
+                                  "eval_records": eval_records, "max_new_tokens": max_new_tokens}.items())
     report = (f"{table}\nCommand: `{command}`; wall time {wall / 60:.1f} min on this machine "
               f"({', '.join(f'{k} {v / 60:.1f} min' for k, v in timings.items())}; load average "
               f"{os.getloadavg()[0]:.1f} at the end).\n")
