@@ -174,8 +174,8 @@ def test_without_a_mirror_the_hub_collection_is_downloaded_once(tmp_path, monkey
 
 def test_offline_without_a_mirror_says_what_to_do(tmp_path) -> None:
     try:
-        datasets.resolve_data(["alpaca"])
-        pytest.skip("data/ already holds the hub's alpaca files, so nothing needs the hub")
+        datasets.resolve_data(["cot"])
+        pytest.skip("data/ already holds the hub's cot files, so nothing needs the hub")
     except datasets.DataError:
         pass
     proc = run_script("scripts/demo_data.py", "--out", str(tmp_path / "out"), check=False,
