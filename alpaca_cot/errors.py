@@ -6,5 +6,8 @@ class UserError(ValueError):
 
 
 def disk_full(error: BaseException) -> bool:
-    """Whether ``error`` is a full disk (ENOSPC; safetensors and tokenizers say it in their messages)."""
-    return getattr(error, "errno", None) == 28 or "No space left on device" in str(error)  # 28: ENOSPC
+    """Whether ``error`` is a full disk: ENOSPC (28), as safetensors and tokenizers say it, or torch.save's write
+    failures (``basic_ios::clear: iostream error``, ``file write failed``), which name no cause."""
+    text = str(error)
+    return getattr(error, "errno", None) == 28 or any(
+        s in text for s in ("No space left on device", "iostream error", "file write failed"))

@@ -172,7 +172,8 @@ def run_training(trainer: Any, resume: str | bool | None) -> Any:
                     shutil.rmtree(path, ignore_errors=True)
         if disk_full(e):
             latest = latest_complete_checkpoint(out)[0]
-            need = f"about {folder_size(latest) / 2**20:,.1f} MiB a checkpoint" if latest else "more space"
+            need = f"a checkpoint needs about {folder_size(latest) / 2**20:,.1f} MiB" if latest else \
+                "its first checkpoint did not fit"
             again = "with --resume_from_checkpoint" if latest else "again"
             raise UserError(f"the disk of {out} filled up while training ({need}); the partial checkpoint was "
                             f"removed: free space and run the same command {again}") from None
