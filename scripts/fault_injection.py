@@ -2,6 +2,7 @@
 
 Usage:
   .venv/bin/python scripts/fault_injection.py [--kills 24] [--val_set_size 0] [--seed 0] [--work_dir DIR]
+  .venv/bin/python scripts/fault_injection.py --disk_full --kills 10   # as root: fills a tmpfs instead of killing
 
 Trains a tiny model (../shared/models/stories260K-hf, or a random tiny Llama from the test fixtures)
 on small synthetic records with uniform_finetune.py, first twice without interruption (the two
@@ -73,11 +74,13 @@ class Trainer:
                      "--max_steps", str(max_steps), "--save_steps", str(save_steps), "--per_gpu_train_batch_size",
                      "4", "--cutoff_len", "64", "--logging_steps", "1", "--compute_dtype", "fp32"]
         self.saves = list(range(save_steps, max_steps, save_steps)) + [max_steps]
+        self.logs: str | None = None
         self.env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 
     def start(self, out: str, *flags: str) -> subprocess.Popen:
         """Start a run writing to ``out`` with ``flags`` added."""
-        with open(out + ".log", "a", encoding="utf-8") as log:
+        logs = self.logs or os.path.dirname(out)  # off the filled disk with --disk_full
+        with open(os.path.join(logs, os.path.basename(out) + ".log"), "a", encoding="utf-8") as log:
             log.write(f"\n$ uniform_finetune.py ... {' '.join(flags)}\n")
             log.flush()
             return subprocess.Popen([*self.base, "--output_dir", out, *flags], cwd=ROOT, env=self.env, stdout=log,
@@ -123,8 +126,9 @@ def choose_trigger(rng: random.Random, trainer: Trainer, folder: str, done_step:
     return f"{delay:.2f} s after the start", None, delay
 
 
-def kill_when(proc: subprocess.Popen, path: str | None, delay: float) -> bool:
-    """SIGKILL ``proc`` ``delay`` s after ``path`` appears (after the start when None); False if it ended first."""
+def kill_when(proc: subprocess.Popen, path: str | None, delay: float, fill: str | None = None) -> bool:
+    """SIGKILL ``proc`` ``delay`` s after ``path`` appears (after the start when None); False if it ended first.
+    ``fill``: fill that disk instead (the run ends on its own, one line), then free it."""
     if path is not None:
         # A tiny model's checkpoint is written in milliseconds: watch without sleeping (one busy core).
         while not os.path.exists(path):
@@ -137,8 +141,21 @@ def kill_when(proc: subprocess.Popen, path: str | None, delay: float) -> bool:
         time.sleep(POLL_S)
     if proc.poll() is not None:
         return False
-    proc.send_signal(signal.SIGKILL)
+    if fill is None:
+        proc.send_signal(signal.SIGKILL)
+    else:
+        filler = os.path.join(fill, "filler")
+        with open(filler, "wb", buffering=0) as f:
+            try:
+                while f.write(b"\0" * 4096):
+                    pass
+            except OSError:  # full
+                pass
     proc.wait()
+    if fill is not None:
+        os.remove(filler)
+        if proc.returncode not in (0, 2):
+            raise UserError(f"a full disk ended training with status {proc.returncode}, not one line")
     return True
 
 
@@ -179,8 +196,9 @@ def landing(folder: str, before: dict[str, tuple[int, int]]) -> tuple[str, str]:
 
 
 def main(kills: int = 24, val_set_size: float = 0, max_steps: int = 12, save_steps: int = 3, seed: int = 0,
-         work_dir: str | None = None) -> None:
-    """Kill, resume and compare until at least ``kills`` kills; print and save the figures."""
+         work_dir: str | None = None, disk_full: bool = False) -> None:
+    """Kill, resume and compare until at least ``kills`` kills; print and save the figures. ``disk_full``: each
+    chain writes to a tmpfs of its own (mounted: needs root), which is filled instead of killing, then freed."""
     if kills < 1 or max_steps < 2 or not 1 <= save_steps < max_steps:
         raise UserError("pass --kills >= 1, --max_steps >= 2 and 1 <= --save_steps < --max_steps")
     work_dir = os.path.abspath(work_dir or tempfile.mkdtemp(prefix="fault_injection-"))
@@ -188,6 +206,7 @@ def main(kills: int = 24, val_set_size: float = 0, max_steps: int = 12, save_ste
     data = os.path.join(work_dir, "records.json")
     write_records(data, 64, seed)
     trainer = Trainer(tiny_model(work_dir), data, val_set_size, max_steps, save_steps)
+    trainer.logs = work_dir
     print(f"work folder {work_dir}; checkpoints at steps {trainer.saves}", flush=True)
 
     seconds = trainer.run(os.path.join(work_dir, "reference"))
@@ -201,7 +220,11 @@ def main(kills: int = 24, val_set_size: float = 0, max_steps: int = 12, save_ste
     records: list[dict] = []
     chains: list[dict] = []
     while len(records) < kills:
-        out = os.path.join(work_dir, f"chain-{len(chains)}")
+        disk = os.path.join(work_dir, f"disk-{len(chains)}") if disk_full else None
+        if disk:
+            os.makedirs(disk)
+            subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", disk], check=True)
+        out = os.path.join(disk or work_dir, f"chain-{len(chains)}")
         planned, flags, finished, chain_kills = rng.randint(1, 4), [], False, 0
         while chain_kills < planned and len(records) < kills:
             folder = out + STAGING_SUFFIX if "--overwrite_output_dir" in flags else out
@@ -209,12 +232,15 @@ def main(kills: int = 24, val_set_size: float = 0, max_steps: int = 12, save_ste
             label, path, delay = choose_trigger(rng, trainer, folder, max(done, default=0), seconds)
             before = snapshot(folder)
             proc = trainer.start(out, *flags)
-            if not kill_when(proc, path, delay):
+            if not kill_when(proc, path, delay, disk):
                 if proc.returncode != 0:
                     raise UserError(f"training failed ({proc.returncode}); see {out}.log")
                 finished = True  # the run ended before the moment came: the chain ends here
                 break
             category, detail = landing(folder, before)
+            if proc.returncode == 0:  # filled after its last write: the run finished
+                finished = True
+                break
             chain_kills += 1
             records.append({"chain": len(chains), "trigger": label, "landed": category, "detail": detail,
                             "flags": flags})
@@ -223,10 +249,12 @@ def main(kills: int = 24, val_set_size: float = 0, max_steps: int = 12, save_ste
         if not finished:
             trainer.run(out, *flags)
         same = read_adapter(out) == reference
-        leftovers = sorted(n for n in os.listdir(work_dir) if n.startswith(os.path.basename(out) + ".")
+        leftovers = sorted(n for n in os.listdir(disk or work_dir) if n.startswith(os.path.basename(out) + ".")
                            and not n.endswith(".log"))
         leftovers += [name for name in os.listdir(out) if name == ".saving"]
         leftovers += [os.path.basename(p) for _, p in checkpoint_folders(out) if checkpoint_problem(p)]
+        if disk:
+            subprocess.run(["umount", disk], check=True)
         chains.append({"kills": chain_kills, "identical": same, "leftovers": leftovers})
         print(f"chain {len(chains) - 1}: {chain_kills} kills, final adapter "
               f"{'bit-identical' if same else 'DIFFERENT'}{', leftovers ' + str(leftovers) if leftovers else ''}",
