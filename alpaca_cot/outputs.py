@@ -35,11 +35,6 @@ def check_not_file(path: str, flag: str) -> None:
         raise UserError(f"{flag} {path} is an existing file; pass a folder")
 
 
-def holds_files(folder: str) -> bool:
-    """Whether ``folder`` exists and is not empty."""
-    return os.path.isdir(folder) and bool(os.listdir(folder))
-
-
 def marker_path(output: str, single_file: bool = False) -> str:
     """The marker of an output folder (``run.json`` inside), or of a single output file (``<name>.run.json``)."""
     return os.path.splitext(output)[0] + "." + MARKER if single_file else os.path.join(output, MARKER)
