@@ -11,7 +11,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PACKAGE = os.path.join(ROOT, "alpaca_cot")
 MAX_MODULE_LINES = 350  # ARCHITECTURE.md: a module near 400 lines is asking to be split
 MAX_FUNCTION_LINES = 80
-MAX_PACKAGE_LINES = 6062  # the package's size before the one-home-per-stage layout (issue 19)
+# The package had 6,062 lines before the one-home-per-stage layout (issue 19). The layout itself added about 30;
+# what came with it: 129 lines of CoT phrasings moved in from the data/ tool, and about 520 of new features
+# (--columns with Parquet/CSV, --config, preference records, output ownership and the full-disk rules, the
+# decoder's error recovery). A split or a move must not raise this; only a new feature may, saying so here.
+MAX_PACKAGE_LINES = 6750
 
 
 def _modules() -> dict[str, str]:

@@ -155,7 +155,7 @@ def test_resume_equals_the_uninterrupted_run(tmp_path, monkeypatch, tiny_model_d
     run_finetune(_args(tiny_model_dir, tiny_data_file, tmp_path / "killed", **kw))
     killed = tmp_path / "killed"
     for name in os.listdir(killed):
-        if name != "checkpoint-4" and name != "checkpoint-2":
+        if name not in ("checkpoint-4", "checkpoint-2", "run.json"):  # the marker is written before training
             path = killed / name
             shutil.rmtree(path) if path.is_dir() else path.unlink()
     steps = _steps_run(monkeypatch)
@@ -181,7 +181,7 @@ def test_kill_during_the_final_save_still_reports_the_whole_run(tmp_path, monkey
     run_finetune(_args(tiny_model_dir, tiny_data_file, tmp_path / "out", **kw))
     final = (tmp_path / "whole" / "adapter_model.safetensors").read_bytes()
     for name in os.listdir(tmp_path / "out"):  # the final outputs never made it; checkpoint-4 did
-        if not name.startswith("checkpoint-"):
+        if not name.startswith("checkpoint-") and name != "run.json":  # the marker is written before training
             (tmp_path / "out" / name).unlink()
     steps = _steps_run(monkeypatch)
     resumed, model = run_finetune(_args(tiny_model_dir, tiny_data_file, tmp_path / "out", resume_from_checkpoint=True,

@@ -103,7 +103,7 @@ def _resumes_bit_identically(whole: str, flags: list[str], cut: str, kept: str) 
     with the bare flag: the same adapter bit for bit, and metrics for the whole run."""
     shutil.copytree(whole, cut)
     for name in os.listdir(cut):  # the rest never made it
-        if name != kept:
+        if name not in (kept, "run.json"):  # a killed run keeps its marker, written before training
             path = os.path.join(cut, name)
             shutil.rmtree(path) if os.path.isdir(path) else os.unlink(path)
     # From the final step's checkpoint nothing trains: the finished run is restored, and sharded only for its
