@@ -214,17 +214,18 @@ class PredictArgs:
 class EvaluateArgs:
     """evaluate.py: what to evaluate on, how to prompt, and where the results go."""
 
-    data: list[str] = flag([], "unified-format files or dataset names to score by chain-of-thought exact match "
-                               "(each evaluated on its own)")
+    data: list[str] = flag([], "unified-format files or dataset names, each scored by its kind: SFT records by "
+                               "chain-of-thought exact match, preference pairs by preference accuracy")
     tasks: list[str] = flag([], "lm-evaluation-harness task names (commas between several)")
     output_dir: str | None = flag(None, "the folder for results.json, results.md and generations/")
     num_fewshot: int = flag(0, "worked examples before each question: other records of the same --data; for "
                                "--tasks, from the task's few-shot split (0: the task's own default)", min=0)
     max_samples: int | None = flag(None, "evaluate the first N records of each --data (the --limit of --tasks)",
                                    min=1)
-    eval_batch_size: int = flag(8, "records generated (or scored) together", min=1)
+    eval_batch_size: int = flag(8, "records generated (or scored, or pairs scored) together", min=1)
     eval_loss: bool = flag(True, "also compute the reference answers' loss (one forward pass per record)")
-    cutoff_len: int = flag(1024, "the longest sequence the eval loss reads, in tokens", min=8)
+    cutoff_len: int = flag(1024, "the longest sequence the eval loss (or a pair's prompt and reply) reads, in "
+                                 "tokens", min=8)
     include_path: str = flag(DEFAULT_TASK_DIR, "a folder of extra lm-eval task configs (YAML), e.g. offline "
                                                "tasks over local files")
     fewshot_seed: int = flag(0, "chooses each record's few-shot examples (and lm-eval's)", min=0, max=2**32 - 1)
