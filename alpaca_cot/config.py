@@ -90,6 +90,8 @@ class FinetuneArgs:
     max_steps: int = flag(-1, "optimizer steps (overrides --epochs; -1 = use --epochs)", min=-1)
     learning_rate: float = flag(3e-4, "peak learning rate", above=0)
     warmup_ratio: float = flag(0.1, "fraction of the steps spent warming up the learning rate", min=0, max=1)
+    dataloader_num_workers: int = flag(0, "processes that collate batches beside training (0 = in the training "
+                                          "process)", min=0)
     gradient_checkpointing: bool = flag(False, "recompute activations in the backward pass (less memory)")
     packing: bool = flag(True, "padding-free batches where exact for the model (else padded)")
     use_liger_kernel: bool = flag(False, "Liger's fused kernels (CUDA, liger-kernel installed): linear cross-entropy "
