@@ -18,6 +18,7 @@ from alpaca_cot.errors import UserError
 from alpaca_cot.flags import check_fields, flag
 from alpaca_cot.io import write_json_atomic
 from alpaca_cot.models.adapters import PEFT_TYPES
+from alpaca_cot.models.loading import resolve_base_model, resolve_lora_dir
 from alpaca_cot.models.registry import MODEL_REGISTRY, default_checkpoint
 from alpaca_cot.training.engines import DEEPSPEED_PRESETS, check_engine_flags
 
@@ -25,6 +26,11 @@ ARGS_FILE = "finetune_args.json"
 DTYPE_CHOICES = ("auto", "fp32", "bf16", "fp16")
 QUANT_CHOICES = (8, 4)
 SEED_RANGE = {"min": 0, "max": 2**32 - 1}  # what numpy's and torch's global seeding both take
+# TRL 1.16's loss_type values per preference stage (SimPO is CPO's "simpo" loss; ORPO has one loss), default first.
+PREF_LOSSES = {"dpo": ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
+                       "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm"),
+               "orpo": (), "simpo": ("simpo",), "kto": ("kto", "apo_zero_unpaired")}
+STAGES = ("sft", *PREF_LOSSES)
 DEFAULT_TASK_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "lm_eval")
 _HELP = {
     "model_type": "the registry record: " + ", ".join(MODEL_REGISTRY),
@@ -111,6 +117,19 @@ class FinetuneArgs:
                              "accelerate launch), on CUDA GPUs")
     fsdp_offload: bool = flag(False, "with --fsdp: keep the sharded weights, gradients and optimizer states in "
                                      "CPU memory")
+    # preference stage
+    stage: str = flag("sft", "sft (instruction records) | dpo | orpo | simpo (preference pairs) | kto (replies with a "
+                             "label), through TRL's trainers", choices=STAGES)
+    pref_beta: float = flag(0.1, "a preference stage's beta (TRL's: the reference's weight in DPO and KTO, the "
+                                 "odds ratio's in ORPO, the reward scale in SimPO)", above=0)
+    pref_loss: str | None = flag(None, "TRL's loss_type: " + "; ".join(f"{k}: {' | '.join(v)}" for k, v in
+                                                                       PREF_LOSSES.items() if v)
+                                 + " (default: the first)")
+    precompute_ref_logps: bool = flag(False, "dpo, kto: compute the reference's log-probabilities once, before "
+                                             "training (no reference forward pass per step)")
+    lora_dir: str | None = flag(None, "a preference stage: start from this LoRA adapter (an SFT run's output "
+                                      "folder), which is also the reference; default: a new adapter, the base as "
+                                      "reference")
     # output
     output_dir: str | None = flag(None, "where the run goes (default saved_models/MODEL_DATA_LR/PEFT)")
     overwrite_output_dir: bool = flag(False, "replace a previous run in --output_dir once this one has finished")
@@ -118,6 +137,9 @@ class FinetuneArgs:
     def __post_init__(self) -> None:
         self.columns = parse_columns(self.columns)
         check_fields(self)
+        check_stage_flags(self)
+        if not self.model_name_or_path and self.lora_dir:  # the base the adapter was trained on
+            self.model_name_or_path = resolve_base_model(resolve_lora_dir(self.lora_dir))
         if not self.model_name_or_path and self.size is not None:
             self.model_name_or_path = default_checkpoint(self.model_type, self.size)
         if not self.model_name_or_path:
@@ -137,7 +159,7 @@ class FinetuneArgs:
             model_name = os.path.basename(os.path.normpath(self.model_name_or_path))
             data_name = "+".join(os.path.splitext(os.path.basename(d))[0] for d in self.data)
             self.output_dir = os.path.join("saved_models", f"{model_name}_{data_name}_{self.learning_rate:g}",
-                                           self.peft_type)
+                                           self.peft_type if self.stage == "sft" else f"{self.stage}_{self.peft_type}")
         if os.path.exists(self.output_dir) and not os.path.isdir(self.output_dir):
             raise UserError(f"--output_dir {self.output_dir} is an existing file; pass a folder.")
         check_engine_flags(self)
@@ -156,6 +178,30 @@ class FinetuneArgs:
             saved = json.load(f)
         known = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in saved.items() if k in known})
+
+
+def check_stage_flags(args: FinetuneArgs) -> None:
+    """Refuse preference flags that the stage does not take, and a --pref_loss TRL does not offer for it."""
+    stage = args.stage
+    if stage == "sft":
+        given = [f"--{name}" for name in ("pref_loss", "lora_dir") if getattr(args, name)]
+        if args.precompute_ref_logps:
+            given.append("--precompute_ref_logps")
+        if given:
+            raise UserError(f"{', '.join(given)} applies to a preference stage (--stage {' | '.join(STAGES[1:])})")
+        return
+    if args.pref_loss is not None and args.pref_loss not in PREF_LOSSES[stage]:
+        valid = f"valid choices: {', '.join(PREF_LOSSES[stage])}" if PREF_LOSSES[stage] else "ORPO has one loss"
+        raise UserError(f"--pref_loss {args.pref_loss!r} is not a loss of --stage {stage}; {valid}")
+    args.pref_loss = args.pref_loss or next(iter(PREF_LOSSES[stage]), None)  # saved with the run: the loss it used
+    if args.precompute_ref_logps and stage in ("orpo", "simpo"):
+        raise UserError(f"--precompute_ref_logps: --stage {stage} has no reference model (dpo and kto have one)")
+    if args.peft_type not in ("lora", "full"):
+        raise UserError(f"--stage {stage} trains --peft_type lora or full, not {args.peft_type}")
+    if args.lora_dir and args.peft_type != "lora":
+        raise UserError("--lora_dir continues a LoRA adapter: drop --peft_type full")
+    if args.streaming:
+        raise UserError(f"--streaming does not apply to --stage {stage} (preference files are read whole)")
 
 
 @dataclass
