@@ -113,8 +113,10 @@ class FinetuneArgs:
                                                            "or a checkpoint folder")
     deepspeed: str | None = flag(None, "DeepSpeed ZeRO: " + " | ".join(DEEPSPEED_PRESETS) + " (configs/deepspeed/) "
                                        "or a JSON config file; under a launcher (deepspeed, torchrun)")
-    fsdp: bool = flag(False, "FSDP2 full sharding, each decoder layer one unit; under a launcher (torchrun, "
-                             "accelerate launch), on CUDA GPUs")
+    fsdp: str | bool = flag(False, "FSDP2 sharding, each decoder layer one unit: True (full sharding) or the "
+                                   "Trainer's words, several between spaces: full_shard | shard_grad_op (keep the "
+                                   "gathered weights until the backward) | offload (shards in CPU memory) | auto_wrap; "
+                                   "under a launcher (torchrun, accelerate launch), on CUDA GPUs")
     fsdp_offload: bool = flag(False, "with --fsdp: keep the sharded weights, gradients and optimizer states in "
                                      "CPU memory")
     # preference stage
