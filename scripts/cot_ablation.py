@@ -35,7 +35,7 @@ import time
 sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # import the project's packages
 
 from alpaca_cot.data.templates import get_template  # noqa: E402
-from alpaca_cot.evaluation.answers import stated_answer  # noqa: E402
+from alpaca_cot.evaluation.answers import first_statement, stated_answer  # noqa: E402
 from alpaca_cot.evaluation.stats import proportion  # noqa: E402
 from alpaca_cot.io import write_json_atomic, write_text_atomic  # noqa: E402
 from data import curation  # noqa: E402
@@ -56,7 +56,6 @@ TITLES = {"base": "base model", "no_cot": "no CoT", "cot": "with CoT"}
 RATIONALE_WORDS = 10  # a rationale: at least this many words before the first final-answer statement
 LOG_EVERY = 5  # training steps between logged losses
 # Where a generation first states a final answer: "the answer is", "Answer:", "the option to choose is", "####".
-_ANSWER_CUE = re.compile(r"\b(?:answer|option|number|choice)\b(?:\s+to\s+choose)?\s*(?:is|:|-|=)|####", re.IGNORECASE)
 _LOGGED_LOSS = re.compile(r"\{'loss': '([0-9.]+)'.*?'epoch': '([0-9.]+)'\}")
 
 
@@ -165,7 +164,7 @@ def loss_curve(log: str) -> list[list[float]]:
 
 def rationale_words(generation: str) -> int:
     """Words before the first final-answer statement (all the words when there is none)."""
-    cue = _ANSWER_CUE.search(generation)
+    cue = first_statement(generation)
     return len((generation[:cue.start()] if cue else generation).split())
 
 

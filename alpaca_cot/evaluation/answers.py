@@ -115,12 +115,18 @@ def final_answer(record: dict) -> tuple[str, str] | None:
 
 
 # ---- generations -----------------------------------------------------------------------------
+def first_statement(generation: str) -> re.Match | None:
+    """A generation's first final-answer statement ("the answer is X" / "#### X"), or None."""
+    found = [m for pattern in (_HASHES, _STATEMENT) if (m := pattern.search(generation))]
+    return min(found, key=lambda m: m.start()) if found else None
+
+
 def statement(generation: str, kind: str) -> str | None:
     """What a generation states as its final answer: its first "the answer is X" / "#### X", or the
     generation itself when it is an answer of ``kind`` alone; None if it states none."""
-    found = [m for pattern in (_HASHES, _STATEMENT) if (m := pattern.search(generation))]
+    found = first_statement(generation)
     if found:
-        return min(found, key=lambda m: m.start()).group("answer").strip() or None
+        return found.group("answer").strip() or None
     alone = generation.strip()
     return alone if _alone(alone) and kind_of(alone)[0] == kind else None
 
