@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from alpaca_cot.cli import command, run_cli
 from alpaca_cot.config import FinetuneArgs
+from alpaca_cot.training.preference import run_preference
 from alpaca_cot.training.run import log, run_finetune
 
 
@@ -23,8 +24,14 @@ def main(args: FinetuneArgs) -> None:
     similar length. Tokenized data is cached, keyed by the data, tokenizer, template, cutoff and
     split. Records longer than --cutoff_len keep their leading whole turns (a single turn shares the
     budget between prompt and answer); those cut or left out are listed in the output folder.
+
+    --stage dpo, orpo or simpo trains on preference pairs and --stage kto on labelled replies, through TRL's
+    trainers, with the same template and truncation rules; --lora_dir continues an SFT run's adapter.
     """
-    run_finetune(args)
+    if args.stage == "sft":
+        run_finetune(args)
+    else:
+        run_preference(args)
     log(f"Adapter, tokenizer, template, arguments, metrics and loss plot are in {args.output_dir}")
 
 

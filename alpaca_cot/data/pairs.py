@@ -15,18 +15,25 @@ EOS.
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from alpaca_cot.data.encoding import IGNORE_INDEX, encode_records, share_budget
+from alpaca_cot.data.records import KINDS, DataError, iter_records, read_records, record_kind, require_kind
+from alpaca_cot.data.sources import resolve_data
 from alpaca_cot.data.templates import Template
+
+STAGE_KINDS = {"sft": "sft", "dpo": "pairs", "orpo": "pairs", "simpo": "pairs", "kto": "kto"}  # what each trains on
 
 
 def encode_pair(record: dict, template: Template, tokenizer: Any, cutoff_len: int) -> dict:
     """A validated pair record as ``prompt_ids``, ``chosen_ids``, ``rejected_ids`` (TRL's DPO columns; the
-    replies end in the end of reply unless cut) and ``truncated``: whether ``cutoff_len`` cut anything."""
+    replies end in the end of reply unless cut), ``truncated``: whether ``cutoff_len`` cut anything, and
+    ``full_length``: the prompt and the longer reply before it."""
     prompt, (chosen, rejected) = _encode(record, (record["chosen"], record["rejected"]), template, tokenizer)
     prompt_ids, (chosen_ids, rejected_ids), truncated = _fit(prompt, [chosen, rejected], cutoff_len)
-    return {"prompt_ids": prompt_ids, "chosen_ids": chosen_ids, "rejected_ids": rejected_ids, "truncated": truncated}
+    return {"prompt_ids": prompt_ids, "chosen_ids": chosen_ids, "rejected_ids": rejected_ids, "truncated": truncated,
+            "full_length": len(prompt) + max(len(chosen), len(rejected))}
 
 
 def encode_kto(record: dict, template: Template, tokenizer: Any, cutoff_len: int) -> dict:
@@ -35,7 +42,34 @@ def encode_kto(record: dict, template: Template, tokenizer: Any, cutoff_len: int
     prompt, (completion,) = _encode(record, (record["output"],), template, tokenizer)
     prompt_ids, (completion_ids,), truncated = _fit(prompt, [completion], cutoff_len)
     return {"prompt_ids": prompt_ids, "completion_ids": completion_ids, "label": record["label"],
-            "truncated": truncated}
+            "truncated": truncated, "full_length": len(prompt) + len(completion)}
+
+
+def read_preference_data(data: list[str], kind: str, hint: str) -> list[tuple[str, list[dict]]]:
+    """``(path, records)`` of each --data file (names or paths) read as ``kind`` ("pairs" or "kto"); a file of
+    another kind is refused at its first such row, with ``hint``."""
+    out = []
+    for path in resolve_data(data):
+        require_kind(path, kind, hint)
+        out.append((path, read_records(path, kind=kind)))
+    return out
+
+
+def refuse_preference_files(data: list[str]) -> None:
+    """--stage sft: a --data file whose first record is a pair or a KTO record is refused in one line (the SFT
+    reader would only find its 'output' missing)."""
+    for path in resolve_data([entry for entry in data if os.path.exists(entry)]):
+        first = next(iter_records(path), None)
+        if first is not None and record_kind(first[1]) != "sft":
+            raise DataError(f"{first[0]}: {KINDS[record_kind(first[1])]} where {KINDS['sft']} was expected; "
+                            "--stage dpo, orpo or simpo trains on pairs, --stage kto on KTO records")
+
+
+def encode_records_of_kind(records: list[dict], kind: str, template: Template, tokenizer: Any,
+                           cutoff_len: int) -> list[dict]:
+    """``encode_pair`` or ``encode_kto`` of each record."""
+    encode = encode_pair if kind == "pairs" else encode_kto
+    return [encode(record, template, tokenizer, cutoff_len) for record in records]
 
 
 def with_answer(record: dict, reply: str) -> dict:

@@ -11,6 +11,7 @@ import torch
 import transformers
 
 from alpaca_cot.config import FinetuneArgs
+from alpaca_cot.data.pairs import refuse_preference_files
 from alpaca_cot.data.prepared import prepare_splits
 from alpaca_cot.data.templates import get_template
 from alpaca_cot.errors import UserError
@@ -87,6 +88,7 @@ def run_finetune(args: FinetuneArgs) -> tuple[dict, Any]:
 
 def _load_data(args: FinetuneArgs, tokenizer: Any, template: Any) -> tuple[Any, Any, dict]:
     """The tokenized training and validation splits, and what ``prepare_splits`` says about them (logged)."""
+    refuse_preference_files(args.data)
     train_data, val_data, info = prepare_splits(args, tokenizer, template, cache_dir=args.cache_dir)
     report.report_truncation(info["truncation"], args)
     if info["train_records"] == 0:  # None with --streaming (prepare_splits refuses an empty stream)
@@ -163,11 +165,13 @@ def _report_training(trainer: CountingTrainer, result: Any, metrics: dict, evalu
 
 
 def build_training_args(args: FinetuneArgs, engine: EnginePlan, dtype: torch.dtype, total_steps: int, *,
-                        evaluate: bool, model: Any = None) -> transformers.TrainingArguments:
+                        evaluate: bool, model: Any = None, config_class: type = transformers.TrainingArguments,
+                        **extra: Any) -> transformers.TrainingArguments:
     """The Trainer's arguments for this run; ``model`` only for FSDP (its units are the model's decoder layers).
-    With DeepSpeed they hold the config ``from_pretrained`` reads to partition ZeRO-3 weights as they load."""
+    With DeepSpeed they hold the config ``from_pretrained`` reads to partition ZeRO-3 weights as they load.
+    A preference stage passes TRL's config class and its fields (``extra`` overrides ours)."""
     every = max(1, total_steps // 5)
-    return transformers.TrainingArguments(
+    settings = dict(
         output_dir=args.output_dir,
         per_device_train_batch_size=args.per_gpu_train_batch_size,
         per_device_eval_batch_size=args.per_gpu_train_batch_size,
@@ -200,6 +204,7 @@ def build_training_args(args: FinetuneArgs, engine: EnginePlan, dtype: torch.dty
         disable_tqdm=not report.is_main_process(),
         use_liger_kernel=args.use_liger_kernel, torch_compile=args.torch_compile,
     )
+    return config_class(**{**settings, **extra})
 
 
 def describe_loaded(model: Any) -> str:

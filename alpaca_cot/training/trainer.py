@@ -51,12 +51,14 @@ class RunTotals(transformers.TrainerCallback, ExportableState):
 
     def add_batch(self, inputs: dict, loss: torch.Tensor) -> None:
         """Count one micro-batch's tokens and its loss (as the Trainer sums them for its logs)."""
-        mask = inputs.get("attention_mask")  # packed batches have none: every position is a real token
-        if mask is None:
-            self._real += inputs["input_ids"].numel()
-        else:
-            self._masked_real = mask.sum() if self._masked_real is None else self._masked_real + mask.sum()
-        self._batch += inputs["input_ids"].numel()
+        # CPO and ORPO (TRL) batches hold their chosen and rejected rows apart.
+        for prefix in ("",) if "input_ids" in inputs else ("chosen_", "rejected_"):
+            mask = inputs.get(f"{prefix}attention_mask")  # packed batches have none: every position is a real token
+            if mask is None:
+                self._real += inputs[f"{prefix}input_ids"].numel()
+            else:
+                self._masked_real = mask.sum() if self._masked_real is None else self._masked_real + mask.sum()
+            self._batch += inputs[f"{prefix}input_ids"].numel()
         self._loss = loss.detach() if self._loss is None else self._loss + loss.detach()
 
     def add_eval_seconds(self, seconds: float) -> None:
