@@ -196,6 +196,9 @@ def check_stage_flags(args: FinetuneArgs) -> None:
         valid = f"valid choices: {', '.join(PREF_LOSSES[stage])}" if PREF_LOSSES[stage] else "ORPO has one loss"
         raise UserError(f"--pref_loss {args.pref_loss!r} is not a loss of --stage {stage}; {valid}")
     args.pref_loss = args.pref_loss or next(iter(PREF_LOSSES[stage]), None)  # saved with the run: the loss it used
+    if stage == "kto" and args.pref_loss == "kto" and args.per_gpu_train_batch_size < 2:
+        raise UserError("--stage kto with its KL term needs --per_gpu_train_batch_size of at least 2 (TRL pairs each "
+                        "record with another reply of its batch); or pass --pref_loss apo_zero_unpaired")
     if args.precompute_ref_logps and stage in ("orpo", "simpo"):
         raise UserError(f"--precompute_ref_logps: --stage {stage} has no reference model (dpo and kto have one)")
     if args.peft_type not in ("lora", "full"):
