@@ -12,7 +12,7 @@ import pytest
 
 from alpaca_cot.errors import UserError
 from alpaca_cot.outputs import STAGING_SUFFIX
-from alpaca_cot.training.checkpoints import checkpoint_problem, choose_checkpoint, model_files
+from alpaca_cot.training.checkpoints import checkpoint_problem, choose_checkpoint, model_files, trainer_saves_scheduler
 from tests.conftest import run_script
 
 
@@ -113,6 +113,25 @@ def test_each_engines_checkpoint_layout_is_known(tmp_path, engine: str) -> None:
         for spec in damage[:-1]:
             _write(path, spec)
         assert checkpoint_problem(str(path)) == damage[-1]
+
+
+def test_deepspeeds_own_schedule_needs_no_scheduler_file(tmp_path) -> None:
+    """A DeepSpeed config with a "scheduler" or "optimizer" section: DeepSpeed builds the schedule and keeps it in
+    its own states, and the Trainer writes no scheduler.pt (the resume is tested in tests/test_engines.py)."""
+    own = tmp_path / "own.json"
+    own.write_text(json.dumps({"zero_optimization": {"stage": 2}, "scheduler": {"type": "WarmupDecayLR"}}))
+    assert [trainer_saves_scheduler(v) for v in (None, "zero2", "zero3", "zero2_offload", "zero3_offload", str(own))] \
+        == [True, True, True, False, False, False]
+    path = tmp_path / "run" / "checkpoint-4"
+    path.mkdir(parents=True)
+    for spec in [*ENGINE_LAYOUTS["deepspeed"][0], "rng_state_0.pth"]:
+        _write(path, spec)
+    (path / "trainer_state.json").write_text(json.dumps({"global_step": 4}), encoding="utf-8")
+    assert checkpoint_problem(str(path)) == "no scheduler.pt"
+    assert checkpoint_problem(str(path), scheduler=False) is None
+    assert choose_checkpoint(str(tmp_path / "run"), True, remove_incomplete=False, scheduler=False)[0] == str(path)
+    (path / "rng_state_0.pth").unlink()  # the rest is still checked
+    assert checkpoint_problem(str(path), scheduler=False) == "no rng_state.pth"
 
 
 def test_a_finished_runs_weights_are_its_final_checkpoints_model_files(tmp_path) -> None:

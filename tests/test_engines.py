@@ -8,9 +8,11 @@ process without a GPU, so several CPU processes are refused); the 2-process equi
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+from types import SimpleNamespace
 
 import peft
 import pytest
@@ -21,10 +23,12 @@ from safetensors.torch import load_file
 from alpaca_cot.config import FinetuneArgs
 from alpaca_cot.errors import UserError
 from alpaca_cot.models.loading import quantization_config
+from alpaca_cot.training import engines
 from alpaca_cot.training.engines import (
     DEEPSPEED_PRESETS,
     EnginePlan,
     decoder_layer_classes,
+    gathered_state_dict,
     plan_engine,
     read_deepspeed_config,
     resolve_deepspeed_config,
@@ -64,6 +68,12 @@ def test_shipped_deepspeed_configs(name: str) -> None:
     ({"deepspeed": "zero2", "fsdp": True}, "--deepspeed and --fsdp are two sharding engines"),
     ({"fsdp_offload": True}, "--fsdp_offload applies to FSDP only"),
     ({"fsdp": True, "quantization_bit": 8}, "--fsdp cannot shard 8-bit weights"),
+    ({"deepspeed": "zero2", "fsdp": "shard_grad_op"}, "--deepspeed and --fsdp are two sharding engines"),
+    ({"fsdp": "hybrid_shard"}, "--fsdp hybrid_shard: FSDP1's sharding strategy, which FSDP2 .* does not offer"),
+    ({"fsdp": "no_shard auto_wrap"}, "--fsdp no_shard: FSDP1's sharding strategy"),
+    ({"fsdp": "full_shard shard_grad_op"}, "full_shard and shard_grad_op are two sharding strategies; pass one"),
+    ({"fsdp": "full_shard autowrap"}, "'autowrap' is not an FSDP option; valid words: full_shard, shard_grad_op, "
+                                      "offload, auto_wrap"),
 ])
 def test_conflicting_engine_flags_are_one_line(tmp_path, flags: dict, message: str) -> None:
     with pytest.raises(UserError, match=message) as e:
@@ -131,6 +141,34 @@ def test_fsdp_wraps_each_decoder_layer(tmp_path, monkeypatch, tiny_lora_model) -
     assert args.fsdp_config["transformer_layer_cls_to_wrap"] == ["LlamaDecoderLayer"]
 
 
+@pytest.mark.parametrize(("value", "reshard", "offload"), [
+    (True, True, False), ("full_shard auto_wrap", True, False), ("shard_grad_op", False, False),
+    ("full_shard offload auto_wrap", True, True), ("offload", True, True), ("shard_grad_op,offload", False, True),
+    ("auto_wrap", True, False),
+])
+def test_fsdp_takes_the_trainers_words_with_their_meaning(tmp_path, monkeypatch, tiny_lora_model, value: str | bool,
+                                                         reshard: bool, offload: bool) -> None:
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    args = _args(tmp_path, fsdp=value)
+    assert args.fsdp == value  # kept as given: a run's finetune_args.json replays it
+    kwargs = plan_engine(args, cuda=True, world=2).training_kwargs(tiny_lora_model)
+    assert (kwargs["fsdp_config"]["reshard_after_forward"], kwargs["fsdp_config"]["cpu_offload"]) == (reshard, offload)
+    # The Trainer's own reading of the same words (TrainingArguments' FSDP2 translation) gives the same plugin.
+    monkeypatch.delenv("LOCAL_RANK")
+    ours = transformers.TrainingArguments(output_dir=str(tmp_path / "a"), use_cpu=True, **kwargs).fsdp_plugin_args
+    words = value.replace(",", " ") if isinstance(value, str) else value  # fire reads "a,b" as a list
+    theirs = transformers.TrainingArguments(output_dir=str(tmp_path / "b"), use_cpu=True, fsdp=words,
+                                            fsdp_config={"version": 2}).fsdp_plugin_args
+    for key in ("reshard_after_forward", "cpu_offload"):
+        assert ours.get(key, False) == theirs.get(key, False) == {"reshard_after_forward": reshard,
+                                                                  "cpu_offload": offload}[key], key
+
+
+@pytest.mark.parametrize("value", [False, "", "false"])
+def test_fsdp_off(tmp_path, value: str | bool) -> None:
+    assert plan_engine(_args(tmp_path, fsdp=value), cuda=True, world=1).engine == "ddp"
+
+
 def test_fsdp_qlora_stores_4bit_weights_in_the_compute_dtype(tmp_path, monkeypatch) -> None:
     monkeypatch.setenv("LOCAL_RANK", "0")
     plan = plan_engine(_args(tmp_path, fsdp=True, quantization_bit=4), cuda=True, world=2)
@@ -153,6 +191,73 @@ def test_plans_without_sharding(tmp_path, monkeypatch, tiny_lora_model) -> None:
     # use_cpu would switch DeepSpeed off: a CPU process runs DeepSpeed's CPU accelerator instead
     assert zero2.training_kwargs(tiny_lora_model) == {"deepspeed": resolve_deepspeed_config("zero2")}
     assert not zero2.use_cpu and zero2.zero_stage == 2 and not zero2.params_sharded
+
+
+def _trained(model) -> list:
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def _assert_adapter(model, state: dict, expected: dict) -> None:
+    """``state`` saves (through peft, as ``save_pretrained`` does) exactly the adapter ``expected``."""
+    saved = peft.get_peft_model_state_dict(model, state_dict=state)
+    assert saved.keys() == expected.keys()
+    assert all(torch.equal(saved[k], expected[k]) for k in saved)
+
+
+def test_zero3_adapter_save_gathers_only_the_adapter(monkeypatch, tiny_lora_model) -> None:
+    """What is gathered, seen by a spy in DeepSpeed's place: the adapter's weights, none of the frozen base's
+    (accelerate's get_state_dict gathers the whole 16-bit model); the whole runs are compared below."""
+    deepspeed = pytest.importorskip("deepspeed", reason="DeepSpeed is optional (pip install deepspeed)")
+    gathered: list = []
+
+    @contextlib.contextmanager
+    def spy(params: list, *args, **kwargs):
+        gathered.extend(params)
+        yield
+
+    monkeypatch.setattr(deepspeed.zero, "GatheredParameters", spy)
+    monkeypatch.setattr(engines, "is_deepspeed_zero3_enabled", lambda: True)
+    trainer = SimpleNamespace(is_deepspeed_enabled=True, is_fsdp_enabled=False, model=tiny_lora_model,
+                              is_world_process_zero=lambda: True)
+    state = gathered_state_dict(trainer)
+    trained = _trained(tiny_lora_model)
+    assert [id(p) for p in gathered] == [id(p) for p in trained] and len(trained) == 8  # 2 layers x q, v x A, B
+    _assert_adapter(tiny_lora_model, state, peft.get_peft_model_state_dict(tiny_lora_model))
+    trainer.is_world_process_zero = lambda: False
+    assert gathered_state_dict(trainer) is None and len(gathered) == 16  # every rank takes part
+
+
+@pytest.fixture
+def one_process_group():
+    torch.distributed.init_process_group("gloo", store=torch.distributed.HashStore(), rank=0, world_size=1)
+    yield
+    torch.distributed.destroy_process_group()
+
+
+def test_fsdp_adapter_save_gathers_only_the_adapter(monkeypatch, tiny_model_dir: str, one_process_group) -> None:
+    """FSDP2 (fully_shard, each decoder layer a unit, in one gloo process): the save all-gathers the adapter's
+    DTensors only, counted at DTensor.redistribute, and they are the adapter's values."""
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import DTensor
+
+    model = peft.get_peft_model(transformers.AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+                                peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    expected = {k: v.clone() for k, v in peft.get_peft_model_state_dict(model).items()}
+    for layer in model.get_base_model().model.layers:
+        fully_shard(layer)
+    fully_shard(model)
+    assert all(isinstance(p, DTensor) for p in model.parameters())
+    gathered: list = []
+    redistribute = DTensor.redistribute
+
+    def spy(self, *args, **kwargs):
+        gathered.append(tuple(self.shape))
+        return redistribute(self, *args, **kwargs)
+
+    monkeypatch.setattr(DTensor, "redistribute", spy)
+    state = gathered_state_dict(SimpleNamespace(is_deepspeed_enabled=False, is_fsdp_enabled=True, model=model))
+    assert sorted(gathered) == sorted(tuple(p.shape) for p in _trained(model)) and len(gathered) == 8
+    _assert_adapter(model, state, expected)
 
 
 def test_fsdp_needs_decoder_layer_classes() -> None:
@@ -215,6 +320,9 @@ def test_deepspeed_lora_on_cpu_equals_the_plain_run(tmp_path, preset: str, refer
     # counted on the whole model, not on this rank's ZeRO-3 partition
     assert metrics["flops_per_token"] == _metrics(reference_runs["lora"])["flops_per_token"]
     assert max_weight_diff(reference_runs["lora"], out) < ADAPTER_ATOL
+    # So is a checkpoint's (the Trainer's save, through CountingTrainer.save_model: ZeRO-3 gathers the adapter only)
+    checkpoint = os.path.join(reference_runs["lora"], "checkpoint-2")
+    assert max_weight_diff(checkpoint, os.path.join(out, "checkpoint-2")) < ADAPTER_ATOL
     # The saved adapter is whole and loads alone in plain peft over the base model.
     base = transformers.AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     model = peft.PeftModel.from_pretrained(base, out)
@@ -271,20 +379,32 @@ def test_fsdp_lora_on_gpus_equals_the_plain_run(tmp_path, tiny_model_dir: str, t
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("preset", "kind"), [("zero2", "lora"), ("zero3", "lora"), ("zero3", "full")])
+@pytest.mark.parametrize(("preset", "kind"), [("zero2", "lora"), ("zero3", "lora"), ("zero3", "full"),
+                                            ("zero3+scheduler", "lora")])
 def test_deepspeed_run_resumes_from_its_checkpoint(tmp_path, preset: str, kind: str, tiny_model_dir: str,
                                                    tiny_data_file: str) -> None:
     """A DeepSpeed checkpoint (its optimizer in global_stepN/, named by ``latest``) is found complete (before,
     it read as "no optimizer.pt"), and a run killed after checkpoint-2, or during its final save, resumes to
-    the whole run's weights bit for bit and its metrics (before, the second failed in the gathering)."""
+    the whole run's weights bit for bit and its metrics (before, the second failed in the gathering). A config
+    with its own "scheduler" keeps the schedule in DeepSpeed's states, without scheduler.pt (before, every such
+    checkpoint read as incomplete); warmup then decay, so a schedule restarted on resume would show."""
     pytest.importorskip("deepspeed", reason="DeepSpeed is optional (pip install deepspeed)")
     rate = "1e-3" if kind == "full" else "1e-2"
+    own_schedule = preset.endswith("+scheduler")
+    if own_schedule:
+        config = read_deepspeed_config(resolve_deepspeed_config(preset.removesuffix("+scheduler")))
+        config["scheduler"] = {"type": "WarmupDecayLR", "params": dict.fromkeys(
+            ("warmup_min_lr", "warmup_max_lr", "warmup_num_steps", "total_num_steps"), "auto")}
+        preset = str(tmp_path / "scheduler.json")
+        with open(preset, "w", encoding="utf-8") as f:
+            json.dump(config, f)
     flags = [*lora_flags(tiny_model_dir, tiny_data_file, str(tmp_path / "cache"), max_steps=4, val_set_size=8,
-                         learning_rate=rate), "--save_steps", "2", "--deepspeed", preset]
+                         learning_rate=rate), "--save_steps", "2", "--deepspeed", preset, "--warmup_ratio", "0.5"]
     flags += ["--peft_type", "full"] if kind == "full" else []
     weights = "model.safetensors" if kind == "full" else "adapter_model.safetensors"
     whole = tmp_path / "whole"
     finetune(str(whole), *flags, processes=1)
+    assert (whole / "checkpoint-2" / "scheduler.pt").exists() != own_schedule
     for kept in ("checkpoint-2", "checkpoint-4"):
         cut = tmp_path / f"cut-{kept}"
         shutil.copytree(whole, cut)

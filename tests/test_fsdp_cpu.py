@@ -35,12 +35,13 @@ ATOL = 1e-5
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(sys.platform != "linux", reason="gloo under torchrun")]
 
 
-def fsdp_finetune(out: str, *flags: str) -> subprocess.CompletedProcess:
-    """uniform_finetune.py --fsdp in 2 CPU processes through the harness; asserts success and that every rank
-    held about half of the parameters (FSDP, not DDP) where it trained or evaluated."""
+def fsdp_finetune(out: str, *flags: str, fsdp: str | None = None) -> subprocess.CompletedProcess:
+    """uniform_finetune.py --fsdp [fsdp] in 2 CPU processes through the harness; asserts success and that every
+    rank held about half of the parameters (FSDP, not DDP) where it trained or evaluated."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     env.pop("LOCAL_RANK", None)
-    cmd = LAUNCHERS["torchrun"](_free_port(), 2) + [HARNESS, *flags, "--fsdp", "--output_dir", out]
+    cmd = LAUNCHERS["torchrun"](_free_port(), 2) + [HARNESS, *flags, "--fsdp", *([fsdp] if fsdp else []),
+                                                    "--output_dir", out]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     shares = {int(m[0]): tuple(map(int, m[1:])) for m in SHARE_RE.findall(proc.stdout + proc.stderr)}
@@ -68,17 +69,19 @@ ONE = ("--per_gpu_train_batch_size", "2", "--gradient_accumulation_steps", "2")
 TWO = ("--per_gpu_train_batch_size", "1", "--gradient_accumulation_steps", "2")
 
 
-@pytest.mark.parametrize("kind", ["lora", "qlora", "full"])
+@pytest.mark.parametrize("kind", ["lora", "qlora", "full", "shard_grad_op"])
 def test_fsdp_on_two_cpu_processes_equals_one_process(tmp_path, kind: str, tiny_model_dir: str,
                                                       tiny_data_file: str) -> None:
+    """``shard_grad_op``: LoRA under the Trainer's word, each unit's gathered weights kept until the backward."""
     extra = {"lora": ("--save_steps", "2"), "qlora": ("--quantization_bit", "4"),
-             "full": ("--peft_type", "full")}[kind]
+             "full": ("--peft_type", "full"), "shard_grad_op": ()}[kind]
     # The LoRA run is also the one resumed: 4 steps, and a validation split for the final evaluation's check.
     sizes = {"lora": {"max_steps": 4, "val_set_size": 8}, "full": {"learning_rate": "1e-3"}}.get(kind, {})
     flags = _flags(tiny_model_dir, tiny_data_file, str(tmp_path / "cache"), *extra, **sizes)
     one, two = str(tmp_path / "one"), str(tmp_path / "two")
     finetune(one, *flags, *ONE)
-    fsdp_finetune(two, *flags, *TWO)
+    proc = fsdp_finetune(two, *flags, *TWO, fsdp="shard_grad_op" if kind == "shard_grad_op" else None)
+    assert f"reshard_after_forward {kind != 'shard_grad_op'}" in proc.stdout  # as accelerate's plugin holds it
     for (step_a, loss_a, norm_a), (step_b, loss_b, norm_b) in zip(_log_history(one), _log_history(two), strict=True):
         # Every step's loss and gradient norm (a wrong loss normalisation would show here; Adam hides a scale)
         assert step_a == step_b and loss_b == pytest.approx(loss_a, rel=1e-6)
@@ -92,6 +95,8 @@ def test_fsdp_on_two_cpu_processes_equals_one_process(tmp_path, kind: str, tiny_
         return
     assert_trained(one)
     assert max_weight_diff(one, two) < ATOL
+    if kind == "lora":  # a checkpoint's adapter too (CountingTrainer.save_model gathers only the adapter)
+        assert max_weight_diff(os.path.join(one, "checkpoint-2"), os.path.join(two, "checkpoint-2")) < ATOL
     peft.PeftModel.from_pretrained(transformers.AutoModelForCausalLM.from_pretrained(tiny_model_dir), two)
     if kind == "lora":
         for kept in ("checkpoint-2", "checkpoint-4"):  # killed after checkpoint-2, or during the final save

@@ -131,7 +131,7 @@ class _FullDiskTrainer:
     """A Trainer whose checkpoint-3 fills the disk half-way through its tokenizer."""
 
     def __init__(self, out: Path) -> None:
-        self.args = type("Args", (), {"output_dir": str(out)})()
+        self.args = type("Args", (), {"output_dir": str(out), "deepspeed": None})()
         self.state = type("State", (), {"global_step": 3})()
 
     def is_world_process_zero(self) -> bool:

@@ -5,6 +5,8 @@ The HF Trainer (transformers 5) writes ``checkpoint-N/`` in place: the model (ad
 only then deletes older checkpoints. A folder killed mid-write lacks ``trainer_state.json``, holds a torn one,
 or (after a machine crash) empty files. The Trainer's ``get_last_checkpoint`` takes the highest step whatever
 its state, and resuming from it fails or silently skips a missing optimizer: we pick the folder ourselves.
+Where a DeepSpeed config brings its own scheduler or optimizer, DeepSpeed keeps the schedule in its own checkpoint
+and the Trainer writes no ``scheduler.pt`` (``trainer_saves_scheduler``).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from alpaca_cot.errors import UserError, disk_full
 from alpaca_cot.outputs import MARKER, folder_size
+from alpaca_cot.training.engines import read_deepspeed_config, resolve_deepspeed_config
 
 CHECKPOINT_RE = re.compile(rf"^{PREFIX_CHECKPOINT_DIR}-(\d+)$")
 FSDP_SHARDED = re.compile(r"^optimizer_\d+$")  # accelerate's sharded FSDP optimizer state folders
@@ -29,6 +32,15 @@ MODEL_CONFIG_FILES = (names.ADAPTER_CONFIG_NAME, names.CONFIG_NAME, names.GENERA
 DEEPSPEED_LATEST = "latest"  # DeepSpeed's pointer to the step folder it finished writing
 WEIGHT_FILES = (names.ADAPTER_SAFE_WEIGHTS_NAME, names.ADAPTER_WEIGHTS_NAME, names.SAFE_WEIGHTS_NAME,
                 names.SAFE_WEIGHTS_INDEX_NAME, names.WEIGHTS_NAME, names.WEIGHTS_INDEX_NAME)
+
+
+def trainer_saves_scheduler(deepspeed: str | None) -> bool:
+    """Whether the Trainer writes ``scheduler.pt`` in the checkpoints of a run with this ``--deepspeed``: not where
+    the config has a "scheduler" or an "optimizer" section (DeepSpeed then builds the schedule, transformers'
+    ``deepspeed_optim_sched``, and saves and restores it with its own states)."""
+    if deepspeed is None:
+        return True
+    return not {"scheduler", "optimizer"} & read_deepspeed_config(resolve_deepspeed_config(deepspeed)).keys()
 
 
 def checkpoint_folders(output_dir: str) -> list[tuple[int, str]]:
@@ -74,8 +86,9 @@ def model_files(checkpoint: str) -> list[str]:
     return names
 
 
-def checkpoint_problem(path: str) -> str | None:
-    """Why the checkpoint folder at ``path`` cannot be resumed from, or None when it is complete."""
+def checkpoint_problem(path: str, *, scheduler: bool = True) -> str | None:
+    """Why the checkpoint folder at ``path`` cannot be resumed from, or None when it is complete; ``scheduler``:
+    whether it must hold the Trainer's ``scheduler.pt`` (``trainer_saves_scheduler``)."""
     state_path = os.path.join(path, TRAINER_STATE_NAME)
     if not os.path.isfile(state_path):
         return f"no {TRAINER_STATE_NAME}"
@@ -100,26 +113,27 @@ def checkpoint_problem(path: str) -> str | None:
     missing = [] if weights else ["model weights"]
     if not optimizer:
         missing.append("optimizer state")
-    if SCHEDULER_NAME not in names:
+    if scheduler and SCHEDULER_NAME not in names:
         missing.append(SCHEDULER_NAME)
     if not any(n.startswith("rng_state") for n in names):
         missing.append("rng_state.pth")
     return f"no {', '.join(missing)}" if missing else None
 
 
-def latest_complete_checkpoint(output_dir: str) -> tuple[str | None, list[tuple[str, str]]]:
+def latest_complete_checkpoint(output_dir: str, *, scheduler: bool = True) -> tuple[str | None, list[tuple[str, str]]]:
     """The latest complete checkpoint in ``output_dir`` (None if there is none), and the later
     incomplete ones as ``(path, problem)``."""
     skipped = []
     for _, path in reversed(checkpoint_folders(output_dir)):
-        problem = checkpoint_problem(path)
+        problem = checkpoint_problem(path, scheduler=scheduler)
         if problem is None:
             return path, skipped
         skipped.append((path, problem))
     return None, skipped
 
 
-def choose_checkpoint(output_dir: str, resume: str | bool, *, remove_incomplete: bool) -> tuple[str, list[str]]:
+def choose_checkpoint(output_dir: str, resume: str | bool, *, remove_incomplete: bool,
+                      scheduler: bool = True) -> tuple[str, list[str]]:
     """The checkpoint folder ``--resume_from_checkpoint`` means, and lines saying what was chosen: ``True`` (the
     bare flag) is the latest complete one in ``output_dir``, the incomplete ones after it named and, with
     ``remove_incomplete``, deleted (the resumed run saves those steps again); a folder named must be complete."""
@@ -128,12 +142,12 @@ def choose_checkpoint(output_dir: str, resume: str | bool, *, remove_incomplete:
         if not os.path.isdir(path):
             raise UserError(f"--resume_from_checkpoint {path}: no such folder; pass a checkpoint-N folder, or the "
                             "bare flag for the latest complete checkpoint in --output_dir")
-        problem = checkpoint_problem(path)
+        problem = checkpoint_problem(path, scheduler=scheduler)
         if problem:
             raise UserError(f"--resume_from_checkpoint {path} is incomplete ({problem}: it was being written when "
                             "the run stopped); pass an earlier checkpoint, or the bare flag for the latest one")
         return path, [f"resuming from {path}"]
-    path, skipped = latest_complete_checkpoint(output_dir)
+    path, skipped = latest_complete_checkpoint(output_dir, scheduler=scheduler)
     if path is None:
         found = "; incomplete: " + ", ".join(f"{os.path.basename(p)} ({why})" for p, why in skipped) if skipped else ""
         raise UserError(f"--resume_from_checkpoint: {output_dir} holds no complete checkpoint-* folder to resume "
@@ -151,12 +165,14 @@ def run_training(trainer: Any, resume: str | bool | None) -> Any:
     """``trainer.train``, from the checkpoint ``resume`` means (``choose_checkpoint``), saying which; a run
     that fails before saving anything leaves no empty output folder behind."""
     checkpoint = None
+    scheduler = trainer_saves_scheduler(trainer.args.deepspeed)
     if not resume and trainer.is_world_process_zero():  # torn ones a full disk or a kill left: saved again
-        for path, _ in latest_complete_checkpoint(trainer.args.output_dir)[1]:
+        for path, _ in latest_complete_checkpoint(trainer.args.output_dir, scheduler=scheduler)[1]:
             shutil.rmtree(path)
     if resume:
         main = trainer.is_world_process_zero()
-        checkpoint, notes = choose_checkpoint(trainer.args.output_dir, resume, remove_incomplete=main)
+        checkpoint, notes = choose_checkpoint(trainer.args.output_dir, resume, remove_incomplete=main,
+                                              scheduler=scheduler)
         if main:
             print("\n".join(notes), flush=True)
     try:
@@ -168,10 +184,10 @@ def run_training(trainer: Any, resume: str | bool | None) -> Any:
                 shutil.rmtree(out)
             elif disk_full(e):  # the checkpoint being written is torn: the next run resumes from the one before
                 torn = os.path.join(out, f"checkpoint-{trainer.state.global_step}")
-                for path in {torn, *(p for p, _ in latest_complete_checkpoint(out)[1])}:
+                for path in {torn, *(p for p, _ in latest_complete_checkpoint(out, scheduler=scheduler)[1])}:
                     shutil.rmtree(path, ignore_errors=True)
         if disk_full(e):
-            latest = latest_complete_checkpoint(out)[0]
+            latest = latest_complete_checkpoint(out, scheduler=scheduler)[0]
             need = f"a checkpoint needs about {folder_size(latest) / 2**20:,.1f} MiB" if latest else \
                 "its first checkpoint did not fit"
             again = "with --resume_from_checkpoint" if latest else "again"

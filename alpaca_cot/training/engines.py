@@ -5,11 +5,13 @@
   DeepSpeed ZeRO; the configs' ``"auto"`` values are filled by the Trainer from our flags (batch sizes,
   gradient accumulation, clipping, bf16/fp16, and the learning rate of an offloaded optimizer).
 - ``--fsdp``: FSDP2 full sharding, each decoder layer (the model's ``_no_split_modules``) one unit;
-  ``--fsdp_offload`` keeps the shards in CPU memory.
+  ``--fsdp_offload`` keeps the shards in CPU memory. The Trainer's words ("full_shard auto_wrap",
+  "shard_grad_op", "offload") keep the meaning ``TrainingArguments`` gives them under FSDP2 (``fsdp_options``).
 
 Every optimizer step sees the same records whatever the number of processes (the length-grouped order is
 drawn for the global batch, the loss normalised over the global token count). The saved adapter or model
-is gathered from the shards (``gathered_state_dict``) and loads alone in plain transformers/peft.
+is gathered from the shards (``gathered_state_dict``; only the trained weights of an adapter) and loads alone in
+plain transformers/peft.
 """
 
 from __future__ import annotations
@@ -18,7 +20,10 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
+import peft
 import torch
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from transformers.integrations import is_deepspeed_zero3_enabled
 
 from alpaca_cot.errors import UserError
 from alpaca_cot.io import read_json_object
@@ -27,6 +32,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 DEEPSPEED_DIR = os.path.join(ROOT, "configs", "deepspeed")
 DEEPSPEED_PRESETS = ("zero2", "zero2_offload", "zero3", "zero3_offload")
 ZERO_STAGES = (0, 1, 2, 3)
+FSDP_WORDS = ("full_shard", "shard_grad_op", "offload", "auto_wrap")  # the Trainer's --fsdp words FSDP2 honours
+FSDP1_WORDS = ("no_shard", "hybrid_shard", "hybrid_shard_zero2")  # FSDP1's sharding strategies
 
 
 def resolve_deepspeed_config(value: str) -> str:
@@ -49,17 +56,38 @@ def read_deepspeed_config(path: str) -> dict:
     return config
 
 
+def fsdp_options(value: str | bool) -> tuple[bool, bool] | None:
+    """``--fsdp`` as ``(reshard_after_forward, offload)``, None when off. True is full sharding; the Trainer's words
+    keep its meaning under FSDP2: full_shard frees each unit's gathered weights after its forward, shard_grad_op
+    keeps them until the backward (ZeRO-2-like: more memory, one all-gather less), offload keeps the shards in CPU
+    memory, auto_wrap makes each decoder layer a unit (always so here)."""
+    if isinstance(value, bool):
+        return (True, False) if value else None
+    words = value.replace(",", " ").split()
+    for word in words:
+        if word in FSDP1_WORDS:
+            raise UserError(f"--fsdp {word}: FSDP1's sharding strategy, which FSDP2 (fully_shard, which the Trainer "
+                            "runs) does not offer; use full_shard or shard_grad_op, or plain DDP (drop --fsdp)")
+        if word not in FSDP_WORDS:
+            raise UserError(f"--fsdp {value!r}: {word!r} is not an FSDP option; valid words: "
+                            f"{', '.join(FSDP_WORDS)} (several between spaces), or True/False")
+    if {"full_shard", "shard_grad_op"} <= set(words):
+        raise UserError(f"--fsdp {value!r}: full_shard and shard_grad_op are two sharding strategies; pass one")
+    return ("shard_grad_op" not in words, "offload" in words) if words else None
+
+
 def check_engine_flags(args: Any) -> None:
     """Refuse conflicting engine flags (called at the end of ``FinetuneArgs.__post_init__``).
 
     The DeepSpeed config file itself is read when training starts (``plan_engine``): the inference
     scripts read a run's saved arguments back, also where that file is absent.
     """
-    if args.fsdp_offload and not args.fsdp:
+    fsdp = fsdp_options(args.fsdp) is not None
+    if args.fsdp_offload and not fsdp:
         raise UserError("--fsdp_offload applies to FSDP only; add --fsdp or drop --fsdp_offload.")
-    if args.deepspeed is not None and args.fsdp:
+    if args.deepspeed is not None and fsdp:
         raise UserError("--deepspeed and --fsdp are two sharding engines; pass one of them.")
-    if args.fsdp and args.quantization_bit == 8:
+    if fsdp and args.quantization_bit == 8:
         raise UserError("--fsdp cannot shard 8-bit weights (bitsandbytes Int8Params); use --quantization_bit 4 "
                         "(QLoRA) with --fsdp, or DDP for 8-bit.")
     if args.deepspeed is not None and args.deepspeed not in DEEPSPEED_PRESETS and os.path.isfile(args.deepspeed):
@@ -75,6 +103,7 @@ class EnginePlan:
     deepspeed_config: str | None = None
     zero_stage: int | None = None
     fsdp_offload: bool = False
+    reshard_after_forward: bool = True
     quantized: bool = False
 
     @property
@@ -111,7 +140,8 @@ class EnginePlan:
             return {"deepspeed": self.deepspeed_config}
         if self.engine == "fsdp":
             config = {"version": 2, "auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
-                      "transformer_layer_cls_to_wrap": decoder_layer_classes(model), "reshard_after_forward": True,
+                      "transformer_layer_cls_to_wrap": decoder_layer_classes(model),
+                      "reshard_after_forward": self.reshard_after_forward,
                       "state_dict_type": "FULL_STATE_DICT", "cpu_offload": self.fsdp_offload}
             return {"fsdp": True, "fsdp_config": config}
         return {}
@@ -123,7 +153,8 @@ def plan_engine(args: Any, *, cuda: bool | None = None, world: int | None = None
     world = int(os.environ.get("WORLD_SIZE", "1")) if world is None else world
     launched = "LOCAL_RANK" in os.environ
     quantized = args.quantization_bit is not None
-    if args.fsdp:
+    fsdp = fsdp_options(args.fsdp)
+    if fsdp is not None:
         if not cuda:
             # accelerate 1.15 turns FSDP on only for accelerator devices: on CPU the Trainer would silently
             # train plain DDP with every rank holding the whole model (measured).
@@ -133,7 +164,9 @@ def plan_engine(args: Any, *, cuda: bool | None = None, world: int | None = None
             raise UserError("--fsdp runs under a launcher: torchrun --nproc_per_node N uniform_finetune.py ... "
                             "(or accelerate launch).")
         _refuse_adalora(args, "--fsdp")
-        return EnginePlan("fsdp", cuda, fsdp_offload=args.fsdp_offload, quantized=quantized)
+        reshard, offload = fsdp
+        return EnginePlan("fsdp", cuda, fsdp_offload=args.fsdp_offload or offload, reshard_after_forward=reshard,
+                          quantized=quantized)
     if args.deepspeed:
         config = resolve_deepspeed_config(args.deepspeed)
         stage = read_deepspeed_config(config).get("zero_optimization", {}).get("stage", 0)
@@ -173,11 +206,25 @@ def decoder_layer_classes(model: Any) -> list[str]:
     return names
 
 
-def gathered_state_dict(trainer: Any, plan: EnginePlan) -> dict[str, torch.Tensor] | None:
-    """The whole model's state dict gathered from the shards, for saving; None where the model itself is whole.
+def gathered_state_dict(trainer: Any) -> dict[str, torch.Tensor] | None:
+    """The weights to save, gathered from the shards onto rank 0 (None elsewhere); None where the model is whole.
 
-    Call it on every rank (it is a collective); the full dict is on rank 0.
+    An adapter's are its trained weights only (stock routes: FSDP2's state dict without frozen parameters, as
+    accelerate saves an adapter's FSDP checkpoint; DeepSpeed's ``GatheredParameters`` over them): the frozen base is
+    never gathered, where accelerate's ``get_state_dict`` gathers the whole 16-bit model. A collective: call it on
+    every rank.
     """
-    if plan.engine == "ddp":
-        return None
-    return trainer.accelerator.get_state_dict(trainer.model_wrapped)
+    zero3 = trainer.is_deepspeed_enabled and is_deepspeed_zero3_enabled()
+    if not (trainer.is_fsdp_enabled or zero3):
+        return None  # DDP, ZeRO-1/2: every rank holds the whole model
+    if not isinstance(trainer.model, peft.PeftModel):
+        return trainer.accelerator.get_state_dict(trainer.model_wrapped)
+    if trainer.is_fsdp_enabled:
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
+        return get_model_state_dict(trainer.model, options=options)
+    import deepspeed
+
+    trained = {name: p for name, p in trainer.model.named_parameters() if p.requires_grad}
+    with deepspeed.zero.GatheredParameters(list(trained.values())):
+        main = trainer.is_world_process_zero()
+        return {name: p.detach().cpu().clone() for name, p in trained.items()} if main else None

@@ -79,7 +79,7 @@ def run_finetune(args: FinetuneArgs) -> tuple[dict, Any]:
     result = run_training(trainer, args.resume_from_checkpoint)
     _report_training(trainer, result, metrics, evaluate, peak, flops_per_token)
     # A collective (every rank takes part); none after a restored finished run, whose weights are its checkpoint's.
-    state_dict = gathered_state_dict(trainer, engine) if trainer.restored_from is None else None
+    state_dict = gathered_state_dict(trainer) if trainer.restored_from is None else None
     if trainer.is_world_process_zero():
         report.save_outputs(args, trainer, tokenizer, template, metrics, state_dict, truncation=info["truncation"],
                      weights_from=trainer.restored_from)

@@ -17,6 +17,7 @@ from transformers.trainer_callback import ExportableState, TrainerState
 from transformers.trainer_pt_utils import LengthGroupedSampler
 
 from alpaca_cot.training.checkpoints import model_files
+from alpaca_cot.training.engines import gathered_state_dict
 
 
 class RunTotals(transformers.TrainerCallback, ExportableState):
@@ -118,6 +119,13 @@ class CountingTrainer(transformers.Trainer):
         loss = super().training_step(model, inputs, num_items_in_batch)
         self.totals.add_batch(inputs, loss)
         return loss
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """An adapter's checkpoint gathers only its trained weights from the shards (``gathered_state_dict``), where
+        the Trainer's gathers every weight (under FSDP the whole model into rank 0's memory)."""
+        if not isinstance(self.model, peft.PeftModel):
+            return super().save_model(output_dir, _internal_call)
+        self._save(output_dir or self.args.output_dir, state_dict=gathered_state_dict(self))
 
     def train(self, resume_from_checkpoint: str | None = None, **kwargs: Any) -> transformers.trainer_utils.TrainOutput:
         """``Trainer.train``, except from a checkpoint of the final step: transformers 5 would train one step
