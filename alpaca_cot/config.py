@@ -18,7 +18,6 @@ from alpaca_cot.errors import UserError
 from alpaca_cot.flags import check_fields, flag
 from alpaca_cot.io import write_json_atomic
 from alpaca_cot.models.adapters import PEFT_TYPES
-from alpaca_cot.models.loading import resolve_base_model, resolve_lora_dir
 from alpaca_cot.models.registry import MODEL_REGISTRY, default_checkpoint
 from alpaca_cot.training.engines import DEEPSPEED_PRESETS, check_engine_flags
 
@@ -140,8 +139,8 @@ class FinetuneArgs:
         self.columns = parse_columns(self.columns)
         check_fields(self)
         check_stage_flags(self)
-        if not self.model_name_or_path and self.lora_dir:  # the base the adapter was trained on
-            self.model_name_or_path = resolve_base_model(resolve_lora_dir(self.lora_dir))
+        if not self.model_name_or_path and self.lora_dir and os.path.isfile(os.path.join(self.lora_dir, ARGS_FILE)):
+            self.model_name_or_path = FinetuneArgs.load(self.lora_dir).model_name_or_path  # the SFT run's base
         if not self.model_name_or_path and self.size is not None:
             self.model_name_or_path = default_checkpoint(self.model_type, self.size)
         if not self.model_name_or_path:
