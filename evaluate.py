@@ -1,9 +1,11 @@
-"""Evaluate a fine-tuned model: chain-of-thought exact match on data files, and standard benchmarks
-through lm-evaluation-harness, into OUT/results.json, OUT/results.md and OUT/generations/.
+"""Evaluate a fine-tuned model: chain-of-thought exact match on data files, preference accuracy on files of
+preference pairs, and standard benchmarks through lm-evaluation-harness, into OUT/results.json,
+OUT/results.md and OUT/generations/.
 
 Usage:
   python3 evaluate.py --lora_dir saved_models/RUN --data heldout.json --output_dir eval/RUN
   python3 evaluate.py --lora_dir saved_models/RUN --data heldout.json --num_fewshot 3 --output_dir eval/RUN-3shot
+  python3 evaluate.py --lora_dir saved_models/DPO-RUN --data heldout_pairs.jsonl --output_dir eval/DPO-RUN
   python3 evaluate.py --lora_dir saved_models/RUN --tasks arc_easy,hellaswag --output_dir eval/RUN-bench
   HF_HUB_OFFLINE=1 python3 evaluate.py --lora_dir saved_models/RUN --tasks alpaca_cot_yesno --output_dir eval/x
 """
@@ -23,7 +25,8 @@ from alpaca_cot.generation.sampling import SamplingParams
          defaults={"do_sample": False, "no_repeat_ngram_size": 0, "repetition_penalty": 1.0})
 def main(model: ModelArgs, sampling: SamplingParams, args: EvaluateArgs) -> None:
     """Score a model on --data (final-answer accuracy, exact match and the share of generations that state
-    an answer, with 95% confidence intervals, and the eval loss) and/or on lm-evaluation-harness --tasks.
+    an answer, with 95% confidence intervals, and the eval loss; on preference pairs, how often the chosen
+    reply ranks above the rejected one) and/or on lm-evaluation-harness --tasks.
 
     A rerun with the same flags resumes where a killed run stopped; --overwrite starts again.
     """

@@ -1,5 +1,6 @@
-"""evaluate.py's run: chain-of-thought scores on our data files (``generative``) and standard
-benchmarks through lm-evaluation-harness (``harness``), into one output folder.
+"""evaluate.py's run: chain-of-thought scores on our data files (``generative``), preference accuracy on
+pair files (``preference``; each --data entry is scored by its kind) and standard benchmarks through
+lm-evaluation-harness (``harness``), into one output folder.
 
 Each ``--data`` record's final answer is scored as ``alpaca_cot.evaluation.answers`` reads it:
 ``accuracy`` (flexible), ``exact_match`` (strict) and ``stated`` (the share of generations that state
@@ -24,6 +25,7 @@ from alpaca_cot.data.sources import resolve_data
 from alpaca_cot.errors import UserError
 from alpaca_cot.evaluation.generative import LazyModel, data_name, evaluate_data
 from alpaca_cot.evaluation.harness import plain, run_lm_eval, task_manager
+from alpaca_cot.evaluation.preference import data_kind, evaluate_pairs, preference_run, render_pairs_table
 from alpaca_cot.evaluation.stats import percent
 from alpaca_cot.io import write_json_atomic, write_text_atomic
 from alpaca_cot.outputs import claim_folder, marker_path, read_marker, refuse_all_inputs, write_marker
@@ -41,14 +43,17 @@ def run_evaluation(model_args: Any, sampling: Any, args: EvaluateArgs) -> dict:
     if duplicated:
         raise UserError(f"--data: two entries are both named {duplicated[0]!r}; give them different file names")
     manager = task_manager(args) if args.tasks else None  # an unknown task is refused before anything is written
+    kinds = [data_kind(source) for source in args.data]  # so is a KTO file
     refuse_all_inputs([args.output_dir], {"--data": data_files, "--lora_dir": [loader_kwargs.get("lora_dir")],
                                           "--model_name_or_path": [loader_kwargs.get("model_name_or_path")]},
                       flag="--output_dir", shown=args.output_dir)
     prepare_output_dir(args.output_dir, settings, args.overwrite)
     model = LazyModel(loader_kwargs)
     results: dict[str, Any] = {"model": loader_kwargs, "sampling": asdict(sampling), "data": {}}
-    for source, name in zip(args.data, names, strict=True):
-        results["data"][name] = evaluate_data(source, model, sampling, args)
+    run = preference_run(loader_kwargs.get("lora_dir")) if "pairs" in kinds else (None, None)
+    for source, name, kind in zip(args.data, names, kinds, strict=True):
+        results["data"][name] = evaluate_pairs(source, model, args, run) if kind == "pairs" else \
+            evaluate_data(source, model, sampling, args)
     if args.tasks:
         results["lm_eval"] = run_lm_eval(loader_kwargs, model, args, manager)
     write_json_atomic(os.path.join(args.output_dir, "results.json"), plain(results))
@@ -58,11 +63,13 @@ def run_evaluation(model_args: Any, sampling: Any, args: EvaluateArgs) -> dict:
 
 def render_table(results: dict) -> str:
     """The results as Markdown: one row per --data set, then one per lm-eval task metric."""
-    lines = []
-    if results.get("data"):
+    sft = {name: r for name, r in results.get("data", {}).items() if r.get("kind") != "pairs"}
+    lines = render_pairs_table(results.get("data", {}))
+    if sft:
+        lines += [""] if lines else []
         lines += ["| data | records | accuracy [95% CI] | exact match [95% CI] | states an answer [95% CI] "
                   "| eval loss |", "|---|---|---|---|---|---|"]
-        for name, r in results["data"].items():
+        for name, r in sft.items():
             loss = f"{r['eval_loss']:.3f}" if isinstance(r.get("eval_loss"), float) else "n/a"
             lines.append(f"| {name} | {r['scored']} | {percent(r['accuracy'])} | {percent(r['exact_match'])} "
                          f"| {percent(r['stated'])} | {loss} |")
