@@ -30,7 +30,7 @@ from alpaca_cot.training.run import run_finetune
 from alpaca_cot.training.trainer import RunTotals
 from tests.conftest import run_script
 from tests.fixtures.synthetic import synthetic_records
-from tests.test_ddp import finetune, max_weight_diff
+from tests.test_ddp import assert_trained, finetune, max_weight_diff
 
 STAGES = ("dpo", "orpo", "simpo", "kto")
 
@@ -340,4 +340,27 @@ def test_two_process_dpo_equals_one_process_on_the_same_global_batch(tmp_path, t
     finetune(str(tmp_path / "one"), *flags, "--per_gpu_train_batch_size", "4")
     finetune(str(tmp_path / "two"), *flags, "--per_gpu_train_batch_size", "2", processes=2)
     assert json.load(open(tmp_path / "two" / "metrics.json"))["world_size"] == 2
+    assert_trained(str(tmp_path / "one"))
     assert max_weight_diff(str(tmp_path / "one"), str(tmp_path / "two")) < 1e-5
+
+
+def test_qlora_dpo_trains_its_adapter(tmp_path, tiny_model_dir: str, pair_file: str) -> None:
+    pytest.importorskip("bitsandbytes", reason="QLoRA needs bitsandbytes")
+    metrics, _ = run_preference(_args(tiny_model_dir, pair_file, tmp_path / "out", stage="dpo", quantization_bit=4))
+    assert metrics["steps"] == 3
+    weights = load_file(str(tmp_path / "out" / "adapter_model.safetensors"))
+    assert max(float(w.abs().max()) for k, w in weights.items() if "lora_B" in k) > 1e-4
+
+
+@pytest.mark.slow
+def test_deepspeed_dpo_on_cpu_equals_the_plain_run(tmp_path, tiny_model_dir: str, pair_file: str) -> None:
+    pytest.importorskip("deepspeed", reason="DeepSpeed is optional (pip install deepspeed)")
+    flags = ["--model_type", "llama", "--model_name_or_path", tiny_model_dir, "--data", pair_file, "--stage", "dpo",
+             "--lora_target_modules", "q_proj", "v_proj", "--lora_dropout", "0", "--val_set_size", "0",
+             "--max_steps", "3", "--learning_rate", "1e-2", "--compute_dtype", "fp32", "--template", "alpaca",
+             "--cutoff_len", "64", "--per_gpu_train_batch_size", "4"]
+    finetune(str(tmp_path / "plain"), *flags)
+    finetune(str(tmp_path / "zero2"), *flags, "--deepspeed", "zero2", processes=1)
+    assert json.load(open(tmp_path / "zero2" / "metrics.json"))["engine"] == "deepspeed"
+    assert_trained(str(tmp_path / "plain"))
+    assert max_weight_diff(str(tmp_path / "plain"), str(tmp_path / "zero2")) < 1e-5
