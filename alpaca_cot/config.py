@@ -204,8 +204,9 @@ def check_stage_flags(args: FinetuneArgs) -> None:
         raise UserError(f"--stage {stage} trains --peft_type lora or full, not {args.peft_type}")
     if args.lora_dir and args.peft_type != "lora":
         raise UserError("--lora_dir continues a LoRA adapter: drop --peft_type full")
-    if args.streaming:
-        raise UserError(f"--streaming does not apply to --stage {stage} (preference files are read whole)")
+    if args.streaming or args.train_on_inputs:
+        raise UserError(f"--{'streaming' if args.streaming else 'train_on_inputs'} applies to --stage sft only (a "
+                        "preference stage reads its files whole, and its loss reads the replies only)")
 
 
 @dataclass
