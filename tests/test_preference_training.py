@@ -208,6 +208,8 @@ def test_flags_are_checked_with_their_valid_choices(tiny_model_dir: str, pair_fi
         _args(tiny_model_dir, pair_file, tmp_path, stage="dpo", peft_type="prefix")
     with pytest.raises(UserError, match="--stage kto with its KL term needs --per_gpu_train_batch_size of at least 2"):
         _args(tiny_model_dir, pair_file, tmp_path, stage="kto", per_gpu_train_batch_size=1)
+    with pytest.raises(UserError, match="--train_on_inputs applies to --stage sft only"):
+        _args(tiny_model_dir, pair_file, tmp_path, stage="orpo", train_on_inputs=True)
     with pytest.raises(UserError, match="--pref_beta"):
         _args(tiny_model_dir, pair_file, tmp_path, stage="dpo", pref_beta=0)
 
