@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 import torch
 import transformers
@@ -59,7 +62,7 @@ def test_packed_loss_and_grads_equal_padded(family: str) -> None:
     config_class, overrides, expected = FAMILIES[family]
     padded_model = _model(config_class, overrides)
     packed_model = _model(config_class, overrides)
-    plan = choose_packing(packed_model, "lora", requested=True, remote_code=False, cuda=False)
+    plan = choose_packing(packed_model, "lora", requested=True, remote_code=False, cuda=False, dtype=torch.float32)
     assert plan.attention == expected, plan.reason
     if not plan.packed:
         return
@@ -92,15 +95,18 @@ def test_flash_where_training_runs_on_gpus_whatever_device_the_weights_load_on(m
     # training device (before, the weights' device, so those engines never packed with flash-attn).
     monkeypatch.setattr(transformers.utils, "is_flash_attn_2_available", lambda: True)
     model = _model("LlamaConfig", {})
-    assert choose_packing(model, "lora", requested=True, remote_code=False, cuda=True).attention == "flash"
-    assert choose_packing(model, "lora", requested=True, remote_code=False, cuda=False).attention == VARLEN_ATTENTION
+    plan = choose_packing(model, "lora", requested=True, remote_code=False, cuda=True, dtype=torch.bfloat16)
+    assert plan.attention == "flash"
+    plan = choose_packing(model, "lora", requested=True, remote_code=False, cuda=False, dtype=torch.bfloat16)
+    assert plan.attention == VARLEN_ATTENTION
 
 
 def test_padding_where_samples_cannot_be_kept_apart() -> None:
     model = _model("LlamaConfig", {})
-    assert not choose_packing(model, "prompt", requested=True, remote_code=False, cuda=False).packed
-    assert not choose_packing(model, "lora", requested=True, remote_code=True, cuda=False).packed
-    assert not choose_packing(model, "lora", requested=False, remote_code=False, cuda=False).packed
+    cpu = {"cuda": False, "dtype": torch.float32}
+    assert not choose_packing(model, "prompt", requested=True, remote_code=False, **cpu).packed
+    assert not choose_packing(model, "lora", requested=True, remote_code=True, **cpu).packed
+    assert not choose_packing(model, "lora", requested=False, remote_code=False, **cpu).packed
 
 
 def test_no_cross_contamination() -> None:
@@ -130,9 +136,84 @@ def test_chunked_cross_entropy_matches_torch_and_leaves_logits_intact(dtype: tor
     ours = logits.clone().requires_grad_()
     head_output = ours * 1  # a fresh non-leaf, as a head's output is
     kept = head_output.detach().clone()
-    loss = ChunkedCrossEntropy.apply(head_output, targets) * 0.25
+    loss = ChunkedCrossEntropy.apply(head_output, targets, True) * 0.25
     loss.backward()
     assert torch.equal(head_output.detach(), kept)  # the model's outputs are not overwritten
     assert torch.allclose(loss, expected, rtol=1e-6)
     tolerance = 1e-7 if dtype == torch.float32 else 1e-2
     assert torch.allclose(ours.grad.float(), reference.grad.float(), atol=tolerance)
+
+
+def _reference_pack(features: list[dict], model_loss: bool) -> dict:
+    """The collator as it was written before it was vectorised (per-token Python lists): the oracle."""
+    ids, labels, positions, bounds = [], [], [], [0]
+    for f in features:
+        n = len(f["input_ids"])
+        ids += f["input_ids"]
+        labels += [-100] + list(f["labels"][1:])
+        positions += range(n)
+        bounds.append(bounds[-1] + n)
+    lengths = [b - a for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+    longest = max(lengths)
+    keep = [p for p, label in enumerate(labels[1:]) if label != -100]
+    targets = [-100] + [labels[p + 1] for p in keep]
+    cu = torch.tensor(bounds, dtype=torch.int32)
+    batch = {"input_ids": torch.tensor([ids]), "labels": torch.tensor([targets]),
+             "position_ids": torch.tensor([positions]), "cu_seq_lens_q": cu, "cu_seq_lens_k": cu,
+             "max_length_q": longest, "max_length_k": longest,
+             "pack_slots": torch.tensor([i * longest + p for i, n in enumerate(lengths) for p in range(n)]),
+             "logits_to_keep": torch.tensor(keep, dtype=torch.long), "use_cache": False}
+    if model_loss:
+        batch["labels"] = torch.tensor([labels])
+        batch["shift_labels"] = torch.tensor([targets[1:]])
+    return batch
+
+
+def _encoded_bench_records(tokenizer_dir: str, template: str) -> list[dict]:
+    """The first 48 bench_2k records as a run tokenizes them (real prompts, answers and EOS)."""
+    from alpaca_cot.data.encoding import encode_records
+    from alpaca_cot.data.templates import get_template
+    from tests.conftest import shared_path
+
+    records = json.loads(Path(shared_path("bench", "bench_2k.json")).read_text(encoding="utf-8"))[:48]
+    tokenizer = transformers.AutoTokenizer.from_pretrained(shared_path("models", tokenizer_dir))
+    encoded = encode_records(records, get_template(template, tokenizer), tokenizer, cutoff_len=256)
+    return [{"input_ids": e.input_ids, "labels": e.labels} for e in encoded]
+
+
+@pytest.mark.parametrize("source", ["edge cases", "llama2-tokenizer", "llama3-tokenizer", "qwen3-tokenizer"])
+def test_collator_gives_the_per_token_collators_batches_bit_for_bit(source: str) -> None:
+    if source == "edge cases":  # a one-token sample, a sample with no label at all, every token a label
+        batches = [[{"input_ids": [5], "labels": [5]}, {"input_ids": [6, 7], "labels": [-100, -100]},
+                    {"input_ids": [9, 10, 11], "labels": [-100, 10, 11]}],
+                   [{"input_ids": [8, 9, 10], "labels": [8, 9, 10]}], _samples()]
+        # no target at all: the per-token collator's shift_labels were float32 (torch.tensor([[]])); now int64
+        empty = PackCollator(model_loss=True)([{"input_ids": [5], "labels": [5]}])["shift_labels"]
+        assert empty.dtype == torch.long and empty.shape == (1, 0)
+    else:
+        rows = _encoded_bench_records(source, "alpaca" if source == "llama2-tokenizer" else "chat")
+        batches = [rows[i:i + size] for i, size in ((0, 1), (1, 8), (9, 32), (41, 7))]
+    for features in batches:
+        for model_loss in (False, True):
+            ours, expected = PackCollator(model_loss)(features), _reference_pack(features, model_loss)
+            assert ours.keys() == expected.keys()
+            for key, value in expected.items():
+                if isinstance(value, torch.Tensor):
+                    assert ours[key].dtype == value.dtype and torch.equal(ours[key], value), key
+                else:
+                    assert ours[key] == value and type(ours[key]) is type(value), key
+
+
+def test_evaluation_computes_no_gradient() -> None:
+    # Under no_grad (the Trainer's evaluation) the loss is the same and no gradient is computed or held.
+    torch.manual_seed(0)
+    logits, labels = torch.randn(64, 5000, requires_grad=True), torch.randint(0, 5000, (1, 65))
+    outputs = transformers.modeling_outputs.CausalLMOutput(logits=logits.unsqueeze(0))
+    ops = {}
+    for grad in (True, False):
+        with torch.set_grad_enabled(grad), torch.profiler.profile() as profile:
+            loss = packed_loss(outputs, labels)
+        ops[grad] = ({e.key for e in profile.key_averages()}, loss.detach())
+    assert torch.equal(ops[True][1], ops[False][1])
+    gradient_ops = {"aten::empty_like", "aten::scatter_add_"}  # the gradient's buffer; softmax - one-hot
+    assert gradient_ops <= ops[True][0] and not gradient_ops & ops[False][0]

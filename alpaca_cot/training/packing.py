@@ -24,7 +24,6 @@ from typing import Any
 
 import torch
 from transformers import AttentionInterface
-from transformers.masking_utils import AttentionMaskInterface
 
 from alpaca_cot.data.encoding import IGNORE_INDEX
 from alpaca_cot.errors import UserError
@@ -62,7 +61,7 @@ def varlen_sdpa_attention(module: torch.nn.Module, query: torch.Tensor, key: tor
         # launches and, on a GPU, syncs: reading the longest length, sizing index tensors).
         samples = len(cu_seq_lens_q) - 1
         longest = max_length_q if max_length_q is not None else int(cu_seq_lens_q.diff().max())
-        slots = pack_slots if pack_slots is not None else pack_layout(cu_seq_lens_q.diff().tolist())[0]
+        slots = pack_slots if pack_slots is not None else pack_layout(cu_seq_lens_q.diff())[0]
         slots = slots.to(query.device)
 
         def to_padded(x: torch.Tensor) -> torch.Tensor:  # (1, H, T, D) -> (samples, H, longest, D)
@@ -78,8 +77,11 @@ def varlen_sdpa_attention(module: torch.nn.Module, query: torch.Tensor, key: tor
         offset = torch.arange(length, device=query.device)
         offset = offset[:, None] - offset[None, :]
         mask = (offset >= 0) & (offset < sliding_window)
+    causal = False  # one query (a decoding step) sees every key
+    if mask is None and length > 1:  # a branch, which torch.compile guards: SDPA refuses a symbolic flag
+        causal = True
     out = torch.nn.functional.scaled_dot_product_attention(
-        query, key, value, attn_mask=mask, is_causal=mask is None and length > 1, scale=scaling, dropout_p=dropout)
+        query, key, value, attn_mask=mask, is_causal=causal, scale=scaling, dropout_p=dropout)
     if not packed:  # one sequence (e.g. generation)
         return out.transpose(1, 2).contiguous(), None
     # (samples, H, longest, D) -> (1, T, H, D), the layout attention interfaces return
@@ -87,19 +89,19 @@ def varlen_sdpa_attention(module: torch.nn.Module, query: torch.Tensor, key: tor
     return flat.index_select(0, slots).unsqueeze(0), None
 
 
-def pack_layout(lengths: list[int]) -> tuple[torch.Tensor, int]:
+def pack_layout(lengths: torch.Tensor) -> tuple[torch.Tensor, int]:
     """Row-major slot of every packed token in the (samples x longest) right-padded layout, and longest."""
-    longest = max(lengths)
-    slots = [i * longest + p for i, n in enumerate(lengths) for p in range(n)]
-    return torch.tensor(slots), longest
+    lengths = lengths.long()
+    longest = int(lengths.max())
+    starts = lengths.cumsum(0) - lengths
+    shift = torch.arange(len(lengths), device=lengths.device) * longest - starts  # sample i's slot minus its index
+    return torch.arange(int(lengths.sum()), device=lengths.device) + shift.repeat_interleave(lengths), longest
 
 
-def _no_mask(*args: Any, **kwargs: Any) -> None:
-    return None  # causality, windows and sample boundaries are handled inside varlen_sdpa_attention
-
-
+# No mask function is registered for it: transformers then builds no mask (causality, windows and sample
+# boundaries are applied inside varlen_sdpa_attention) and skips its packed-sequence detection, whose check of
+# the position ids would synchronize a GPU on every forward (masking_utils._preprocess_mask_arguments).
 AttentionInterface.register(VARLEN_ATTENTION, varlen_sdpa_attention)
-AttentionMaskInterface.register(VARLEN_ATTENTION, _no_mask)
 
 # Config fields whose attention SDPA cannot express; the stock packed path applies them.
 _SDPA_INEXPRESSIBLE = ("attn_logit_softcapping",)
@@ -120,11 +122,12 @@ class PackingPlan:
 
 
 def choose_packing(model: torch.nn.Module, peft_type: str, requested: bool, remote_code: bool, *,
-                   cuda: bool) -> PackingPlan:
+                   cuda: bool, dtype: torch.dtype) -> PackingPlan:
     """The exact packed attention for this loaded model, or padding, with the reason.
 
     ``cuda``: whether training runs on CUDA GPUs; the weights may still be on the CPU here (DeepSpeed and
-    FSDP load them there and move each rank's part inside ``train()``).
+    FSDP load them there and move each rank's part inside ``train()``). ``dtype``: the compute dtype
+    (``--compute_dtype``); flash-attn runs only in fp16 and bf16.
     """
     if not requested:
         return PackingPlan(None, "padded, length-grouped batches (--packing False)")
@@ -134,18 +137,24 @@ def choose_packing(model: torch.nn.Module, peft_type: str, requested: bool, remo
         return PackingPlan(None, f"padded batches: {type(model).__name__} does not use transformers' attention "
                                  "interface, so samples cannot be kept apart in one row")
     config = model.config.get_text_config()
+    no_flash = ""
     if cuda:
         from transformers.utils import is_flash_attn_2_available
 
         if is_flash_attn_2_available() and getattr(model, "_supports_flash_attn", False):
-            return PackingPlan("flash", "packed: transformers' flash-attention varlen kernels (flash-attn installed)")
+            if dtype in (torch.float16, torch.bfloat16):
+                return PackingPlan("flash", "packed: transformers' flash-attention varlen kernels (flash-attn "
+                                            "installed)")
+            no_flash = (" (not flash-attn: it runs only in fp16 or bf16, and this run computes in "
+                        f"{str(dtype).removeprefix('torch.')})")
     inexpressible = [name for name in _SDPA_INEXPRESSIBLE if getattr(config, name, None)]
     if inexpressible:
         return PackingPlan("stock", f"packed: transformers' own packed attention ({config._attn_implementation}, "
-                                    f"block-diagonal mask), since SDPA cannot apply {', '.join(inexpressible)}")
+                                    f"block-diagonal mask), since SDPA cannot apply {', '.join(inexpressible)}"
+                                    f"{no_flash}")
     window = getattr(config, "sliding_window", None)
     detail = f" with the {window}-token sliding window" if window and _uses_sliding_window(config) else ""
-    return PackingPlan(VARLEN_ATTENTION, f"packed: per-sample causal SDPA{detail}")
+    return PackingPlan(VARLEN_ATTENTION, f"packed: per-sample causal SDPA{detail}{no_flash}")
 
 
 def _uses_sliding_window(config: Any) -> bool:
@@ -182,27 +191,26 @@ class PackCollator:
         self.model_loss = model_loss
 
     def __call__(self, features: list[dict]) -> dict[str, Any]:
-        ids, labels, positions, bounds = [], [], [], [0]
-        for f in features:
-            n = len(f["input_ids"])
-            ids += f["input_ids"]
-            labels += [IGNORE_INDEX] + list(f["labels"][1:])
-            positions += range(n)
-            bounds.append(bounds[-1] + n)
-        cu = torch.tensor(bounds, dtype=torch.int32)
-        slots, longest = pack_layout([b - a for a, b in zip(bounds[:-1], bounds[1:], strict=True)])
+        # Whole-batch tensor operations: per-token Python work here would hold up the training process.
+        lengths = torch.tensor([len(f["input_ids"]) for f in features])
+        ids = torch.cat([torch.as_tensor(f["input_ids"], dtype=torch.long) for f in features])
+        labels = torch.cat([torch.as_tensor(f["labels"], dtype=torch.long) for f in features])
+        starts = lengths.cumsum(0) - lengths
+        labels[starts] = IGNORE_INDEX  # a sample's first token is nobody's target: no prediction across samples
+        positions = torch.arange(len(ids)) - starts.repeat_interleave(lengths)
+        cu = torch.cat([starts, lengths.sum().view(1)]).to(torch.int32)
+        slots, longest = pack_layout(lengths)
         # Position p predicts the token at p + 1: keep the positions whose next label counts.
-        keep = [p for p, label in enumerate(labels[1:]) if label != IGNORE_INDEX]
-        targets = [IGNORE_INDEX] + [labels[p + 1] for p in keep]
-        batch = {"input_ids": torch.tensor([ids]), "labels": torch.tensor([targets]),
-                 "position_ids": torch.tensor([positions]), "cu_seq_lens_q": cu, "cu_seq_lens_k": cu,
-                 "max_length_q": longest, "max_length_k": longest, "pack_slots": slots,
-                 "logits_to_keep": torch.tensor(keep, dtype=torch.long),
+        keep = (labels[1:] != IGNORE_INDEX).nonzero().view(-1)
+        targets = torch.cat([labels.new_full((1,), IGNORE_INDEX), labels[keep + 1]])
+        batch = {"input_ids": ids.view(1, -1), "labels": targets.view(1, -1), "position_ids": positions.view(1, -1),
+                 "cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": longest, "max_length_k": longest,
+                 "pack_slots": slots, "logits_to_keep": keep,
                  # transformers detects packed position_ids only without a KV cache
                  "use_cache": False}
         if self.model_loss:
-            batch["labels"] = torch.tensor([labels])
-            batch["shift_labels"] = torch.tensor([targets[1:]])
+            batch["labels"] = labels.view(1, -1)
+            batch["shift_labels"] = targets[1:].view(1, -1)
         return batch
 
 
@@ -251,41 +259,48 @@ def packed_loss(outputs: Any, labels: torch.Tensor, num_items_in_batch: Any = No
     """Token cross-entropy over the kept logits (``Trainer(compute_loss_func=...)``): the mean over
     label tokens, or their sum over ``num_items_in_batch`` under gradient accumulation."""
     targets = labels[0, 1:]  # PackCollator's labels: the kept positions' targets
-    loss = ChunkedCrossEntropy.apply(outputs.logits[0], targets)
+    logits = outputs.logits[0]
+    # An evaluation (no grad) computes the loss alone: no gradient buffer, no gradient work.
+    loss = ChunkedCrossEntropy.apply(logits, targets, torch.is_grad_enabled() and logits.requires_grad)
     total = num_items_in_batch if num_items_in_batch is not None else targets.numel()
     return loss / total
 
 
 class ChunkedCrossEntropy(torch.autograd.Function):
     """Summed cross-entropy whose gradient (softmax - one-hot) is computed in the forward pass, a
-    cache-sized block of rows at a time, into a buffer of its own (the logits stay intact).
+    block of rows at a time, into a buffer of its own (the logits stay intact).
 
     The logits (tokens x vocabulary) are the largest tensor of a training step; the stock loss
-    passes over them about eight times and allocates two more of their size (log-softmax and its
-    gradient). Here each block is read while it is in cache and its gradient written once; the
-    gradient's dtype is the logits' (a bf16 head gets a bf16 gradient, as autograd would give).
+    passes over them about eight times and allocates up to three more of their size in fp32 (the
+    upcast, log-softmax and its gradient). Here only one block at a time is in fp32, and on a CPU each
+    block is read while it is in cache and its gradient written once; the gradient's dtype is the
+    logits' (a bf16 head gets a bf16 gradient, as autograd would give).
     """
 
     @staticmethod
-    def forward(ctx: Any, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        # ~4 MB blocks on CPU; a GPU's bandwidth makes one block cheapest.
-        rows = len(logits) if logits.is_cuda else max(1, 2**20 // logits.shape[1])
-        gradient = torch.empty_like(logits)
+    def forward(ctx: Any, logits: torch.Tensor, targets: torch.Tensor, with_gradient: bool) -> torch.Tensor:
+        # fp32 elements per block: ~4 MB on a CPU (cache-sized); ~256 MB on a GPU (few kernel launches, and a
+        # small share of the fp32 copies the stock loss makes of all the logits).
+        rows = max(1, (2**26 if logits.is_cuda else 2**20) // logits.shape[1])
+        gradient = torch.empty_like(logits) if with_gradient else None
         total = logits.new_zeros((), dtype=torch.float32)
         for start in range(0, len(logits), rows):
             block = logits[start:start + rows].float()  # a view when fp32: only read
             target = targets[start:start + rows].unsqueeze(1)
             lse = torch.logsumexp(block, dim=1, keepdim=True)
             total += (lse - block.gather(1, target)).sum()
+            if gradient is None:
+                continue
             out = gradient[start:start + rows]
             buffer = out if out.dtype == torch.float32 else torch.empty_like(block)
             torch.sub(block, lse, out=buffer).exp_().scatter_add_(1, target, buffer.new_full(target.shape, -1.0))
             if buffer is not out:
                 out.copy_(buffer)
-        ctx.save_for_backward(gradient)
+        if gradient is not None:
+            ctx.save_for_backward(gradient)
         return total
 
     @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
         (gradient,) = ctx.saved_tensors
-        return gradient * grad.to(gradient.dtype), None
+        return gradient * grad.to(gradient.dtype), None, None

@@ -110,7 +110,7 @@ def _build_model(args: FinetuneArgs, spec: Any, engine: EnginePlan, dtype: torch
     # Decided on the loaded model's config, so that --model_type auto packs whatever class the checkpoint
     # names, with an attention that is exact for it (sliding windows, softcapping) or not at all.
     plan = packing.choose_packing(model, args.peft_type, args.packing, remote_code=args.trust_remote_code,
-                          cuda=engine.cuda)
+                          cuda=engine.cuda, dtype=dtype)
     packing.apply_packing(model, plan)
     log(f"batches: {plan.reason}")
     targets = resolve_target_modules(model, spec, args.lora_target_modules) \
@@ -180,6 +180,7 @@ def build_training_args(args: FinetuneArgs, engine: EnginePlan, dtype: torch.dty
         learning_rate=args.learning_rate, warmup_steps=int(args.warmup_ratio * total_steps),
         bf16=dtype == torch.bfloat16, fp16=dtype == torch.float16,
         logging_steps=args.logging_steps,
+        logging_nan_inf_filter=False,  # the filter reads every micro-batch's loss: a GPU sync per step
         eval_strategy="steps" if evaluate else "no",
         # Evaluate before training inside train(): a trainer.evaluate() call before train() leaves
         # the model unwrapped by DDP in transformers 5 (ranks then drift apart; see tests/test_ddp.py).
@@ -203,6 +204,7 @@ def build_training_args(args: FinetuneArgs, engine: EnginePlan, dtype: torch.dty
         **engine.training_kwargs(model),
         disable_tqdm=not report.is_main_process(),
         use_liger_kernel=args.use_liger_kernel, torch_compile=args.torch_compile,
+        dataloader_num_workers=args.dataloader_num_workers,
     )
     return config_class(**{**settings, **extra})
 
