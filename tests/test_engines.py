@@ -276,11 +276,19 @@ def test_custom_deepspeed_config_is_saved_as_an_absolute_path(tmp_path, monkeypa
 
 @pytest.mark.slow
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU refusal")
-def test_fsdp_on_cpu_stops_before_any_work(tmp_path, tiny_model_dir: str, tiny_data_file: str) -> None:
+@pytest.mark.parametrize(("words", "error"), [
+    ([], "error: --fsdp needs CUDA GPUs"),
+    (["full_shard auto_wrap"], "error: --fsdp needs CUDA GPUs"),  # the Trainer's spelling reaches the plan
+    (["full_shard,offload"], "error: --fsdp needs CUDA GPUs"),
+    (["full_shard autowrap"], "error: --fsdp 'full_shard autowrap': 'autowrap' is not an FSDP option; valid "
+                              "words: full_shard, shard_grad_op, offload, auto_wrap"),
+])
+def test_fsdp_on_cpu_stops_before_any_work(tmp_path, tiny_model_dir: str, tiny_data_file: str, words: list[str],
+                                           error: str) -> None:
     proc = run_script("uniform_finetune.py", "--model_name_or_path", tiny_model_dir, "--data", tiny_data_file,
-                      "--fsdp", "--output_dir", str(tmp_path / "out"), check=False)
+                      "--fsdp", *words, "--output_dir", str(tmp_path / "out"), check=False)
     assert proc.returncode == 2, proc.stderr[-3000:]
-    assert proc.stderr.strip().splitlines()[-1].startswith("error: --fsdp needs CUDA GPUs")
+    assert proc.stderr.strip().splitlines()[-1].startswith(error)
     assert not os.path.exists(tmp_path / "out")
 
 
