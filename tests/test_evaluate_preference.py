@@ -50,7 +50,8 @@ def test_reply_logps_equal_a_plain_forward_pass_and_the_reference_is_the_base(ti
             assert row[f"ref_{side}_logp"] is None  # no adapter: the policy is the reference
     for row, alone in zip(base_rows, score_pairs(model, tokenizer, template, PAIRS, 256, 1), strict=True):
         assert [row[f"{side}_logp"] for side in SIDES] == pytest.approx([alone[f"{s}_logp"] for s in SIDES], abs=1e-4)
-    assert summarize(base_rows, None)["reward_accuracy"] is None
+    base_summary = summarize(base_rows, None)
+    assert base_summary["reward_accuracy"] is None and "ref_logp_accuracy" not in base_summary
 
     torch.manual_seed(0)  # random B matrices: the adapter changes the log-probabilities
     config = peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False, task_type="CAUSAL_LM")
@@ -82,6 +83,9 @@ def test_accuracies_count_ties_as_wrong_and_carry_wilson_intervals() -> None:
     assert result["logp_accuracy"]["correct"] == 1 and result["logp_accuracy_per_token"]["correct"] == 2
     assert result["chosen_logp"] == pytest.approx(-3.5) and result["rejected_logp"] == pytest.approx(-3.0)
     assert summarize(rows, None)["beta_reward_margin"] is None
+    assert result["ref_logp_accuracy"]["correct"] == 1  # -2 > -2 no (a tie), -1 > -1 no, -5 > -6 yes, -6.5 > -3 no
+    assert result["ref_logp_accuracy_per_token"]["correct"] == 2  # and -6.5 / 6 > -3 / 2
+    assert result["ref_chosen_logp"] == pytest.approx(-3.625) and result["ref_rejected_logp"] == pytest.approx(-3.0)
 
 
 def test_each_data_entry_is_scored_by_its_kind(tmp_path) -> None:

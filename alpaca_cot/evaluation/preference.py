@@ -101,23 +101,27 @@ def _read_rows(path: str, count: int) -> list[dict] | None:
 
 
 def summarize(rows: list[dict], beta: float | None) -> dict:
-    """The accuracies (Wilson 95% intervals, ties wrong), mean margins and mean log-probabilities of ``rows``."""
+    """The accuracies (Wilson 95% intervals, ties wrong), mean margins and mean log-probabilities of ``rows``;
+    ``ref_*``: the reference's own rankings and log-probabilities (a DPO run's "before", measured alike)."""
     everything, rows = rows, [r for r in rows if r["chosen_logp"] is not None]
     n = len(rows)
     has_reference = bool(rows) and rows[0]["ref_chosen_logp"] is not None
     margins = [(r["chosen_logp"] - r["ref_chosen_logp"]) - (r["rejected_logp"] - r["ref_rejected_logp"])
                for r in rows] if has_reference else []
     margin = sum(margins) / n if margins else None
-    return {
-        "pairs": n, "truncated": sum(r["truncated"] for r in everything), "left_out": len(everything) - n,
-        "reward_accuracy": proportion(sum(m > 0 for m in margins), n) if has_reference else None,
-        "reward_margin": margin, "beta": beta,
-        "beta_reward_margin": beta * margin if beta is not None and margin is not None else None,
-        "logp_accuracy": proportion(sum(r["chosen_logp"] > r["rejected_logp"] for r in rows), n),
-        "logp_accuracy_per_token": proportion(sum(r["chosen_logp"] / max(r["chosen_tokens"], 1) >
-                                                  r["rejected_logp"] / max(r["rejected_tokens"], 1) for r in rows), n),
-        **{f"{side}_logp": sum(r[f"{side}_logp"] for r in rows) / n if n else None for side in SIDES},
-    }
+    result = {"pairs": n, "truncated": sum(r["truncated"] for r in everything), "left_out": len(everything) - n,
+              "reward_accuracy": proportion(sum(m > 0 for m in margins), n) if has_reference else None,
+              "reward_margin": margin, "beta": beta,
+              "beta_reward_margin": beta * margin if beta is not None and margin is not None else None}
+    for ref in ("", "ref_") if has_reference else ("",):
+        chosen, rejected = [r[f"{ref}chosen_logp"] for r in rows], [r[f"{ref}rejected_logp"] for r in rows]
+        per_token = [(c / max(r["chosen_tokens"], 1), j / max(r["rejected_tokens"], 1))
+                     for c, j, r in zip(chosen, rejected, rows, strict=True)]
+        result |= {f"{ref}logp_accuracy": proportion(sum(c > j for c, j in zip(chosen, rejected, strict=True)), n),
+                   f"{ref}logp_accuracy_per_token": proportion(sum(c > j for c, j in per_token), n),
+                   f"{ref}chosen_logp": sum(chosen) / n if n else None,
+                   f"{ref}rejected_logp": sum(rejected) / n if n else None}
+    return result
 
 
 def score_pairs(model: Any, tokenizer: Any, template: Any, records: list[dict], cutoff_len: int,
