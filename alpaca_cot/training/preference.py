@@ -1,13 +1,16 @@
 """The preference stage (``--stage dpo|orpo|simpo|kto``): TRL's trainers on our pre-tokenized records.
 
 TRL computes every loss (``DPOTrainer``, ``KTOTrainer``, ``CPOTrainer`` with the SimPO loss, ``ORPOTrainer``).
-The records reach it as token ids from ``alpaca_cot.data.pairs`` (our template, our truncation), and TRL's own
-text pass is skipped: DPO and KTO take the columns they would have made (``_prepare_dataset`` returns our
-dataset as it is, as TRL's ``evaluate`` expects of a prepared one), CPO and ORPO map ``tokenize_row``, their
-public hook, to our ids. A new adapter is TRL's (``peft_config``): its reference is the base with the adapter
-disabled. ``--lora_dir`` continues an adapter: TRL copies it as the frozen "ref" adapter, the reference, so no
-second copy of the base is loaded. The run reuses the SFT stage's engines, Trainer arguments, batch order,
-totals, checkpoints and outputs.
+The records reach it as token ids from ``alpaca_cot.data.pairs`` (our template, our truncation) and TRL's own
+text pass (its chat template, its truncation) is skipped. TRL 1.16 has no switch for that in DPO and KTO, so
+their ``_prepare_dataset`` hook is overridden to return our columns as they are (KTO's KL completions added
+as TRL adds them; TRL's ``evaluate`` assumes the hook leaves a tokenized dataset so); CPO and ORPO map
+``tokenize_row``, a public hook, to our ids.
+
+A new adapter is TRL's (``peft_config``): its reference is the base with the adapter disabled. ``--lora_dir``
+continues an adapter: TRL copies it as the frozen "ref" adapter, the reference, so no second copy of the base
+is loaded. The run reuses the SFT stage's engines, Trainer arguments, batch order, totals, checkpoints and
+outputs.
 """
 
 from __future__ import annotations
@@ -22,9 +25,9 @@ import transformers
 
 from alpaca_cot.config import FinetuneArgs
 from alpaca_cot.data.encoding import IGNORE_INDEX
-from alpaca_cot.data.pairs import STAGE_KINDS, encode_records_of_kind, read_preference_data
+from alpaca_cot.data.pairs import STAGE_KINDS, encode_preference, read_preference_data
 from alpaca_cot.data.prepared import split_indices
-from alpaca_cot.data.templates import Template, get_template
+from alpaca_cot.data.templates import TEMPLATE_FILE, Template, get_template
 from alpaca_cot.errors import UserError
 from alpaca_cot.models.adapters import build_peft_config, resolve_target_modules
 from alpaca_cot.models.loading import load_model, load_tokenizer, resolve_dtype, resolve_lora_dir
@@ -86,7 +89,7 @@ def run_preference(args: FinetuneArgs) -> tuple[dict, Any]:
 def choose_template(args: FinetuneArgs, registry_template: str, tokenizer: Any) -> Template:
     """--template, else the template the --lora_dir run trained with (the same markers), else the registry's."""
     folder = resolve_lora_dir(args.lora_dir) if args.lora_dir else None
-    if args.template is None and folder and os.path.isfile(os.path.join(folder, "template.json")):
+    if args.template is None and folder and os.path.isfile(os.path.join(folder, TEMPLATE_FILE)):
         return Template.load(folder)
     chat_ok = registry_template != "chat" or getattr(tokenizer, "chat_template", None)
     return get_template(args.template or (registry_template if chat_ok else "alpaca"), tokenizer)
@@ -107,8 +110,9 @@ def load_preference_data(args: FinetuneArgs, tokenizer: Any, template: Template
     kind = STAGE_KINDS[args.stage]
     rows: list[dict] = []
     where: list[tuple[str, int]] = []
-    for path, records in read_preference_data(args.data, kind, f"--stage {args.stage} trains on them"):
-        rows += encode_records_of_kind(records, kind, template, tokenizer, args.cutoff_len)
+    hint = f"--stage {args.stage} trains on " + ("preference pairs" if kind == "pairs" else "KTO records")
+    for path, records in read_preference_data(args.data, kind, hint):
+        rows += encode_preference(records, kind, template, tokenizer, args.cutoff_len)
         where += [(path, i) for i in range(len(records))]
     if args.max_samples:
         rows, where = rows[:args.max_samples], where[:args.max_samples]
