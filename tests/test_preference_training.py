@@ -28,7 +28,8 @@ from alpaca_cot.models.registry import get_model_spec
 from alpaca_cot.training.preference import run_preference, trainer_class
 from alpaca_cot.training.run import run_finetune
 from alpaca_cot.training.trainer import RunTotals
-from tests.conftest import run_script
+from data.converters import convert_file
+from tests.conftest import run_script, shared_path
 from tests.fixtures.synthetic import synthetic_records
 from tests.test_ddp import assert_trained, finetune, max_weight_diff
 
@@ -366,3 +367,19 @@ def test_deepspeed_dpo_on_cpu_equals_the_plain_run(tmp_path, tiny_model_dir: str
     assert json.load(open(tmp_path / "zero2" / "metrics.json"))["engine"] == "deepspeed"
     assert_trained(str(tmp_path / "plain"))
     assert max_weight_diff(str(tmp_path / "plain"), str(tmp_path / "zero2")) < 1e-5
+
+
+def test_dpo_on_real_hh_rlhf_pairs(tmp_path, tiny_model_dir: str, tokenizer) -> None:
+    records, _ = convert_file(shared_path("data", "raw", "hh_rlhf", "harmless-base", "test.jsonl.gz"))
+    data = _write(tmp_path / "hh.jsonl", records[:40])
+    template = get_template("chat", tokenizer)
+    first = encode_pair(records[0], template, tokenizer, 4096)  # a conversation: its earlier answers are prompt
+    sft = encode_records([with_answer(records[0], records[0]["chosen"])], template, tokenizer, 4096)[0]
+    assert sft.input_ids[:len(first["prompt_ids"]) + len(first["chosen_ids"])] == first["prompt_ids"] + \
+        first["chosen_ids"]
+    assert records[0]["messages"][1]["content"][:20] in tokenizer.decode(first["prompt_ids"])
+    metrics, _ = run_preference(_args(tiny_model_dir, data, tmp_path / "out", stage="dpo", template="chat",
+                                      cutoff_len=128, max_steps=2))
+    assert metrics["steps"] == 2 and metrics["train_records"] == 40 and math.isfinite(metrics["train_loss"])
+    cut = [json.loads(line) for line in open(tmp_path / "out" / "truncated_records.jsonl", encoding="utf-8")]
+    assert cut and all(e["tokens"] > 128 >= e["kept_tokens"] for e in cut if e["action"] == "cut")
