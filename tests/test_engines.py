@@ -388,18 +388,20 @@ def test_fsdp_lora_on_gpus_equals_the_plain_run(tmp_path, tiny_model_dir: str, t
 
 @pytest.mark.slow
 @pytest.mark.parametrize(("preset", "kind"), [("zero2", "lora"), ("zero3", "lora"), ("zero3", "full"),
-                                            ("zero3+scheduler", "lora")])
+                                            ("zero3+scheduler", "lora"), ("zero2_offload", "lora")])
 def test_deepspeed_run_resumes_from_its_checkpoint(tmp_path, preset: str, kind: str, tiny_model_dir: str,
                                                    tiny_data_file: str) -> None:
     """A DeepSpeed checkpoint (its optimizer in global_stepN/, named by ``latest``) is found complete (before,
     it read as "no optimizer.pt"), and a run killed after checkpoint-2, or during its final save, resumes to
     the whole run's weights bit for bit and its metrics (before, the second failed in the gathering). A config
     with its own "scheduler" keeps the schedule in DeepSpeed's states, without scheduler.pt (before, every such
-    checkpoint read as incomplete); warmup then decay, so a schedule restarted on resume would show."""
+    checkpoint read as incomplete), and so does one with its own "optimizer" (zero2_offload); warmup then decay, so a
+    schedule restarted on resume would show."""
     pytest.importorskip("deepspeed", reason="DeepSpeed is optional (pip install deepspeed)")
     rate = "1e-3" if kind == "full" else "1e-2"
-    own_schedule = preset.endswith("+scheduler")
-    if own_schedule:
+    # DeepSpeed builds the schedule where its config has a "scheduler", or an "optimizer" (the offload presets)
+    own_schedule = preset.endswith("+scheduler") or preset.endswith("_offload")
+    if preset.endswith("+scheduler"):
         config = read_deepspeed_config(resolve_deepspeed_config(preset.removesuffix("+scheduler")))
         config["scheduler"] = {"type": "WarmupDecayLR", "params": dict.fromkeys(
             ("warmup_min_lr", "warmup_max_lr", "warmup_num_steps", "total_num_steps"), "auto")}
@@ -421,7 +423,11 @@ def test_deepspeed_run_resumes_from_its_checkpoint(tmp_path, preset: str, kind: 
                 shutil.rmtree(cut / name) if (cut / name).is_dir() else (cut / name).unlink()
         proc = finetune(str(cut), *flags, "--resume_from_checkpoint", processes=1)
         assert f"resuming from {cut}/{kept}" in proc.stdout + proc.stderr
-        assert max_weight_diff(str(whole), str(cut), weights) == 0
+        # DeepSpeed's CPU Adam (the offload presets) keeps beta**step as a float running product, which a resumed
+        # run recomputes with pow (deepspeed/ops/csrc/includes/cpu_adam.h): measured 1.4e-7 apart after resuming
+        # from checkpoint-2; a schedule restarted at step 0 would train steps 3-4 at other learning rates.
+        tolerance = 1e-6 if preset.endswith("_offload") and kept == "checkpoint-2" else 0
+        assert max_weight_diff(str(whole), str(cut), weights) <= tolerance
         for key in ("train_loss", "effective_tokens", "steps"):
             assert _metrics(str(cut))[key] == _metrics(str(whole))[key], key
         # The final evaluation is the trained model's (after a restored final save, its checkpoint's weights).
