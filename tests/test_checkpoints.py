@@ -127,11 +127,12 @@ def test_deepspeeds_own_schedule_needs_no_scheduler_file(tmp_path) -> None:
     for spec in [*ENGINE_LAYOUTS["deepspeed"][0], "rng_state_0.pth"]:
         _write(path, spec)
     (path / "trainer_state.json").write_text(json.dumps({"global_step": 4}), encoding="utf-8")
-    assert checkpoint_problem(str(path)) == "no scheduler.pt"
-    assert checkpoint_problem(str(path), scheduler=False) is None
-    assert choose_checkpoint(str(tmp_path / "run"), True, remove_incomplete=False, scheduler=False)[0] == str(path)
+    assert checkpoint_problem(str(path)) == checkpoint_problem(str(path), deepspeed="zero3") == "no scheduler.pt"
+    assert checkpoint_problem(str(path), deepspeed=str(own)) is None
+    assert checkpoint_problem(str(path), deepspeed="zero2_offload") is None
+    assert choose_checkpoint(str(tmp_path / "run"), True, remove_incomplete=False, deepspeed=str(own))[0] == str(path)
     (path / "rng_state_0.pth").unlink()  # the rest is still checked
-    assert checkpoint_problem(str(path), scheduler=False) == "no rng_state.pth"
+    assert checkpoint_problem(str(path), deepspeed=str(own)) == "no rng_state.pth"
 
 
 def test_a_finished_runs_weights_are_its_final_checkpoints_model_files(tmp_path) -> None:

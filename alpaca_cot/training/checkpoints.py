@@ -86,9 +86,9 @@ def model_files(checkpoint: str) -> list[str]:
     return names
 
 
-def checkpoint_problem(path: str, *, scheduler: bool = True) -> str | None:
-    """Why the checkpoint folder at ``path`` cannot be resumed from, or None when it is complete; ``scheduler``:
-    whether it must hold the Trainer's ``scheduler.pt`` (``trainer_saves_scheduler``)."""
+def checkpoint_problem(path: str, *, deepspeed: str | None = None) -> str | None:
+    """Why the checkpoint folder at ``path`` cannot be resumed from, or None when it is complete; ``deepspeed``:
+    the run's ``--deepspeed``, which decides whether ``scheduler.pt`` is due (``trainer_saves_scheduler``)."""
     state_path = os.path.join(path, TRAINER_STATE_NAME)
     if not os.path.isfile(state_path):
         return f"no {TRAINER_STATE_NAME}"
@@ -113,19 +113,20 @@ def checkpoint_problem(path: str, *, scheduler: bool = True) -> str | None:
     missing = [] if weights else ["model weights"]
     if not optimizer:
         missing.append("optimizer state")
-    if scheduler and SCHEDULER_NAME not in names:
+    if SCHEDULER_NAME not in names and trainer_saves_scheduler(deepspeed):
         missing.append(SCHEDULER_NAME)
     if not any(n.startswith("rng_state") for n in names):
         missing.append("rng_state.pth")
     return f"no {', '.join(missing)}" if missing else None
 
 
-def latest_complete_checkpoint(output_dir: str, *, scheduler: bool = True) -> tuple[str | None, list[tuple[str, str]]]:
+def latest_complete_checkpoint(output_dir: str, *,
+                               deepspeed: str | None = None) -> tuple[str | None, list[tuple[str, str]]]:
     """The latest complete checkpoint in ``output_dir`` (None if there is none), and the later
     incomplete ones as ``(path, problem)``."""
     skipped = []
     for _, path in reversed(checkpoint_folders(output_dir)):
-        problem = checkpoint_problem(path, scheduler=scheduler)
+        problem = checkpoint_problem(path, deepspeed=deepspeed)
         if problem is None:
             return path, skipped
         skipped.append((path, problem))
@@ -133,7 +134,7 @@ def latest_complete_checkpoint(output_dir: str, *, scheduler: bool = True) -> tu
 
 
 def choose_checkpoint(output_dir: str, resume: str | bool, *, remove_incomplete: bool,
-                      scheduler: bool = True) -> tuple[str, list[str]]:
+                      deepspeed: str | None = None) -> tuple[str, list[str]]:
     """The checkpoint folder ``--resume_from_checkpoint`` means, and lines saying what was chosen: ``True`` (the
     bare flag) is the latest complete one in ``output_dir``, the incomplete ones after it named and, with
     ``remove_incomplete``, deleted (the resumed run saves those steps again); a folder named must be complete."""
@@ -142,12 +143,12 @@ def choose_checkpoint(output_dir: str, resume: str | bool, *, remove_incomplete:
         if not os.path.isdir(path):
             raise UserError(f"--resume_from_checkpoint {path}: no such folder; pass a checkpoint-N folder, or the "
                             "bare flag for the latest complete checkpoint in --output_dir")
-        problem = checkpoint_problem(path, scheduler=scheduler)
+        problem = checkpoint_problem(path, deepspeed=deepspeed)
         if problem:
             raise UserError(f"--resume_from_checkpoint {path} is incomplete ({problem}: it was being written when "
                             "the run stopped); pass an earlier checkpoint, or the bare flag for the latest one")
         return path, [f"resuming from {path}"]
-    path, skipped = latest_complete_checkpoint(output_dir, scheduler=scheduler)
+    path, skipped = latest_complete_checkpoint(output_dir, deepspeed=deepspeed)
     if path is None:
         found = "; incomplete: " + ", ".join(f"{os.path.basename(p)} ({why})" for p, why in skipped) if skipped else ""
         raise UserError(f"--resume_from_checkpoint: {output_dir} holds no complete checkpoint-* folder to resume "
@@ -165,14 +166,14 @@ def run_training(trainer: Any, resume: str | bool | None) -> Any:
     """``trainer.train``, from the checkpoint ``resume`` means (``choose_checkpoint``), saying which; a run
     that fails before saving anything leaves no empty output folder behind."""
     checkpoint = None
-    scheduler = trainer_saves_scheduler(trainer.args.deepspeed)
+    deepspeed = trainer.args.deepspeed
     if not resume and trainer.is_world_process_zero():  # torn ones a full disk or a kill left: saved again
-        for path, _ in latest_complete_checkpoint(trainer.args.output_dir, scheduler=scheduler)[1]:
+        for path, _ in latest_complete_checkpoint(trainer.args.output_dir, deepspeed=deepspeed)[1]:
             shutil.rmtree(path)
     if resume:
         main = trainer.is_world_process_zero()
         checkpoint, notes = choose_checkpoint(trainer.args.output_dir, resume, remove_incomplete=main,
-                                              scheduler=scheduler)
+                                              deepspeed=deepspeed)
         if main:
             print("\n".join(notes), flush=True)
     try:
@@ -184,10 +185,10 @@ def run_training(trainer: Any, resume: str | bool | None) -> Any:
                 shutil.rmtree(out)
             elif disk_full(e):  # the checkpoint being written is torn: the next run resumes from the one before
                 torn = os.path.join(out, f"checkpoint-{trainer.state.global_step}")
-                for path in {torn, *(p for p, _ in latest_complete_checkpoint(out, scheduler=scheduler)[1])}:
+                for path in {torn, *(p for p, _ in latest_complete_checkpoint(out, deepspeed=deepspeed)[1])}:
                     shutil.rmtree(path, ignore_errors=True)
         if disk_full(e):
-            latest = latest_complete_checkpoint(out, scheduler=scheduler)[0]
+            latest = latest_complete_checkpoint(out, deepspeed=deepspeed)[0]
             need = f"a checkpoint needs about {folder_size(latest) / 2**20:,.1f} MiB" if latest else \
                 "its first checkpoint did not fit"
             again = "with --resume_from_checkpoint" if latest else "again"

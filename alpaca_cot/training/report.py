@@ -16,12 +16,7 @@ from alpaca_cot.data.templates import Template
 from alpaca_cot.errors import UserError
 from alpaca_cot.io import write_json_atomic, write_text_atomic
 from alpaca_cot.outputs import STAGING_SUFFIX, claim_folder, swap_in, writing
-from alpaca_cot.training.checkpoints import (
-    choose_checkpoint,
-    latest_complete_checkpoint,
-    model_files,
-    trainer_saves_scheduler,
-)
+from alpaca_cot.training.checkpoints import choose_checkpoint, latest_complete_checkpoint, model_files
 
 METRICS_FILE = "metrics.json"
 LOSS_PLOT = "loss_curve.png"
@@ -49,11 +44,10 @@ def prepare_output_dir(args: FinetuneArgs) -> None:
     outputs.refuse_all_inputs([out, staging], {"--model_name_or_path": [args.model_name_or_path], "--data": args.data},
                       flag="--output_dir", shown=out)
     started = claim_folder(out, "finetune", flag="--output_dir") and os.listdir(out) != [outputs.MARKER]
-    scheduler = trainer_saves_scheduler(args.deepspeed)
     if args.overwrite_output_dir:
         claim_folder(staging, "finetune", flag="--output_dir")
         args.output_dir = staging
-        if latest_complete_checkpoint(staging, scheduler=scheduler)[0] and not args.resume_from_checkpoint:
+        if latest_complete_checkpoint(staging, deepspeed=args.deepspeed)[0] and not args.resume_from_checkpoint:
             raise UserError(f"{staging} holds checkpoints of an unfinished --overwrite_output_dir run; add "
                             "--resume_from_checkpoint to continue it, or delete that folder to start again.")
         log(f"--overwrite_output_dir: this run trains in {staging} and replaces {out} once it has finished")
@@ -61,7 +55,8 @@ def prepare_output_dir(args: FinetuneArgs) -> None:
         raise UserError(f"--output_dir {out} already holds files; pass --resume_from_checkpoint to continue "
                         "that run, --overwrite_output_dir to replace it, or choose another --output_dir.")
     if args.resume_from_checkpoint:
-        choose_checkpoint(args.output_dir, args.resume_from_checkpoint, remove_incomplete=False, scheduler=scheduler)
+        choose_checkpoint(args.output_dir, args.resume_from_checkpoint, remove_incomplete=False,
+                          deepspeed=args.deepspeed)
 
 
 def mark_output_dir(args: FinetuneArgs) -> None:
