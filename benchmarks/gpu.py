@@ -72,7 +72,9 @@ BUILD_SECONDS = 15  # the random-init model, saved once
 SMOKE_ROW_S = 300  # the CPU smoke's limit per row
 # Syncs inside a step that are the stock library's, by the innermost Python function: reported, not failed.
 KNOWN_SYNCS = {"_ignore_causal_mask_sdpa": "transformers' SDPA mask for padded batches reads the padding mask to "
-                                           "see whether it may skip it (masking_utils.fast_all): --packing False"}
+                                           "see whether it may skip it (masking_utils.fast_all): --packing False",
+               "fused_linear_cross_entropy_forward": "Liger's fused linear cross-entropy reads its count of label "
+                                                     "tokens (.item()) every forward: --use_liger_kernel"}
 
 
 @dataclasses.dataclass
@@ -411,8 +413,8 @@ def main(steps: int = 40, batch_sizes: str | int | tuple = "8,32", out: str = os
     import torch
 
     deadline = time.monotonic() + float(budget_s)
-    sizes = [int(b) for b in as_list(batch_sizes)]
     if plan:
+        sizes = [int(b) for b in as_list(batch_sizes)]
         rows = [row for b in sizes for row in plan_rows("MODEL", "OUT", b, int(steps), True, False, b == sizes[0])]
         print(render_plan(rows, float(budget_s)))
         return

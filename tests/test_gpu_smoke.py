@@ -55,3 +55,21 @@ def test_gpu_benchmark_smoke_on_cpu(tmp_path) -> None:
     assert all(f"| {name} |" in table for name in rows)
     report = sorted(p.name for p in (tmp_path / "report").iterdir())
     assert report == ["gpu_results.json", "gpu_results.md", "logs.txt", "profiles.txt"]
+
+
+def test_the_sync_check_fails_on_our_rows_syncs_outside_the_known_sites() -> None:
+    # The decision alone (a sync needs a GPU): sites as benchmarks/step_probe.py records them.
+    import benchmarks.gpu as gpu
+
+    def entry(name: str, sites: dict[str, int], log_syncs: int = 0, reference: bool = False) -> dict:
+        window = {"checked": True, "from_step": 38, "to_step": 40, "syncs": sum(sites.values()),
+                  "sites": [{"count": n, "stack": [f"/x/{site}.py:1 {site}"]} for site, n in sites.items()]}
+        return {"name": name, "reference": reference, "unknown_syncs_per_step": gpu.unknown_syncs(window, log_syncs)}
+
+    padded = entry("ours --packing False, batch 8", {"_ignore_causal_mask_sdpa": 2})
+    assert padded["unknown_syncs_per_step"] == 0 and not gpu.sync_failures([padded])
+    ours = entry("ours, batch 8", {"find_packed_sequence_indices": 4}, log_syncs=2)
+    reference = entry("reference, batch 8", {"item": 6}, reference=True)
+    assert gpu.sync_failures([ours, reference, padded]) == ["ours, batch 8 (3/step)"]
+    unchecked = {"name": "ours, batch 2", "reference": False, "unknown_syncs_per_step": gpu.unknown_syncs({}, 0)}
+    assert not gpu.sync_failures([unchecked])
