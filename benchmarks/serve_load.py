@@ -8,10 +8,12 @@ It starts two servers, each the app of web.py on 127.0.0.1 in a process of its o
 (batched) and 1 (the first-come-first-served queue), and warms them up. Then for each number of concurrent
 streams, --repeats times, the two modes taking turns (so that both meet the same load on a shared
 machine), it sends that many streaming chat completions at once through the official ``openai`` client (at
-least --min_requests in all, never more than that many in flight) and reports aggregate generated
-tokens/s, p50/p99 time to first token and p50/p99 total latency of the run of median tokens/s, with
-``uptime`` before and after and the load average after each run. Requests are greedy (temperature 0)
-and their prompts distinct, so both modes must give the same answers: the script checks that too.
+least --min_requests in all, never more than that many in flight; at one stream the two servers take turns
+request by request, as the load of a shared machine swings within seconds) and reports, over all runs of a
+mode at that level, aggregate generated tokens/s, p50/p99 time to first token and p50/p99 total latency,
+with each run's tokens/s, ``uptime`` before and after and the load average after each run. Requests are
+greedy (temperature 0) and their prompts distinct, so both modes must give the same answers: the script
+checks that too.
 Each server stops by itself; the whole run stops after --time_limit_s. The default --compute_dtype is
 fp32: there greedy answers are the same batched or not; in bf16 rounding differs with the batch's
 shape, and a few answers drift apart after some tokens.
@@ -27,6 +29,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Coroutine
 from typing import Any
 
 from alpaca_cot.cli import run_cli
@@ -102,13 +105,34 @@ async def load(url: str, streams: int, requests: int, max_tokens: int) -> dict:
 
         start = time.perf_counter()
         results = await asyncio.gather(*(limited(i) for i in range(requests)))
-        wall = time.perf_counter() - start
+        return summary(results, streams, time.perf_counter() - start)
+
+
+async def turns(urls: dict[str, str], requests: int, max_tokens: int) -> dict[str, dict]:
+    """One stream to each server, ``requests`` requests each, the servers taking turns request by request (the
+    first one alternating): both meet the same moments of the machine's load. A server's wall time is the
+    time its own requests took."""
+    import openai
+
+    clients = {name: openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=600)
+               for name, url in urls.items()}
+    results: dict[str, list[dict]] = {name: [] for name in urls}
+    try:
+        for i in range(requests):
+            for name in list(urls) if i % 2 == 0 else list(reversed(urls)):
+                results[name].append(await one_request(clients[name], i, max_tokens))
+    finally:
+        for client in clients.values():
+            await client.close()
+    return {name: summary(runs, 1, sum(r["latency"] for r in runs)) for name, runs in results.items()}
+
+
+def summary(results: list[dict], streams: int, wall: float) -> dict:
+    """The figures of requests that took ``wall`` seconds in all (answers in request order)."""
     tokens = sum(r["tokens"] for r in results)
     ttft, latency = [r["ttft"] for r in results], [r["latency"] for r in results]
-    return {"streams": streams, "requests": requests, "tokens": tokens, "wall_s": round(wall, 2),
-            "tokens_per_s": round(tokens / wall, 1),
-            "ttft_p50_s": round(percentile(ttft, 50), 3), "ttft_p99_s": round(percentile(ttft, 99), 3),
-            "latency_p50_s": round(percentile(latency, 50), 3), "latency_p99_s": round(percentile(latency, 99), 3),
+    return {"streams": streams, "requests": len(results), "tokens": tokens, "wall_s": round(wall, 2),
+            "tokens_per_s": round(tokens / wall, 1), "ttft": ttft, "latency": latency,
             "answers": [r["text"] for r in sorted(results, key=lambda r: r["i"])]}
 
 
@@ -133,7 +157,9 @@ def start_server(max_batch_size: int, deadline: float, server_args: list[str],
     proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--serve_port", str(port),
                              "--max_batch_size", str(max_batch_size), *server_args],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-    banner = proc.stdout.readline().strip()
+    banner = ""
+    while proc.poll() is None and not banner.startswith("serving on"):
+        banner = proc.stdout.readline().strip()
     while True:
         if proc.poll() is not None:
             raise UserError(f"the server exited ({proc.returncode}): {banner} {proc.stdout.read()[-2000:]}")
@@ -157,42 +183,59 @@ def stop(proc: subprocess.Popen) -> None:
         proc.wait()
 
 
-def median_run(runs: list[dict]) -> dict:
-    """The run of median tokens/s, with every run's tokens/s and load average."""
-    runs = sorted(runs, key=lambda r: r["tokens_per_s"])
-    return {**runs[len(runs) // 2], "runs_tokens_per_s": [r["tokens_per_s"] for r in runs],
-            "runs_load": [r["load"] for r in runs]}
+def pooled(runs: list[dict]) -> dict:
+    """The runs of one mode at one level as one: tokens/s over their total wall time, percentiles over all their
+    requests; each run's tokens/s and the load after it."""
+    tokens, wall = sum(r["tokens"] for r in runs), sum(r["wall_s"] for r in runs)
+    ttft, latency = [t for r in runs for t in r["ttft"]], [t for r in runs for t in r["latency"]]
+    return {"streams": runs[0]["streams"], "requests": sum(r["requests"] for r in runs), "tokens": tokens,
+            "wall_s": round(wall, 2), "tokens_per_s": round(tokens / wall, 1),
+            "ttft_p50_s": round(percentile(ttft, 50), 3), "ttft_p99_s": round(percentile(ttft, 99), 3),
+            "latency_p50_s": round(percentile(latency, 50), 3), "latency_p99_s": round(percentile(latency, 99), 3),
+            "runs_tokens_per_s": [r["tokens_per_s"] for r in runs], "runs_load": [r["load"] for r in runs],
+            "answers": runs[0]["answers"]}
 
 
 def measure(modes: dict[str, str], levels: list[int], repeats: int, min_requests: int, max_tokens: int,
             deadline: float) -> dict[str, list[dict]]:
     """Every level ``repeats`` times against every server, the modes taking turns (the first one alternating),
-    so that both meet the same machine load; per mode and level the run of median tokens/s."""
+    so that both meet the same machine load: at one stream request by request (see ``turns``), else run by run;
+    per mode and level, all its runs pooled."""
     results: dict[str, list[dict]] = {name: [] for name in modes}
     for streams in levels:
         runs: dict[str, list[dict]] = {name: [] for name in modes}
+        requests = max(streams, min_requests)
         for repeat in range(repeats):
-            for name in (list(modes) if repeat % 2 == 0 else list(reversed(modes))):
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    raise UserError("--time_limit_s ran out; lower --max_tokens, --repeats or --streams")
-                run = asyncio.run(asyncio.wait_for(load(modes[name], streams, max(streams, min_requests),
-                                                        max_tokens), remaining))
+            order = list(modes) if repeat % 2 == 0 else list(reversed(modes))
+            if streams == 1:
+                done = within(deadline, turns({name: modes[name] for name in order}, requests, max_tokens))
+            else:
+                done = {name: within(deadline, load(modes[name], streams, requests, max_tokens)) for name in order}
+            for name, run in done.items():
                 runs[name].append({**run, "load": round(os.getloadavg()[0], 2)})
         for name in modes:
-            results[name].append(median_run(runs[name]))
+            results[name].append(pooled(runs[name]))
     return results
+
+
+def within(deadline: float, job: Coroutine) -> Any:
+    """The result of ``job``, which must end by ``deadline``."""
+    remaining = deadline - time.monotonic()
+    if remaining <= 0:
+        job.close()
+        raise UserError("--time_limit_s ran out; lower --max_tokens, --repeats or --streams")
+    return asyncio.run(asyncio.wait_for(job, remaining))
 
 
 def main(model_name_or_path: str = os.path.join(os.path.dirname(ROOT), "shared", "models", "stories260K-hf"),
          model_type: str = "llama", lora_dir: str | None = None, compute_dtype: str = "fp32",
-         streams: str = "1,8,50", max_tokens: int = 256, max_batch_size: int = 64, min_requests: int = 4,
+         streams: str = "1,8,50", max_tokens: int = 256, max_batch_size: int = 64, min_requests: int = 8,
          threads: int = 1, repeats: int = 3, time_limit_s: float = 1800, out: str | None = None,
          serve_port: int | None = None) -> None:
     """Measure the server batched (--max_batch_size) and one request at a time, and print both tables.
 
     --streams: the numbers of concurrent streams; --min_requests: requests per level at least (a level
-    of 1 stream sends them one after the other); --repeats: runs per mode and level (the median is shown);
+    of 1 stream sends them one after the other); --repeats: runs per mode and level (pooled);
     --threads: torch threads of each server; --out: the figures as JSON too. (--serve_port runs the server
     process itself.)
     """
@@ -219,10 +262,10 @@ def main(model_name_or_path: str = os.path.join(os.path.dirname(ROOT), "shared",
         for proc, _, _ in servers.values():
             stop(proc)
     report["uptime_end"] = uptime()
-    print(f"\nmodel {report['model']}, max_tokens {max_tokens}, greedy, {report['cpus']} CPUs, median of {repeats} "
-          f"runs per row, the modes taking turns\nuptime at start: {report['uptime_start']}\nuptime at end:   "
+    print(f"\nmodel {report['model']}, max_tokens {max_tokens}, greedy, {report['cpus']} CPUs, {repeats} runs "
+          f"pooled per row, the modes taking turns\nuptime at start: {report['uptime_start']}\nuptime at end:   "
           f"{report['uptime_end']}\n")
-    print("| mode | streams | requests | tokens | tokens/s (median) | all runs' tokens/s | load (1 min) per run | "
+    print("| mode | streams | requests | tokens | tokens/s | each run's tokens/s | load (1 min) per run | "
           "TTFT p50 s | TTFT p99 s | latency p50 s | latency p99 s |\n|---|---|---|---|---|---|---|---|---|---|---|")
     for name in ("batched", "one_at_a_time"):
         for r in report[name]:
@@ -233,7 +276,7 @@ def main(model_name_or_path: str = os.path.join(os.path.dirname(ROOT), "shared",
         same = sum(a == b for a, b in zip(batched["answers"], single["answers"], strict=True))
         print(f"{batched['streams']} streams: batched {batched['tokens_per_s'] / single['tokens_per_s']:.2f}x the "
               f"tokens/s of one at a time, TTFT p50 {batched['ttft_p50_s'] / single['ttft_p50_s']:.2f}x; greedy "
-              f"answers identical in {same}/{batched['requests']}")
+              f"answers identical in {same}/{len(batched['answers'])}")
     if out:
         write_json_atomic(out, report)
         print(f"figures written to {out}")

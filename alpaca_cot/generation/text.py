@@ -7,23 +7,27 @@ from collections.abc import Callable, Sequence
 
 class StopText:
     """Streamed text cut at the first of ``stops``; an end that could begin one is held back until decided.
-    With ``strip`` (an answer's own ends), leading spaces are dropped and trailing ones held back."""
+    With ``strip`` (an answer's own ends), leading spaces are dropped and trailing ones held back. A piece
+    costs work in proportion to itself and the stop strings, not to the text so far (it runs once per token)."""
 
     def __init__(self, stops: Sequence[str] = (), strip: bool = False):
         self.stops, self.strip = tuple(stops), strip
+        self.longest = max(map(len, self.stops), default=0)
         self.text, self.emitted, self.done = "", 0, False
 
     def feed(self, piece: str) -> str:
         """The text that can be sent now that ``piece`` arrived ("" if none); ``done`` once a stop string came."""
+        start = max(0, len(self.text) - self.longest + 1)  # where a stop string that this piece ends can begin
         self.text += piece
         if self.strip and self.emitted == 0:
-            self.text = self.text.lstrip()
-        hits = [self.text.find(s) for s in self.stops if s in self.text]
+            self.text, start = self.text.lstrip(), 0
+        hits = [i for s in self.stops if (i := self.text.find(s, start)) >= 0]
         if hits:
             self.text, self.done = self.text[:min(hits)], True
             return ""
         safe = len(self.text) - _held(self.text, self.stops)
-        safe = len(self.text[:safe].rstrip()) if self.strip else safe
+        if self.strip:  # what was sent ends in a non-space: only the unsent part can end in spaces
+            safe = self.emitted + len(self.text[self.emitted:safe].rstrip())
         out, self.emitted = self.text[self.emitted:safe], max(self.emitted, safe)
         return out
 
@@ -56,10 +60,14 @@ class AnswerText:
 
 def _held(text: str, stops: tuple[str, ...]) -> int:
     """Length of the longest end of ``text`` that could be the start of a stop string."""
-    for n in range(min(len(text), max((len(s) for s in stops), default=0)), 0, -1):
-        if any(s.startswith(text[-n:]) for s in stops):
-            return n
-    return 0
+    held = 0
+    for stop in filter(None, stops):
+        # the leftmost place in the last len(stop) characters where the rest of text begins stop
+        at = text.find(stop[0], max(0, len(text) - len(stop)))
+        while at != -1 and not stop.startswith(text[at:]):
+            at = text.find(stop[0], at + 1)
+        held = max(held, len(text) - at if at != -1 else 0)
+    return held
 
 
 def fit_history(messages: list[dict], length: Callable[[list[dict]], int], budget: int) -> tuple[list[dict], int]:
