@@ -193,6 +193,7 @@ def pooled(runs: list[dict]) -> dict:
             "ttft_p50_s": round(percentile(ttft, 50), 3), "ttft_p99_s": round(percentile(ttft, 99), 3),
             "latency_p50_s": round(percentile(latency, 50), 3), "latency_p99_s": round(percentile(latency, 99), 3),
             "runs_tokens_per_s": [r["tokens_per_s"] for r in runs], "runs_load": [r["load"] for r in runs],
+            "ttft_s": [round(t, 3) for t in ttft], "latency_s": [round(t, 3) for t in latency],
             "answers": runs[0]["answers"]}
 
 
@@ -277,6 +278,10 @@ def main(model_name_or_path: str = os.path.join(os.path.dirname(ROOT), "shared",
         print(f"{batched['streams']} streams: batched {batched['tokens_per_s'] / single['tokens_per_s']:.2f}x the "
               f"tokens/s of one at a time, TTFT p50 {batched['ttft_p50_s'] / single['ttft_p50_s']:.2f}x; greedy "
               f"answers identical in {same}/{len(batched['answers'])}")
+        if batched["streams"] == 1:  # request k of both modes: the same answer, asked one after the other
+            pairs = zip(single["latency_s"], batched["latency_s"], strict=True)
+            print(f"  per request pair: batched {statistics.median(a / b for a, b in pairs):.2f}x the tokens/s of one "
+                  "at a time (median)")
     if out:
         write_json_atomic(out, report)
         print(f"figures written to {out}")

