@@ -215,3 +215,31 @@ def test_a_dpo_adapter_loads_in_plain_peft_and_every_script(dpo_run: tuple[str, 
         status, reply = http("POST", f"{url}/v1/chat/completions", {
             "model": "run", "max_tokens": 8, "temperature": 0, "messages": [{"role": "user", "content": question}]})
     assert status == 200 and reply["choices"][0]["message"]["content"] == expected
+
+
+def test_the_dpo_demo_holds_out_pairs_first_and_reports_its_reference_as_before(tmp_path, capsys) -> None:
+    from alpaca_cot.evaluation.stats import percent
+    from tests.test_predict import load_script
+
+    demo = load_script("scripts/demo_dpo_data.py")
+    rows = [{"instruction": f"Question {i}?", "chosen": "Yes." * (1 + i % 3), "rejected": f"No {i}."}
+            for i in range(30)]
+    pairs = _write(tmp_path / "pairs.jsonl", [*rows, {"instruction": "long " * 100, "chosen": "a", "rejected": "b"}])
+    for out in ("a", "b"):
+        demo.split(pairs, str(tmp_path / out), heldout=10, max_chars=100, seed=0)
+
+    def questions(path) -> list[str]:
+        return [json.loads(line)["instruction"] for line in path.read_text().splitlines()]
+
+    held, pool = questions(tmp_path / "a" / "heldout.jsonl"), questions(tmp_path / "a" / "pool.jsonl")
+    assert held == questions(tmp_path / "b" / "heldout.jsonl") and held != [r["instruction"] for r in rows[:10]]
+    assert sorted(held + pool) == sorted(r["instruction"] for r in rows)  # the long pair is left out, nothing twice
+
+    result = summarize([_row(-1.0, -3.0, (-2.0, -2.5)), _row(-4.0, -3.0, (-4.0, -4.5))], 0.1)  # before 2/2, after 1/2
+    (tmp_path / "eval").mkdir()
+    (tmp_path / "eval" / "results.json").write_text(json.dumps({"data": {"heldout": {"kind": "pairs", **result}}}))
+    demo.report(str(tmp_path / "eval"))
+    before, after = capsys.readouterr().out.splitlines()[-2:]
+    assert before.startswith("| before: base model") and percent(result["ref_logp_accuracy"]) in before
+    assert percent(result["logp_accuracy"]) not in before and "n/a (no adapter)" in before
+    assert after.startswith("| after: DPO adapter") and percent(result["reward_accuracy"]) in after
