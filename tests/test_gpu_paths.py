@@ -152,5 +152,5 @@ def test_chunked_loss_holds_less_than_the_stock_loss_on_cuda() -> None:
         peaks[name] = torch.cuda.max_memory_allocated() - base
         grads[name] = (loss.item(), logits.grad.float())
     assert abs(grads["stock"][0] - grads["chunked"][0]) < 1e-4 * grads["stock"][0]
-    assert torch.allclose(grads["stock"][1], grads["chunked"][1], atol=1e-2)
+    assert torch.allclose(grads["stock"][1], grads["chunked"][1], rtol=2e-2, atol=1e-8)  # bf16: one rounding apart
     assert peaks["chunked"] < 0.5 * peaks["stock"], peaks

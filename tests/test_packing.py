@@ -217,3 +217,21 @@ def test_evaluation_computes_no_gradient() -> None:
     assert torch.equal(ops[True][1], ops[False][1])
     gradient_ops = {"aten::empty_like", "aten::scatter_add_"}  # the gradient's buffer; softmax - one-hot
     assert gradient_ops <= ops[True][0] and not gradient_ops & ops[False][0]
+
+
+def test_collating_in_worker_processes_trains_the_same(tmp_path, tiny_model_dir: str, tiny_data_file: str) -> None:
+    # --dataloader_num_workers reaches the Trainer, whose workers collate the same batches (the collator pickles).
+    from alpaca_cot.config import FinetuneArgs
+    from alpaca_cot.training.engines import plan_engine
+    from alpaca_cot.training.run import build_training_args, run_finetune
+
+    losses = {}
+    for workers in (0, 2):
+        args = FinetuneArgs(model_type="llama", model_name_or_path=tiny_model_dir, data=[tiny_data_file],
+                            val_set_size=0, max_steps=2, per_gpu_train_batch_size=4, compute_dtype="fp32",
+                            cutoff_len=128, output_dir=str(tmp_path / f"workers={workers}"),
+                            dataloader_num_workers=workers)
+        training_args = build_training_args(args, plan_engine(args), torch.float32, 2, evaluate=False)
+        assert training_args.dataloader_num_workers == workers
+        losses[workers] = run_finetune(args)[0]["train_loss"]
+    assert losses[0] == losses[2]
