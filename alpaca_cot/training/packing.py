@@ -10,7 +10,7 @@ attention keeps the samples apart is decided on the loaded model (``choose_packi
   mask (measured in ``benchmarks/``: the stock mask costs the whole row squared).
 - ``stock``: transformers' own packed path (``position_ids`` restarting per sample, no attention
   mask) over the model's own attention, for what SDPA cannot express (attention softcapping), and
-  its flash/varlen kernels on CUDA where flash-attn is installed.
+  its flash/varlen kernels on CUDA where flash-attn is installed and the run computes in fp16 or bf16.
 - none: padded batches (remote-code models, prompt/prefix tuning's virtual tokens).
 
 The output head runs only where a label follows (``logits_to_keep``): the head (hidden x vocabulary) is a
