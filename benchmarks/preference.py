@@ -6,11 +6,13 @@ The same work for both: SmolLM2-135M-Instruct (``scripts/smollm2.py``; its chat 
 both), the first --n_pairs hh-rlhf harmless-base pairs that fit --max_length tokens whole (so neither side
 truncates; ours reads them as pairs, TRL as conversational prompt/chosen/rejected), LoRA r 16 / alpha 32 /
 dropout 0.05 on every linear layer, sigmoid loss with beta 0.1, the reference being the base with the adapter
-disabled, batch 8, lr 5e-5, one epoch, 2 threads, no checkpoints, in --dtype: bf16 (weights loaded in bf16, what
-``--compute_dtype auto`` picks on a CPU with fast bf16 matmuls; TRL: ``--dtype bfloat16 --bf16 True``) or fp32.
+disabled, batch 8, lr 5e-5, one epoch, 2 threads, no checkpoints, on the CPU, in --dtype: bf16 (weights loaded in
+bf16, what ``--compute_dtype auto`` picks on a CPU with fast bf16 matmuls; TRL: ``--dtype bfloat16 --bf16 True``)
+or fp32.
 
 Reported per contender: whole-process wall seconds (start to exit: imports, loading, tokenization, training,
-saving), the train loop's seconds and mean loss as the Trainer logs them, and peak RSS; then ours over TRL.
+saving) and CPU seconds (user + system, less sensitive than wall time to other jobs on a shared machine), the train
+loop's seconds and mean loss as the Trainer logs them, and peak RSS; then ours over TRL.
 These machines drift, so read the ratio within one invocation (--repeats N runs them in turns, medians shown).
 
 Usage: .venv/bin/python benchmarks/preference.py [--n_pairs 32] [--repeats 1] [--max_length 256] [--dtype bf16]
@@ -35,7 +37,8 @@ RAW = os.path.join(SHARED, "data", "raw", "hh_rlhf", "harmless-base", "test.json
 CACHE = os.path.join(BENCH_DIR, ".cache", "preference")
 RUNS = os.path.join(BENCH_DIR, "runs", "preference")
 COMMON = {"lr": "5e-5", "beta": "0.1", "batch": "8", "r": "16", "alpha": "32", "dropout": "0.05"}
-DTYPES = {"bf16": (["--compute_dtype", "bf16"], ["--dtype", "bfloat16", "--bf16", "True"]),  # (ours, TRL's)
+# (ours, TRL's); on a CPU, transformers takes --bf16 only with --use_cpu
+DTYPES = {"bf16": (["--compute_dtype", "bf16"], ["--dtype", "bfloat16", "--bf16", "True", "--use_cpu", "True"]),
           "fp32": (["--compute_dtype", "fp32"], ["--dtype", "float32", "--bf16", "False"])}
 
 
@@ -94,7 +97,7 @@ def commands(model_dir: str, ours_file: str, trl_dir: str, max_length: int, dtyp
 
 
 def run(name: str, command: list[str], threads: int) -> dict:
-    """One whole process: wall seconds, peak RSS (MB) and the Trainer's train_runtime and train_loss."""
+    """One whole process: wall and CPU seconds, peak RSS (MB) and the Trainer's train_runtime and train_loss."""
     os.makedirs(RUNS, exist_ok=True)
     log_path = os.path.join(RUNS, f"{name.split()[0].lower()}.log")
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
@@ -117,7 +120,7 @@ def run(name: str, command: list[str], threads: int) -> dict:
             saved = json.load(f)
         found = {"train_runtime": saved.get("train_runtime_s", found.get("train_runtime")),
                  "train_loss": saved.get("train_loss", found.get("train_loss"))}
-    return {"wall": wall, "rss": usage.ru_maxrss / 1024, **found}
+    return {"wall": wall, "cpu": usage.ru_utime + usage.ru_stime, "rss": usage.ru_maxrss / 1024, **found}
 
 
 def main(n_pairs: int = 32, repeats: int = 1, max_length: int = 256, threads: int = 2, dtype: str = "bf16") -> None:
@@ -140,12 +143,14 @@ def main(n_pairs: int = 32, repeats: int = 1, max_length: int = 256, threads: in
            for name, runs in results.items()}
     print(f"\n{n_pairs} pairs, batch {COMMON['batch']}, {dtype}, {repeats} run(s) each (medians); load average (1 min) "
           f"{min(load):.1f}-{max(load):.1f}\n")
-    print("| contender | whole process s | train loop s | train loss | peak RSS MB |\n|---|---:|---:|---:|---:|")
+    print("| contender | whole process s | CPU s | train loop s | train loss | peak RSS MB |\n"
+          "|---|---:|---:|---:|---:|---:|")
     for name, m in med.items():
-        print(f"| {name} | {m['wall']:.1f} | {m.get('train_runtime', float('nan')):.1f} "
+        print(f"| {name} | {m['wall']:.1f} | {m['cpu']:.1f} | {m.get('train_runtime', float('nan')):.1f} "
               f"| {m.get('train_loss', float('nan')):.4f} | {m['rss']:.0f} |")
     ours, trl = med["ours"], med["TRL DPOTrainer script"]
-    print(f"\nours / TRL: whole process {ours['wall'] / trl['wall']:.2f}x the time, train loop "
+    print(f"\nours / TRL: whole process {ours['wall'] / trl['wall']:.2f}x the time "
+          f"({ours['cpu'] / trl['cpu']:.2f}x the CPU time), train loop "
           f"{ours.get('train_runtime', float('nan')) / trl.get('train_runtime', float('nan')):.2f}x\n")
     for name, command in cmds.items():
         shown = shlex.join(command).replace(sys.executable, ".venv/bin/python").replace(ROOT + os.sep, "")
