@@ -8,7 +8,7 @@ It starts two servers, each the app of web.py on 127.0.0.1 in a process of its o
 (batched) and 1 (the first-come-first-served queue), and warms them up. Then for each number of concurrent
 streams, --repeats times, the two modes taking turns (so that both meet the same load on a shared
 machine), it sends that many streaming chat completions at once through the official ``openai`` client (at
-least --min_requests in all, never more than that many in flight; at one stream the two servers take turns
+least --min_requests a run, never more than that many in flight; at one stream the two servers take turns
 request by request, as the load of a shared machine swings within seconds) and reports, over all runs of a
 mode at that level, aggregate generated tokens/s, p50/p99 time to first token and p50/p99 total latency,
 with each run's tokens/s, ``uptime`` before and after and the load average after each run. Requests are
@@ -230,12 +230,12 @@ def within(deadline: float, job: Coroutine) -> Any:
 
 def main(model_name_or_path: str = os.path.join(os.path.dirname(ROOT), "shared", "models", "stories260K-hf"),
          model_type: str = "llama", lora_dir: str | None = None, compute_dtype: str = "fp32",
-         streams: str = "1,8,50", max_tokens: int = 256, max_batch_size: int = 64, min_requests: int = 8,
+         streams: str = "1,8,50", max_tokens: int = 256, max_batch_size: int = 64, min_requests: int = 16,
          threads: int = 1, repeats: int = 3, time_limit_s: float = 1800, out: str | None = None,
          serve_port: int | None = None) -> None:
     """Measure the server batched (--max_batch_size) and one request at a time, and print both tables.
 
-    --streams: the numbers of concurrent streams; --min_requests: requests per level at least (a level
+    --streams: the numbers of concurrent streams; --min_requests: requests per run at least (a level
     of 1 stream sends them one after the other); --repeats: runs per mode and level (pooled);
     --threads: torch threads of each server; --out: the figures as JSON too. (--serve_port runs the server
     process itself.)
@@ -279,9 +279,9 @@ def main(model_name_or_path: str = os.path.join(os.path.dirname(ROOT), "shared",
               f"tokens/s of one at a time, TTFT p50 {batched['ttft_p50_s'] / single['ttft_p50_s']:.2f}x; greedy "
               f"answers identical in {same}/{len(batched['answers'])}")
         if batched["streams"] == 1:  # request k of both modes: the same answer, asked one after the other
-            pairs = zip(single["latency_s"], batched["latency_s"], strict=True)
-            print(f"  per request pair: batched {statistics.median(a / b for a, b in pairs):.2f}x the tokens/s of one "
-                  "at a time (median)")
+            speed = statistics.median(a / b for a, b in zip(single["latency_s"], batched["latency_s"], strict=True))
+            ttft = statistics.median(b / a for a, b in zip(single["ttft_s"], batched["ttft_s"], strict=True))
+            print(f"  per request pair (medians): batched {speed:.2f}x the tokens/s of one at a time, TTFT {ttft:.2f}x")
     if out:
         write_json_atomic(out, report)
         print(f"figures written to {out}")
