@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import random
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -17,6 +18,7 @@ import torch
 from alpaca_cot.errors import UserError
 from alpaca_cot.generation.generator import Generator
 from alpaca_cot.generation.sampling import SamplingParams
+from alpaca_cot.generation.text import StopText
 from alpaca_cot.models.loading import load_for_inference
 from tests.conftest import shared_path
 from tests.fixtures.tiny_models import NATIVE, write_tiny_model
@@ -144,6 +146,30 @@ def test_template_stop_strings_cut_each_batched_stream(stories: Generator, recor
     assert concurrently(cutting, [(r, GREEDY) for r in records]) == expected
     assert sum(a != b for a, b in zip(expected, concurrently(stories, [(r, GREEDY) for r in records]),
                                       strict=True)) >= 6  # the stop strings did cut
+
+
+def test_streamed_text_is_cut_as_the_whole_text_would_be() -> None:
+    """However an answer is split into pieces, what is sent is the whole text cut at its first stop string
+    (for an answer's own ends: leading spaces dropped first, trailing ones last); nothing sent is taken back."""
+    rng = random.Random(0)
+    stops = ("### Response:", "### Human:", "ab")
+    parts = ["#", "##", " ", "a", "b", "\n", "Res", "ponse:", "### ", "Human:", "x y"]
+    for _ in range(2000):
+        text = "".join(rng.choice(parts) for _ in range(rng.randint(0, 30)))
+        cuts = sorted(rng.sample(range(len(text) + 1), min(len(text) + 1, rng.randint(0, 8))))
+        pieces = [text[a:b] for a, b in zip([0, *cuts], [*cuts, len(text)], strict=True)]
+        for strip in (False, True):
+            stream, whole = StopText(stops, strip), text.lstrip() if strip else text
+            hits = [whole.find(s) for s in stops if s in whole]
+            whole = whole[:min(hits)] if hits else whole
+            sent = ""
+            for piece in pieces:
+                sent += stream.feed(piece)
+                if stream.done:  # as every reader does
+                    break
+            sent += stream.rest()
+            assert sent == (whole.rstrip() if strip else whole), (pieces, strip)
+            assert stream.done == bool(hits)
 
 
 def test_a_stopped_stream_leaves_the_batch_and_a_waiting_one_never_starts(stories: Generator,
