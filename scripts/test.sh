@@ -12,4 +12,5 @@ if [ "${1:-}" = fast ]; then
   shift
   set -- -m "not slow" "$@"
 fi
-exec .venv/bin/python -m pytest "$@"
+# the slowest tests, so that the suite's time budget is visible in every CI log
+exec .venv/bin/python -m pytest --durations=25 "$@"
