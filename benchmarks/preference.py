@@ -91,7 +91,9 @@ def commands(model_dir: str, ours_file: str, trl_dir: str, max_length: int, dtyp
            "1", "--learning_rate", c["lr"], "--beta", c["beta"], "--max_length", str(max_length), "--use_peft",
            "--lora_r", c["r"], "--lora_alpha", c["alpha"], "--lora_dropout", c["dropout"], "--lora_target_modules",
            "all-linear", *trl_dtype, "--logging_steps", "1", "--save_strategy", "no",
-           "--report_to", "none", "--seed", "0", "--dataloader_num_workers", "0", "--output_dir",
+           "--report_to", "none", "--seed", "0", "--dataloader_num_workers", "0",
+           # TRL's DPOConfig turns gradient checkpointing on by default; ours recomputes nothing unless asked
+           "--gradient_checkpointing", "False", "--output_dir",
            os.path.join(RUNS, "trl")]
     return {"ours": ours, "TRL DPOTrainer script": trl}
 
