@@ -21,7 +21,6 @@ from typing import Any
 
 import datasets
 import torch
-import transformers
 
 from alpaca_cot.config import FinetuneArgs
 from alpaca_cot.data.encoding import IGNORE_INDEX
@@ -30,13 +29,12 @@ from alpaca_cot.data.prepared import split_indices
 from alpaca_cot.data.templates import TEMPLATE_FILE, Template, get_template
 from alpaca_cot.errors import UserError
 from alpaca_cot.models.adapters import build_peft_config, resolve_target_modules
-from alpaca_cot.models.loading import load_model, load_tokenizer, resolve_dtype, resolve_lora_dir
-from alpaca_cot.models.registry import get_model_spec
+from alpaca_cot.models.loading import load_model, load_tokenizer, resolve_lora_dir
 from alpaca_cot.training import report
 from alpaca_cot.training.checkpoints import run_training
-from alpaca_cot.training.engines import gathered_state_dict, plan_engine
+from alpaca_cot.training.engines import gathered_state_dict
 from alpaca_cot.training.report import log
-from alpaca_cot.training.run import build_training_args, describe_loaded
+from alpaca_cot.training.run import build_training_args, describe_loaded, start_run
 from alpaca_cot.training.trainer import CountingTrainer, EpochLengthSampler, RunTotals
 
 REF_ADAPTER = "ref"  # the name TRL gives its frozen copy of a continued adapter
@@ -44,13 +42,7 @@ REF_ADAPTER = "ref"  # the name TRL gives its frozen copy of a continued adapter
 
 def run_preference(args: FinetuneArgs) -> tuple[dict, Any]:
     """Train ``args.stage`` as ``args`` say; write what an SFT run writes. Returns the metrics and the model."""
-    transformers.set_seed(args.seed)
-    spec = get_model_spec(args.model_type)
-    dtype, note = resolve_dtype(args.compute_dtype)
-    if note:
-        log(note)
-    report.prepare_output_dir(args)
-    engine = plan_engine(args)
+    spec, dtype, engine = start_run(args)
     tokenizer = load_tokenizer(args.model_name_or_path, spec, args.trust_remote_code)
     template = choose_template(args, spec.template, tokenizer)
     train, val, truncation = load_preference_data(args, tokenizer, template)

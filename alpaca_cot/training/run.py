@@ -32,14 +32,7 @@ def run_finetune(args: FinetuneArgs) -> tuple[dict, Any]:
     Returns the metrics and the trained model (a PeftModel unless ``--peft_type full``), also after a resume
     that found the run finished (killed during its final save): it then holds the final checkpoint's weights.
     """
-    # Before anything random: the adapter's initialisation, dropout and the batch order follow --seed.
-    transformers.set_seed(args.seed)
-    spec = get_model_spec(args.model_type)
-    dtype, note = resolve_dtype(args.compute_dtype)
-    if note:
-        log(note)
-    report.prepare_output_dir(args)
-    engine = plan_engine(args)  # before the data: an engine that cannot run here stops the run at once
+    spec, dtype, engine = start_run(args)
     if args.use_liger_kernel:
         packing.require_liger()  # before any data or model work
     tokenizer = load_tokenizer(args.model_name_or_path, spec, args.trust_remote_code)
@@ -84,6 +77,19 @@ def run_finetune(args: FinetuneArgs) -> tuple[dict, Any]:
         report.save_outputs(args, trainer, tokenizer, template, metrics, state_dict, truncation=info["truncation"],
                      weights_from=trainer.restored_from)
     return metrics, trainer.model
+
+
+def start_run(args: FinetuneArgs) -> tuple[Any, torch.dtype, EnginePlan]:
+    """What every stage does first: seed, model spec, compute dtype, output folder, engine plan."""
+    # Before anything random: the adapter's initialisation, dropout and the batch order follow --seed.
+    transformers.set_seed(args.seed)
+    spec = get_model_spec(args.model_type)
+    dtype, note = resolve_dtype(args.compute_dtype)
+    if note:
+        log(note)
+    report.prepare_output_dir(args)
+    engine = plan_engine(args)  # before the data: an engine that cannot run here stops the run at once
+    return spec, dtype, engine
 
 
 def _load_data(args: FinetuneArgs, tokenizer: Any, template: Any) -> tuple[Any, Any, dict]:
