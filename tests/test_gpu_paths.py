@@ -20,11 +20,8 @@ from alpaca_cot.training.packing import (
     choose_packing,
     packed_loss,
 )
+from tests.test_liger import COMMON, _samples  # the same tiny configs and samples
 
-VOCAB = 300
-COMMON = {"vocab_size": VOCAB, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
-          "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 256,
-          "tie_word_embeddings": False, "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2}
 # Sliding windows of 4 tokens are shorter than the samples: a window that is ignored changes the numbers.
 FAMILIES = {"llama": ("LlamaConfig", {}), "mistral (sliding window)": ("MistralConfig", {"sliding_window": 4}),
             "qwen2 (sliding layers)": ("Qwen2Config", {"use_sliding_window": True, "sliding_window": 4,
@@ -38,15 +35,6 @@ def _model(family: str, device: str = "cpu") -> torch.nn.Module:
     config = getattr(transformers, config_class)(**{**COMMON, **overrides})
     torch.manual_seed(0)
     return transformers.AutoModelForCausalLM.from_config(config).eval().to(device)
-
-
-def _samples(lengths: tuple[int, ...] = (7, 19, 3, 12), seed: int = 0) -> list[dict]:
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for n in lengths:
-        ids = torch.randint(3, VOCAB, (n,), generator=g).tolist()
-        out.append({"input_ids": ids, "labels": [-100] * (n // 2) + ids[n // 2:]})
-    return out
 
 
 def test_flash_only_where_the_compute_dtype_allows_it(monkeypatch) -> None:
