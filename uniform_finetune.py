@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from alpaca_cot.cli import command, run_cli
 from alpaca_cot.config import FinetuneArgs
+from alpaca_cot.training.engines import leave_process_group
 from alpaca_cot.training.preference import run_preference
 from alpaca_cot.training.run import log, run_finetune
 
@@ -32,6 +33,7 @@ def main(args: FinetuneArgs) -> None:
         run_finetune(args)
     else:
         run_preference(args)
+    leave_process_group()
     log(f"Adapter, tokenizer, template, arguments, metrics and loss plot are in {args.output_dir}")
 
 

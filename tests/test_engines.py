@@ -265,6 +265,19 @@ def test_fsdp_needs_decoder_layer_classes() -> None:
         decoder_layer_classes(torch.nn.Linear(2, 2))
 
 
+def test_a_run_leaves_its_process_group() -> None:
+    """uniform_finetune.py tears its process group down before Python's finalisation (where gloo can abort a rank
+    and its launcher then kill the others); without a group it does nothing."""
+    engines.leave_process_group()
+    torch.distributed.init_process_group("gloo", store=torch.distributed.HashStore(), rank=0, world_size=1)
+    try:
+        engines.leave_process_group()
+        assert not torch.distributed.is_initialized()
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
 def test_custom_deepspeed_config_is_saved_as_an_absolute_path(tmp_path, monkeypatch) -> None:
     config = tmp_path / "mine.json"
     config.write_text(json.dumps({"zero_optimization": {"stage": 1}}))

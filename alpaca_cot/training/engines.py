@@ -228,3 +228,11 @@ def gathered_state_dict(trainer: Any) -> dict[str, torch.Tensor] | None:
     with deepspeed.zero.GatheredParameters(list(trained.values())):
         main = trainer.is_world_process_zero()
         return {name: p.detach().cpu().clone() for name, p in trained.items()} if main else None
+
+
+def leave_process_group() -> None:
+    """Every rank leaves together and tears its process group down while Python is whole: a rank that exits with
+    the group alive can abort (SIGABRT) in gloo's teardown, and its launcher then kills the others mid-save."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
