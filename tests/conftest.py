@@ -3,10 +3,13 @@ adapter trained on them, and paths into ../shared for the real-data tests (skipp
 
 from __future__ import annotations
 
+import io
 import json
 import os
+import runpy
 import subprocess
 import sys
+from contextlib import redirect_stderr, redirect_stdout
 
 import pytest
 
@@ -98,6 +101,23 @@ def run_script(script: str, *args: str, timeout: int = 600, env: dict | None = N
     if check and proc.returncode != 0:
         raise AssertionError(f"{script} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
     return proc
+
+
+def run_main(script: str, *args: str) -> tuple[int, str, str]:
+    """A top-level script's own ``__main__`` on this command line, in this process: (exit status, stdout, stderr).
+    For refusals that come before any work, where an interpreter start per case would cost most of the test."""
+    out, err = io.StringIO(), io.StringIO()
+    argv = sys.argv
+    sys.argv = [os.path.join(ROOT, script), *last_wins(args)]
+    code = 0
+    try:
+        with redirect_stdout(out), redirect_stderr(err):
+            runpy.run_path(sys.argv[0], run_name="__main__")
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else 0 if e.code is None else 1  # as the interpreter maps it
+    finally:
+        sys.argv = argv
+    return code, out.getvalue(), err.getvalue()
 
 
 @pytest.fixture(scope="session")

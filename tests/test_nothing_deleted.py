@@ -4,18 +4,14 @@ write, refuses in one line before any work, whatever the flags, and every file i
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import os
-import runpy
 import shutil
-import sys
-from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT, last_wins, run_script
+from tests.conftest import run_main, run_script
 
 TRAIN = ("--model_type", "llama", "--max_steps", "2", "--per_gpu_train_batch_size", "4", "--compute_dtype", "fp32",
          "--lora_target_modules", "q_proj", "--val_set_size", "0")
@@ -31,20 +27,12 @@ def _hashes(*roots: str | Path) -> dict[str, str]:
 
 
 def _refused(script: str, *args: str, says: str) -> None:
-    """The script's own ``__main__`` on this command line, in this process (these refusals come before any work, and
-    forty interpreter starts would cost minutes): exit status 2, one line saying ``says``, nothing tokenized."""
-    out, err = io.StringIO(), io.StringIO()
-    argv = sys.argv
-    sys.argv = [os.path.join(ROOT, script), *last_wins(args)]
-    try:
-        with pytest.raises(SystemExit) as exit_, redirect_stdout(out), redirect_stderr(err):
-            runpy.run_path(sys.argv[0], run_name="__main__")
-    finally:
-        sys.argv = argv
-    lines = err.getvalue().strip().splitlines()
-    assert exit_.value.code == 2 and len(lines) == 1, err.getvalue()[-3000:]
+    """Exit status 2, one line saying ``says``, nothing tokenized (in-process: these refusals come before any work)."""
+    code, out, err = run_main(script, *args)
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1, err[-3000:]
     assert says in lines[0], lines[0]
-    assert "data:" not in out.getvalue()  # refused before tokenizing
+    assert "data:" not in out  # refused before tokenizing
 
 
 def test_finetune_never_replaces_its_inputs(tiny_lm_dir: str, tiny_data_file: str, tmp_path) -> None:
