@@ -7,7 +7,6 @@ import hashlib
 import json
 import os
 import shutil
-import socket
 import subprocess
 import textwrap
 import time
@@ -23,9 +22,10 @@ from alpaca_cot.data.prepared import prepare_splits, split_indices
 from alpaca_cot.data.records import DataError
 from alpaca_cot.data.templates import get_template
 from alpaca_cot.errors import UserError
-from tests.conftest import PYTHON, ROOT
+from tests.conftest import ROOT
 from tests.data_helpers import count_trainable
 from tests.fixtures.replicas import REPLICAS_LINE
+from tests.test_ddp import LAUNCHERS
 
 CUTOFF = 24  # short enough that records are cut, and the longest prompts leave no answer token (left out)
 
@@ -302,12 +302,6 @@ def test_streaming_run_trains_max_steps(tmp_path, tiny_model_dir: str, records) 
     assert {e["split"] for e in listed} == {"val", "train"}  # the training records read, cut at 64 tokens
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_under_torchrun_the_main_process_prepares_and_the_other_loads(tmp_path, tiny_tokenizer_dir: str,
                                                                         tiny_data_file: str) -> None:
@@ -326,9 +320,8 @@ def test_under_torchrun_the_main_process_prepares_and_the_other_loads(tmp_path, 
         """), encoding="utf-8")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     env.pop("LOCAL_RANK", None)
-    proc = subprocess.run([PYTHON, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                           f"--master_port={_free_port()}", str(script)], capture_output=True, text=True,
-                          timeout=300, env=env, cwd=ROOT)
+    proc = subprocess.run([*LAUNCHERS["torchrun"](2), str(script)], capture_output=True, text=True, timeout=300,
+                          env=env, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = sorted((json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")),
                    key=lambda x: x["rank"])
@@ -340,10 +333,10 @@ def test_under_torchrun_the_main_process_prepares_and_the_other_loads(tmp_path, 
 def test_streaming_under_torchrun_trains_in_sync(tmp_path, tiny_model_dir: str, records) -> None:
     data = _write(tmp_path / "d.jsonl", records, jsonl=True)
     out = tmp_path / "out"
-    cmd = [PYTHON, "-m", "torch.distributed.run", "--nproc_per_node", "2", f"--master_port={_free_port()}",
-           os.path.join(ROOT, "tests", "fixtures", "replicas.py"), "--model_name_or_path", tiny_model_dir, "--data",
-           data, "--streaming", "--max_steps", "3", "--val_set_size", "8", "--per_gpu_train_batch_size", "4",
-           "--lora_target_modules", "q_proj", "--compute_dtype", "fp32", "--output_dir", str(out)]
+    cmd = [*LAUNCHERS["torchrun"](2), os.path.join(ROOT, "tests", "fixtures", "replicas.py"), "--model_name_or_path",
+           tiny_model_dir, "--data", data, "--streaming", "--max_steps", "3", "--val_set_size", "8",
+           "--per_gpu_train_batch_size", "4", "--lora_target_modules", "q_proj", "--compute_dtype", "fp32",
+           "--output_dir", str(out)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     env.pop("LOCAL_RANK", None)
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)

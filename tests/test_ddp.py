@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 
 import pytest
@@ -22,24 +21,18 @@ from tests.fixtures.synthetic import synthetic_records
 ADAPTER_ATOL = 1e-5
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
+# --standalone: the launcher's rendezvous store binds a free port itself; a port picked here and bound later
+# can be taken in between by another test's process (seen under pytest-xdist: EADDRINUSE).
 LAUNCHERS = {
-    "torchrun": lambda port, n=2: [PYTHON, "-m", "torch.distributed.run", "--nproc_per_node", str(n),
-                                   f"--master_port={port}"],
-    "distributed.launch": lambda port, n=2: [PYTHON, "-m", "torch.distributed.launch", "--nproc_per_node", str(n),
-                                             "--nnodes=1", "--node_rank=0", "--master_addr=127.0.0.1",
-                                             f"--master_port={port}"],
+    "torchrun": lambda n=2: [PYTHON, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(n)],
+    "distributed.launch": lambda n=2: [PYTHON, "-m", "torch.distributed.launch", "--standalone", "--nproc_per_node",
+                                       str(n)],
 }
 
 
 def finetune(out: str, *flags: str, processes: int = 0) -> subprocess.CompletedProcess:
     """uniform_finetune.py alone (``processes`` 0) or under torchrun with that many processes; asserts success."""
-    launcher = LAUNCHERS["torchrun"](_free_port(), processes) if processes else [PYTHON]
+    launcher = LAUNCHERS["torchrun"](processes) if processes else [PYTHON]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     env.pop("LOCAL_RANK", None)
     argv = last_wins([*flags, "--output_dir", out])  # the script refuses a flag given twice
@@ -79,7 +72,7 @@ def test_two_process_ddp_ends_with_identical_lora_weights(tmp_path, launcher: st
                                                           tiny_data_file: str) -> None:
     out = tmp_path / "out"
     # Through the harness that compares the ranks' trainable weights once the run has returned.
-    cmd = LAUNCHERS[launcher](_free_port()) + [
+    cmd = LAUNCHERS[launcher]() + [
         os.path.join(ROOT, "tests", "fixtures", "replicas.py"), "--model_type", "llama", "--model_name_or_path",
         tiny_model_dir, "--data", tiny_data_file, "--lora_target_modules", "q_proj", "v_proj", "--val_set_size", "8",
         "--per_gpu_train_batch_size", "4", "--max_steps", "3", "--compute_dtype", "fp32", "--output_dir", str(out)]

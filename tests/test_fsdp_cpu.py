@@ -21,7 +21,7 @@ import transformers
 
 from tests.conftest import ROOT
 from tests.fixtures.fsdp_on_cpu import SHARE_LINE
-from tests.test_ddp import LAUNCHERS, _free_port, assert_trained, finetune, lora_flags, max_weight_diff
+from tests.test_ddp import LAUNCHERS, assert_trained, finetune, lora_flags, max_weight_diff
 
 HARNESS = os.path.join(ROOT, "tests", "fixtures", "fsdp_on_cpu.py")
 SHARE_RE = re.compile(SHARE_LINE.replace("{rank}", r"(\d+)").replace("{local}", r"(\d+)")
@@ -40,7 +40,7 @@ def fsdp_finetune(out: str, *flags: str, fsdp: str | None = None) -> subprocess.
     rank held about half of the parameters (FSDP, not DDP) where it trained or evaluated."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     env.pop("LOCAL_RANK", None)
-    cmd = LAUNCHERS["torchrun"](_free_port(), 2) + [HARNESS, *flags, "--fsdp", *([fsdp] if fsdp else []),
+    cmd = LAUNCHERS["torchrun"](2) + [HARNESS, *flags, "--fsdp", *([fsdp] if fsdp else []),
                                                     "--output_dir", out]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
