@@ -34,24 +34,25 @@ def main(model: ModelArgs, sampling: SamplingParams, args: ServeArgs) -> None:
     from alpaca_cot.serving.webapp import create_app
 
     api_key = args.api_key or os.environ.get("ALPACA_COT_API_KEY") or None
-    check_port(args.host, args.port)
+    listener = listen(args.host, args.port)
     base, tokenizer, template = load_for_inference(**model.loader_kwargs())
     model_id = os.path.basename(os.path.normpath(model.lora_dir or base.name_or_path))
     app = create_app(Generator(base, tokenizer, template), sampling, model_id=model_id, api_key=api_key, ui=args.ui,
                      max_batch_size=args.max_batch_size, max_request_bytes=args.max_request_bytes)
     if args.host not in ("127.0.0.1", "localhost", "::1") and not api_key:
         print(f"warning: serving on {args.host} without --api_key: anyone who can reach this port can use the model")
-    url = f"http://{args.host}:{args.port}"
+    url = f"http://{args.host}:{listener.getsockname()[1]}"
     page = f"chat page {url}/, " if args.ui else ""
     print(f"Serving {model_id}: {page}OpenAI API {url}/v1, original API POST {url}/", flush=True)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    uvicorn.Server(uvicorn.Config(app, log_level="warning")).run(sockets=[listener])
 
 
-def check_port(host: str, port: int) -> None:
-    """Refuse, before the model loads, an address uvicorn could not listen on (a port in use, say)."""
+def listen(host: str, port: int) -> socket.socket:
+    """The server's socket, listening before the model loads: an address in use is refused at once, and nothing
+    can take the port while the model loads (port 0: a free one)."""
     try:
         family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
-        socket.create_server((host, port), family=family).close()  # SO_REUSEADDR, as uvicorn binds
+        return socket.create_server((host, port), family=family)  # SO_REUSEADDR, as uvicorn's own bind
     except OSError as e:
         raise UserError(f"cannot listen on {host}:{port}: {e.strerror or e}; pick another --port or --host") from None
 

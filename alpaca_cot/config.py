@@ -323,7 +323,7 @@ class ServeArgs:
     """web.py: where and how the HTTP server listens."""
 
     host: str = flag("127.0.0.1", "address to bind (0.0.0.0 serves other machines too: set --api_key)")
-    port: int = flag(8410, "TCP port", min=1, max=65535)
+    port: int = flag(8410, "TCP port (0: a free one, printed at start)", min=0, max=65535)
     api_key: str | None = flag(None, "require 'Authorization: Bearer KEY' (default: $ALPACA_COT_API_KEY)")
     ui: bool = flag(True, "serve the chat page at /ui/ (False: the API alone)")
     max_batch_size: int = flag(64, "requests decoded together, each streamed to its own client (1: one at a time)",

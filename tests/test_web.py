@@ -29,13 +29,6 @@ KEY = "test-key-123"
 QUESTION = "Give three tips for staying healthy."
 
 
-def free_port() -> int:
-    """A TCP port free on the loopback interface now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def http(method: str, url: str, body: Any = None, key: str | None = None, timeout: float = 120) -> tuple[int, Any]:
     """(status, parsed JSON body) of one request."""
     data = body if isinstance(body, bytes) or body is None else json.dumps(body).encode()
@@ -61,16 +54,18 @@ def answers(url: str) -> bool:
 
 @contextmanager
 def serve_web(lora_dir: str, log: str, *args: str) -> Iterator[str]:
-    """Run web.py as a user would, on a free loopback port; yield its base URL once it answers."""
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
+    """Run web.py as a user would, on a port it picks (--port 0); yield the base URL it prints once it answers."""
     with open(log, "w") as out:
-        proc = subprocess.Popen([PYTHON, os.path.join(ROOT, "web.py"), "--lora_dir", lora_dir, "--port", str(port),
-                                 *args], cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
+        proc = subprocess.Popen([PYTHON, os.path.join(ROOT, "web.py"), "--lora_dir", lora_dir, "--port", "0", *args],
+                                cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
                                 env={**os.environ, "HF_HUB_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False"})
     try:
         deadline = time.monotonic() + 240
-        while not answers(url):
+        url = None
+        while not (url and answers(url)):
+            with open(log) as f:
+                printed = re.search(r"OpenAI API (http://127\.0\.0\.1:\d+)/v1", f.read())
+            url = printed and printed.group(1)
             if proc.poll() is not None or time.monotonic() > deadline:
                 with open(log) as f:
                     raise AssertionError(f"web.py did not start (exit {proc.poll()}):\n{f.read()[-5000:]}")
@@ -407,14 +402,14 @@ def serve_in_thread(generator: Any, **options: Any) -> Iterator[str]:
     from alpaca_cot.serving.webapp import create_app
 
     app = create_app(generator, SamplingParams(max_new_tokens=8), model_id="run", ui=False, **options)
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
+    listener = socket.create_server(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [listener]}, daemon=True)
     thread.start()
     while not server.started:
         time.sleep(0.05)
     try:
-        yield f"http://127.0.0.1:{port}"
+        yield f"http://127.0.0.1:{listener.getsockname()[1]}"
     finally:
         server.should_exit = True
         thread.join(timeout=30)
